@@ -1,0 +1,1 @@
+"""vlpjax: the four classic vision-language fusion designs in JAX/Flax."""

@@ -1,0 +1,1 @@
+"""Weight import/export between vlpjax params and published PyTorch checkpoints."""

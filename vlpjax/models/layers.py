@@ -1,0 +1,302 @@
+"""Layers shared by the four fusion designs (BERT conventions, see shared MODELS.md).
+
+Every parameter carries logical axis names so that `vlpjax.sharding` can place it
+on a mesh with rules from the config. Logical names used here:
+
+  batch, length (text positions), regions (image positions), embed (hidden),
+  mlp (FFN inner), heads, kv (per-head dim), vocab, feature (region input dim),
+  loc (box coordinates), types (token types), positions (position table rows).
+
+BERT conventions held throughout: exact-erf GELU, LayerNorm eps 1e-12, N(0, 0.02)
+init, attention that ignores padded keys exactly as an additive -10000 mask does
+(a boolean mask gives the same result for every query with at least one valid key).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Axes = Sequence[str | None]
+
+LAYER_NORM_EPS = 1e-12
+INIT_STD = 0.02
+ATTENTION_IMPLS = ('xla', 'cudnn', 'auto')
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact erf GELU, as BERT and all four originals use (not jax's tanh default)."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def normal_init(axes: Axes, std: float = INIT_STD) -> Callable:
+  return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def zeros_init(axes: Axes) -> Callable:
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def ones_init(axes: Axes) -> Callable:
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+def constrain(x: jax.Array, axes: Axes) -> jax.Array:
+  """Names an activation's axes; a no-op outside a mesh with logical rules."""
+  return nn.with_logical_constraint(x, axes)
+
+
+def LayerNorm(axis: str = 'embed', *, dtype: Dtype = jnp.float32,  # pylint: disable=invalid-name
+              param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.LayerNorm:
+  """LayerNorm with BERT's eps 1e-12; params `scale`/`bias` of logical axis `axis`."""
+  return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=param_dtype,
+                      scale_init=ones_init((axis,)), bias_init=zeros_init((axis,)),
+                      name=name)
+
+
+def Dense(features: int, axes: tuple[str, str] = ('embed', 'mlp'), *,  # pylint: disable=invalid-name
+          use_bias: bool = True, dtype: Dtype = jnp.float32,
+          param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
+  """`nn.Dense` whose kernel [in, out] has logical axes `axes` (bias: axes[1])."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                  kernel_init=normal_init(axes), bias_init=zeros_init((axes[1],)),
+                  name=name)
+
+
+class Embed(nn.Module):
+  """Embedding table [num, features] with logical axes `axes`.
+
+  `__call__` returns (embeddings, table) so heads can tie to the table.
+  """
+  num_embeddings: int
+  features: int
+  axes: tuple[str, str] = ('vocab', 'embed')
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    table = self.param('embedding', normal_init(self.axes),
+                       (self.num_embeddings, self.features), self.param_dtype)
+    return jnp.take(table, ids, axis=0).astype(self.dtype), table
+
+
+def resolve_attention_impl(impl: str, dtype: Dtype) -> str | None:
+  """Maps the `attention_impl` config field to `jax.nn.dot_product_attention`'s.
+
+  'auto' picks cuDNN on GPU for half-precision compute (its fused kernels need
+  fp16/bf16) and XLA elsewhere.
+  """
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f'attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}')
+  if impl == 'auto':
+    on_gpu = jax.default_backend() == 'gpu'
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return 'cudnn' if on_gpu and half else 'xla'
+  return impl
+
+
+def attend(query: jax.Array, key: jax.Array, value: jax.Array,
+           key_mask: jax.Array | None, *, impl: str = 'xla',
+           dropout_rate: float = 0.0, deterministic: bool = True,
+           dropout_rng: jax.Array | None = None,
+           return_probs: bool = False) -> tuple[jax.Array, jax.Array | None]:
+  """Scaled dot-product attention over heads.
+
+  Args:
+    query: [B, T, N, D]; key, value: [B, S, N, D].
+    key_mask: [B, S], nonzero where the key is real (None: all real).
+    impl: 'xla', 'cudnn' or 'auto' (see `resolve_attention_impl`).
+    dropout_rate: dropout on the attention probabilities (training only).
+    return_probs: take the explicit path and also return probabilities [B, N, T, S].
+
+  The fused kernels have no dropout on probabilities, so training with
+  `dropout_rate > 0` takes the explicit path; both paths give the same outputs.
+
+  Returns:
+    (context [B, T, N, D], probs [B, N, T, S] or None).
+  """
+  mask = None if key_mask is None else key_mask.astype(bool)[:, None, None, :]
+  use_dropout = dropout_rate > 0.0 and not deterministic
+  if not (return_probs or use_dropout):
+    impl_name = resolve_attention_impl(impl, query.dtype)
+    if impl_name == 'cudnn' and mask is not None:
+      # cuDNN takes a boolean mask broadcastable to [B, N, T, S] in full.
+      mask = jnp.broadcast_to(mask, (query.shape[0], 1, query.shape[1], key.shape[1]))
+    context = jax.nn.dot_product_attention(query, key, value, mask=mask,
+                                           implementation=impl_name)
+    return context, None
+  depth = query.shape[-1]
+  scores = jnp.einsum('btnd,bsnd->bnts', query, key) / jnp.sqrt(depth).astype(query.dtype)
+  scores = scores.astype(jnp.float32)
+  if mask is not None:
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(query.dtype)
+  kept = probs
+  if use_dropout:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    kept = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(probs.dtype)
+  context = jnp.einsum('bnts,bsnd->btnd', kept, value)
+  return context, probs
+
+
+class Attention(nn.Module):
+  """BERT attention block: Q from `x`, K/V from `context`, output dense, residual LN.
+
+  `hidden` is the width of Q/K/V (N heads x D); `out_features` defaults to x's width.
+  Submodules: query, key, value, output, output_norm.
+  """
+  num_heads: int
+  hidden: int
+  out_features: int | None = None
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  attention_impl: str = 'xla'
+  residual: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    if self.hidden % self.num_heads:
+      raise ValueError(f'hidden {self.hidden} is not divisible by num_heads {self.num_heads}')
+
+  def project(self, x: jax.Array, name: str) -> jax.Array:
+    """[B, T, E] -> [B, T, N, D]."""
+    head_dim = self.hidden // self.num_heads
+    proj = nn.DenseGeneral(
+        (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=normal_init(('embed', 'heads', 'kv')),
+        bias_init=zeros_init(('heads', 'kv')), name=name)
+    return proj(x)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array, context_mask: jax.Array | None,
+               deterministic: bool = True, return_probs: bool = False
+               ) -> tuple[jax.Array, jax.Array | None]:
+    """x: [B, T, E]; context: [B, S, C]; context_mask: [B, S] -> ([B, T, out], probs)."""
+    query = self.project(x, 'query')
+    key = self.project(context, 'key')
+    value = self.project(context, 'value')
+    dropout_rng = None
+    if self.attention_dropout_rate > 0.0 and not deterministic:
+      dropout_rng = self.make_rng('dropout')
+    heads, probs = attend(query, key, value, context_mask, impl=self.attention_impl,
+                          dropout_rate=self.attention_dropout_rate,
+                          deterministic=deterministic, dropout_rng=dropout_rng,
+                          return_probs=return_probs)
+    heads = constrain(heads, ('batch', 'length', 'heads', 'kv'))
+    out = nn.DenseGeneral(
+        self.out_features or x.shape[-1], axis=(-2, -1), dtype=self.dtype,
+        param_dtype=self.param_dtype, kernel_init=normal_init(('heads', 'kv', 'embed')),
+        bias_init=zeros_init(('embed',)), name='output')(heads)
+    out = nn.Dropout(self.dropout_rate)(out, deterministic=deterministic)
+    if self.residual:
+      out = out + x
+    out = LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='output_norm')(out)
+    return out, probs
+
+
+class FeedForward(nn.Module):
+  """BERT FFN: dense -> GELU -> dense -> dropout -> LN(x + .). Submodules:
+  intermediate, output, output_norm."""
+  intermediate_size: int
+  dropout_rate: float = 0.1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    """x: [B, T, E] -> [B, T, E]."""
+    dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    h = gelu(dense(self.intermediate_size, ('embed', 'mlp'), name='intermediate')(x))
+    h = constrain(h, ('batch', 'length', 'mlp'))
+    h = dense(x.shape[-1], ('mlp', 'embed'), name='output')(h)
+    h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+    return LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='output_norm')(h + x)
+
+
+class TransformerLayer(nn.Module):
+  """A BERT encoder layer: self-attention block then FFN block."""
+  num_heads: int
+  intermediate_size: int
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  attention_impl: str = 'xla'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool = True,
+               return_probs: bool = False) -> tuple[jax.Array, jax.Array | None]:
+    """x: [B, T, E]; mask: [B, T] -> ([B, T, E], probs [B, N, T, T] or None)."""
+    x, probs = Attention(
+        self.num_heads, x.shape[-1], dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate,
+        attention_impl=self.attention_impl, dtype=self.dtype,
+        param_dtype=self.param_dtype, name='attention')(
+            x, x, mask, deterministic, return_probs)
+    x = FeedForward(self.intermediate_size, self.dropout_rate, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name='ffn')(x, deterministic)
+    return constrain(x, ('batch', 'length', 'embed')), probs
+
+
+class TextEmbeddings(nn.Module):
+  """BERT text embeddings: word + position + token type, then LN and dropout.
+
+  Submodules: word_embeddings, position_embeddings, token_type_embeddings, norm.
+  Returns (embeddings [B, T, E], word table [V, E] for tied heads).
+  """
+  vocab_size: int
+  hidden_size: int
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  dropout_rate: float = 0.1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array | None = None,
+               position_ids: jax.Array | None = None, deterministic: bool = True
+               ) -> tuple[jax.Array, jax.Array]:
+    """input_ids: [B, T] -> ([B, T, E], [V, E])."""
+    embed = functools.partial(Embed, dtype=self.dtype, param_dtype=self.param_dtype)
+    if position_ids is None:
+      position_ids = jnp.arange(input_ids.shape[1])[None, :]
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    words, table = embed(self.vocab_size, self.hidden_size, name='word_embeddings')(input_ids)
+    positions, _ = embed(self.max_position_embeddings, self.hidden_size,
+                         ('positions', 'embed'), name='position_embeddings')(position_ids)
+    types, _ = embed(self.type_vocab_size, self.hidden_size, ('types', 'embed'),
+                     name='token_type_embeddings')(token_type_ids)
+    x = LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='norm')(
+        words + positions + types)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    return constrain(x, ('batch', 'length', 'embed')), table
+
+
+class Pooler(nn.Module):
+  """Dense + activation on position 0: [B, T, E] -> [B, out]."""
+  features: int
+  activation: Callable[[jax.Array], jax.Array] = jnp.tanh
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = Dense(self.features, ('embed', 'embed_out'), dtype=self.dtype,
+              param_dtype=self.param_dtype, name='dense')(x[:, 0])
+    return self.activation(h)
+
+
+def maybe_remat(layer_cls: type[nn.Module], remat: bool) -> type[nn.Module]:
+  """Wraps a layer class in `nn.remat` (recompute activations in backward) if asked.
+
+  Call the layer with all arguments positional: `deterministic` and
+  `return_probs` (positions 3 and 4 counting self) are static.
+  """
+  return nn.remat(layer_cls, static_argnums=(3, 4)) if remat else layer_cls
