@@ -15,3 +15,8 @@ def model_defaults() -> ml_collections.ConfigDict:
       attention_dropout_rate=0.1,  # >0 in training takes the explicit attention path
       remat=False,                # nn.remat per layer
   ))
+
+
+def make_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The full run config around a design's model config (train/data fields to come)."""
+  return ml_collections.ConfigDict(dict(model=model))
