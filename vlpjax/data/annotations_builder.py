@@ -1,0 +1,462 @@
+"""TFDS builders for text tables from the annotation files users already have.
+
+  coco_captions           COCO captions: official `captions_{train,val}2014.json`
+                          (config 'official') or Karpathy's `dataset_coco.json`
+                          (config 'karpathy': train = train + restval, val, test)
+  vg_region_descriptions  Visual Genome `region_descriptions.json` (pretraining text)
+  vqa_v2                  VQA v2 questions + annotations, soft scores
+                          min(1, 0.3 * count) over an answer vocabulary built
+                          from the training answers, stored as `answers.txt`
+
+Text tables refer to the images table they were built against (config field
+`images`, a TFDS name such as 'lxmert_tsv/coco') by row: every example carries
+`image_index` and that table's `image_id`. Annotation and table ids are matched
+by `formats.image_key` (default: the trailing number, so COCO id 9 matches
+'COCO_train2014_000000000009'). A caption or question whose image is not in the
+table raises an error naming the id, or with on_error='skip' is skipped and
+counted in `ingest_report.json` beside the dataset.
+"""
+from __future__ import annotations
+
+import abc
+import argparse
+import collections
+import dataclasses
+import functools
+import json
+import os
+import re
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from vlpjax.data import features_builder
+from vlpjax.data import formats
+
+ANSWERS_FILE = 'answers.txt'
+REPORT_FILE = features_builder.REPORT_FILE
+
+# ---------------------------------------------------------------------------
+# VQA answer normalisation, following the rules of the official VQA evaluation:
+# punctuation dropped (or turned into a space when it separates nothing), a
+# period kept only before a digit, number words as digits, articles removed,
+# apostrophe-less contractions restored.
+
+_PUNCTUATION = (';', '/', '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-',
+                '>', '<', '@', '`', ',', '?', '!')
+_COMMA_BETWEEN_DIGITS = re.compile(r'(\d)(,)(\d)')
+_PERIOD_NOT_BEFORE_DIGIT = re.compile(r'\.(?!\d)')
+_NUMBER_WORDS = {'none': '0', 'zero': '0', 'one': '1', 'two': '2', 'three': '3', 'four': '4',
+                 'five': '5', 'six': '6', 'seven': '7', 'eight': '8', 'nine': '9', 'ten': '10'}
+_ARTICLES = frozenset(['a', 'an', 'the'])
+_CONTRACTED = (
+    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't "
+    "hadn't've hasn't haven't he'd he'd've he's how'd how'll how's i'd've i'm i've "
+    "isn't it'd it'd've it'll let's ma'am mightn't mightn't've might've mustn't "
+    "must've needn't not've o'clock oughtn't shan't she'd've she's should've "
+    "shouldn't shouldn't've somebody'd somebody'd've somebody'll somebody's "
+    "someone'd someone'd've someone'll someone's something'd something'd've "
+    "something'll that's there'd there'd've there're there's they'd they'd've "
+    "they'll they're they've twas wasn't we'd've we're we've weren't what'll "
+    "what're what's what've when's where'd where's where've who'd who'd've who'll "
+    "who's who've why'll why're why's won't would've wouldn't wouldn't've y'all "
+    "y'all'll y'all'd've you'd you'd've you'll you're you've").split()
+# Spellings without apostrophes that are words of their own stay as they are.
+_REAL_WORDS = frozenset(['its', 'well', 'ill', 'id', 'wed', 'hell', 'shell', 'were',
+                         'lets', 'cant', 'wont', 'shed', 'twas'])
+_CONTRACTIONS = {word.replace("'", ''): word for word in _CONTRACTED
+                 if word.replace("'", '') not in _REAL_WORDS}
+_CONTRACTIONS.update({"cant": "can't", "wont": "won't"})  # as the official table
+
+
+def normalize_answer(answer: str) -> str:
+  """A VQA answer as the official evaluation compares it (see the rules above)."""
+  text = answer.replace('\n', ' ').replace('\t', ' ').strip()
+  out = text
+  for mark in _PUNCTUATION:
+    if mark + ' ' in text or ' ' + mark in text or _COMMA_BETWEEN_DIGITS.search(text):
+      out = out.replace(mark, '')
+    else:
+      out = out.replace(mark, ' ')
+  out = _PERIOD_NOT_BEFORE_DIGIT.sub('', out)
+  words = [_NUMBER_WORDS.get(word, word) for word in out.lower().split()]
+  return ' '.join(_CONTRACTIONS.get(word, word) for word in words if word not in _ARTICLES)
+
+
+def answer_score(count: int) -> float:
+  """Soft VQA score of an answer given by `count` of the 10 annotators."""
+  return min(1.0, 0.3 * count)
+
+
+def build_answer_vocab(annotations: Sequence[Mapping[str, Any]], min_count: int) -> list[str]:
+  """Answers that are the (normalised) `multiple_choice_answer` of at least
+  `min_count` questions, most frequent first (ties alphabetical). On VQA v2,
+  min_count 9 gives the usual 3129 answers (bottom-up-attention counted train
+  and val questions)."""
+  counts = collections.Counter(normalize_answer(a['multiple_choice_answer'])
+                               for a in annotations)
+  kept = [answer for answer, count in counts.items() if count >= min_count]
+  return sorted(kept, key=lambda answer: (-counts[answer], answer))
+
+
+def soft_targets(raw_answers: Sequence[str], answer_to_label: Mapping[str, int]
+                 ) -> tuple[list[int], list[float]]:
+  """(labels, scores) of the in-vocabulary answers among the raw annotator answers."""
+  counts = collections.Counter(normalize_answer(answer) for answer in raw_answers)
+  labels = sorted(answer_to_label[a] for a in counts if a in answer_to_label)
+  by_label = {answer_to_label[a]: answer_score(c) for a, c in counts.items()
+              if a in answer_to_label}
+  return labels, [by_label[label] for label in labels]
+
+
+def answer_vocab(builder: tfds.core.DatasetBuilder | str,
+                 data_dir: str | os.PathLike[str] | None = None) -> list[str]:
+  """The answer vocabulary (`answers.txt`) stored with a vqa table (builder or
+  TFDS name); line i is answer label i."""
+  if isinstance(builder, str):
+    builder = tfds.builder(builder, data_dir=data_dir)
+  with open(os.path.join(builder.data_dir, ANSWERS_FILE), encoding='utf-8') as f:
+    return f.read().splitlines()
+
+
+# ---------------------------------------------------------------------------
+# Builders.
+
+
+class ImageIndex:
+  """Image id -> row of an images table (read through `read_image_ids`)."""
+
+  def __init__(self, images: str, data_dir: str | os.PathLike[str] | None, match: str):
+    self.images = images
+    self.match = match
+    self.image_ids = features_builder.read_image_ids(images, data_dir)
+    self.rows: dict[str | int, int] = {}
+    for row, image_id in enumerate(self.image_ids):
+      key = formats.image_key(image_id, match)
+      if key in self.rows:
+        raise ValueError(f'images table {images}: ids {self.image_ids[self.rows[key]]!r} and '
+                         f'{image_id!r} both match {key!r}; use match=\'exact\'')
+      self.rows[key] = row
+
+  def lookup(self, image_id: Any, where: str) -> tuple[int, str]:
+    """(row, the table's image id) of `image_id`; a `FormatError` if it is absent."""
+    row = self.rows.get(formats.image_key(image_id, self.match))
+    if row is None:
+      raise formats.FormatError(where, f'missing image: {image_id!r} is not in the images '
+                                f'table {self.images}')
+    return row, self.image_ids[row]
+
+
+@dataclasses.dataclass(eq=False, kw_only=True)
+class TextConfig(tfds.core.BuilderConfig):
+  """A text table and the images table it refers to.
+
+  Attributes:
+    images: TFDS name of the images table ('dataset/config').
+    images_data_dir: where that table lives; None: this builder's data_dir.
+    files: annotation files by role, relative to the manual dir or absolute;
+      empty: the builder's standard file names.
+    match: how ids are matched to the table's ('number' or 'exact').
+    on_error: 'raise', or 'skip' and count malformed entries.
+    examples_per_shard: examples per ArrayRecord shard.
+    caption_source: COCO captions only: 'karpathy' (`dataset_coco.json`) or
+      'official' (`captions_{train,val}2014.json`).
+    restval_to_train: Karpathy only: put 'restval' images in train (standard);
+      otherwise they form a split 'restval'.
+    splits: VQA only: the splits to build ('train', 'validation', 'test').
+    min_answer_count: VQA only: an answer enters the vocabulary when it is the
+      multiple-choice answer of at least this many questions.
+    answer_vocab_splits: VQA only: the splits whose answers are counted.
+  """
+  images: str = 'lxmert_tsv/coco'
+  images_data_dir: str | None = None
+  files: tuple[tuple[str, str], ...] = ()
+  match: str = 'number'
+  on_error: str = 'raise'
+  examples_per_shard: int = 100_000
+  caption_source: str = 'karpathy'
+  restval_to_train: bool = True
+  splits: tuple[str, ...] = ('train', 'validation')
+  min_answer_count: int = 9
+  answer_vocab_splits: tuple[str, ...] = ('train',)
+
+
+CAPTION_FEATURES = dict(caption_id=np.int64, text=tfds.features.Text(), image_index=np.int64,
+                        image_id=tfds.features.Text())
+
+
+class TextTableBuilder(features_builder.SideFilesBuilder, abc.ABC):
+  """Base of the text-table builders: parse files, map images, write shards."""
+  VERSION = tfds.core.Version('1.0.0')
+  FEATURES: dict[str, Any]
+  DEFAULT_FILES: dict[str, str]
+  TEXT_FIELD = 'text'  # the feature that holds the sentence
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """Place the annotation files in the manual dir
+(`--manual_dir`, default `<data_dir>/downloads/manual/`) under their standard
+names, or name them in the config's `files`; build the images table first."""
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
+                                 features=tfds.features.FeaturesDict(self.FEATURES),
+                                 disable_shuffling=True)
+
+  @abc.abstractmethod
+  def _split_examples(self, path: Callable[[str], str], images: ImageIndex,
+                      report: formats.ErrorReport) -> dict[str, list[dict[str, Any]]]:
+    """Examples per split; `path(role)` resolves an annotation file."""
+
+  def _shard_iterators_per_split(self, dl_manager: tfds.download.DownloadManager
+                                 ) -> dict[str, list[Callable[[], Iterator[Any]]]]:
+    config = self.builder_config
+    files = {**self.DEFAULT_FILES, **dict(config.files)}
+    unknown = sorted(set(files) - set(self.DEFAULT_FILES))
+    if unknown:
+      raise ValueError(f'{self.name}: unknown file roles {unknown}; known: '
+                       f'{sorted(self.DEFAULT_FILES)}')
+    manual_dir = self._manual_dir(dl_manager)
+    path = lambda role: features_builder.resolve_paths([files[role]], manual_dir)[0]
+    images = ImageIndex(config.images, config.images_data_dir or self.data_dir_root,
+                        config.match)
+    report = formats.ErrorReport(config.on_error, source=f'{self.name}/{config.name}')
+    splits = self._split_examples(path, images, report)
+    report.log()
+    self.side_files[REPORT_FILE] = json.dumps(report.to_dict(), indent=1)
+    step = config.examples_per_shard
+    shards = {}
+    for split, examples in splits.items():
+      if not examples:
+        raise ValueError(f'{self.name}/{config.name}: split {split!r} has no examples '
+                         f'({len(report.skipped)} skipped in all)')
+      shards[split] = [functools.partial(_keyed, examples[start:start + step], start)
+                       for start in range(0, len(examples), step)]
+    return shards
+
+  def _add(self, examples: list[dict[str, Any]], report: formats.ErrorReport, where: str,
+           image_id: Any, images: ImageIndex, text: str, **fields: Any) -> None:
+    """Appends one example with its image row, or hands the error to `report`."""
+    try:
+      if not isinstance(text, str) or not text.strip():
+        raise formats.FormatError(where, f'empty text: {text!r}')
+      image_index, table_id = images.lookup(image_id, where)
+    except formats.FormatError as e:
+      report.handle(e)
+      return
+    examples.append(dict(fields, image_index=image_index, image_id=table_id,
+                         **{self.TEXT_FIELD: text.strip()}))
+
+
+def _keyed(examples: Sequence[dict[str, Any]], first: int) -> Iterator[tuple[int, dict[str, Any]]]:
+  return enumerate(examples, start=first)
+
+
+def _load_json(path: str) -> Any:
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path}: not valid JSON ({e})') from e
+
+
+def _field(path: str, entry: Mapping[str, Any], name: str, what: str) -> Any:
+  if name not in entry:
+    raise formats.FormatError(path, f'{what}: missing field {name!r} (has {sorted(entry)})')
+  return entry[name]
+
+
+class CocoCaptions(TextTableBuilder):
+  """COCO captions with image rows: official split files or Karpathy's split."""
+  FEATURES = CAPTION_FEATURES
+  DEFAULT_FILES = {'karpathy': 'dataset_coco.json', 'train': 'captions_train2014.json',
+                   'validation': 'captions_val2014.json'}
+  KARPATHY_SPLITS = {'train': 'train', 'restval': 'train', 'val': 'validation', 'test': 'test'}
+  BUILDER_CONFIGS = [
+      TextConfig(name='karpathy', description="Karpathy's split: train (+ restval), "
+                 'validation and test (the retrieval split)'),
+      TextConfig(name='official', caption_source='official',
+                 description='captions_train2014 / captions_val2014'),
+  ]
+
+  def _split_examples(self, path, images, report):
+    source = self.builder_config.caption_source
+    if source == 'karpathy':
+      return self._karpathy(path('karpathy'), images, report)
+    if source == 'official':
+      return {split: self._official(path(split), images, report)
+              for split in ('train', 'validation')}
+    raise ValueError(f"coco_captions: caption_source must be 'karpathy' or 'official', "
+                     f'got {source!r}')
+
+  def _official(self, path: str, images: ImageIndex, report: formats.ErrorReport
+                ) -> list[dict[str, Any]]:
+    data = _load_json(path)
+    file_stems = {image['id']: os.path.splitext(image['file_name'])[0]
+                  for image in data.get('images', [])}
+    examples = []
+    for annotation in _field(path, data, 'annotations', 'captions file'):
+      where = f'{path}: caption {annotation.get("id")}'
+      image_id = _field(where, annotation, 'image_id', 'caption')
+      if images.match == 'exact':
+        image_id = file_stems.get(image_id, image_id)
+      self._add(examples, report, where, image_id, images,
+                _field(where, annotation, 'caption', 'caption'),
+                caption_id=_field(where, annotation, 'id', 'caption'))
+    return examples
+
+  def _karpathy(self, path: str, images: ImageIndex, report: formats.ErrorReport
+                ) -> dict[str, list[dict[str, Any]]]:
+    data = _load_json(path)
+    splits = collections.defaultdict(list)
+    for entry in _field(path, data, 'images', 'Karpathy file'):
+      where = f'{path}: image {entry.get("cocoid", entry.get("filename"))}'
+      split = _field(where, entry, 'split', 'image')
+      if split not in self.KARPATHY_SPLITS:
+        raise formats.FormatError(where, f'unknown split {split!r}; expected one of '
+                                  f'{sorted(self.KARPATHY_SPLITS)}')
+      if split == 'restval' and not self.builder_config.restval_to_train:
+        split_name = 'restval'
+      else:
+        split_name = self.KARPATHY_SPLITS[split]
+      image_id = (_field(where, entry, 'cocoid', 'image') if images.match == 'number'
+                  else os.path.splitext(_field(where, entry, 'filename', 'image'))[0])
+      for sentence in _field(where, entry, 'sentences', 'image'):
+        self._add(splits[split_name], report, f'{where} sentence {sentence.get("sentid")}',
+                  image_id, images, _field(where, sentence, 'raw', 'sentence'),
+                  caption_id=_field(where, sentence, 'sentid', 'sentence'))
+    return dict(splits)
+
+
+class VgRegionDescriptions(TextTableBuilder):
+  """Visual Genome region descriptions as captions of their image (pretraining text)."""
+  FEATURES = CAPTION_FEATURES
+  DEFAULT_FILES = {'regions': 'region_descriptions.json'}
+  BUILDER_CONFIGS = [TextConfig(name='regions', images='lxmert_tsv/vg_gqa')]
+
+  def _split_examples(self, path, images, report):
+    regions_path = path('regions')
+    examples = []
+    for entry in _load_json(regions_path):
+      for region in _field(regions_path, entry, 'regions', 'image entry'):
+        where = f'{regions_path}: region {region.get("region_id")}'
+        self._add(examples, report, where, _field(where, region, 'image_id', 'region'),
+                  images, _field(where, region, 'phrase', 'region'),
+                  caption_id=_field(where, region, 'region_id', 'region'))
+    return {'train': examples}
+
+
+class VqaV2(TextTableBuilder):
+  """VQA v2 questions with image rows, raw answers and soft answer targets."""
+  FEATURES = dict(
+      question_id=np.int64, question=tfds.features.Text(), image_index=np.int64,
+      image_id=tfds.features.Text(), answers=tfds.features.Sequence(tfds.features.Text()),
+      answer_labels=tfds.features.Sequence(np.int32),
+      answer_scores=tfds.features.Sequence(np.float32))
+  TEXT_FIELD = 'question'
+  DEFAULT_FILES = {
+      'train_questions': 'v2_OpenEnded_mscoco_train2014_questions.json',
+      'train_annotations': 'v2_mscoco_train2014_annotations.json',
+      'validation_questions': 'v2_OpenEnded_mscoco_val2014_questions.json',
+      'validation_annotations': 'v2_mscoco_val2014_annotations.json',
+      'test_questions': 'v2_OpenEnded_mscoco_test2015_questions.json',
+  }
+  BUILDER_CONFIGS = [TextConfig(name='vqa')]
+
+  def _split_examples(self, path, images, report):
+    config = self.builder_config
+    unknown = sorted(set(config.splits + config.answer_vocab_splits) -
+                     {'train', 'validation', 'test'})
+    if unknown or 'test' in config.answer_vocab_splits:
+      raise ValueError(f'vqa_v2: splits must be train/validation/test and the answer '
+                       f'vocabulary can only come from train/validation; got {unknown or "test"}')
+    annotations = {split: self._annotations(path(f'{split}_annotations'))
+                   for split in set(config.splits + config.answer_vocab_splits) - {'test'}}
+    vocab = build_answer_vocab(
+        [a for split in config.answer_vocab_splits for a in annotations[split].values()],
+        config.min_answer_count)
+    if not vocab:
+      raise ValueError(f'vqa_v2: no answer occurs {config.min_answer_count} times in '
+                       f'{config.answer_vocab_splits}; lower min_answer_count')
+    self.side_files[ANSWERS_FILE] = ''.join(f'{answer}\n' for answer in vocab)
+    answer_to_label = {answer: label for label, answer in enumerate(vocab)}
+    return {split: self._questions(path(f'{split}_questions'), annotations.get(split),
+                                   answer_to_label, images, report)
+            for split in config.splits}
+
+  def _annotations(self, path: str) -> dict[int, Mapping[str, Any]]:
+    by_question = {}
+    for annotation in _field(path, _load_json(path), 'annotations', 'annotations file'):
+      where = f'{path}: question {annotation.get("question_id")}'
+      for name in ('question_id', 'answers', 'multiple_choice_answer'):
+        _field(where, annotation, name, 'annotation')
+      by_question[annotation['question_id']] = annotation
+    return by_question
+
+  def _questions(self, path: str, annotations: Mapping[int, Mapping[str, Any]] | None,
+                 answer_to_label: Mapping[str, int], images: ImageIndex,
+                 report: formats.ErrorReport) -> list[dict[str, Any]]:
+    examples = []
+    questions = _field(path, _load_json(path), 'questions', 'questions file')
+    asked = set()
+    for question in questions:
+      question_id = _field(path, question, 'question_id', 'question')
+      where = f'{path}: question {question_id}'
+      asked.add(question_id)
+      raw_answers, labels, scores = [], [], []
+      if annotations is not None:
+        if question_id not in annotations:
+          report.handle(formats.FormatError(where, 'missing annotation: no answers for it in '
+                                            'the annotations file'))
+          continue
+        raw_answers = [_field(where, a, 'answer', 'answer')
+                       for a in annotations[question_id]['answers']]
+        labels, scores = soft_targets(raw_answers, answer_to_label)
+      self._add(examples, report, where, _field(where, question, 'image_id', 'question'),
+                images, _field(where, question, 'question', 'question'),
+                question_id=question_id, answers=raw_answers, answer_labels=labels,
+                answer_scores=scores)
+    if annotations is not None:
+      for question_id in sorted(annotations.keys() - asked):
+        report.handle(formats.FormatError(
+            f'{path}: question {question_id}', 'missing question: the annotations file '
+            'answers a question the questions file does not have'))
+    return examples
+
+
+BUILDERS = {'coco_captions': CocoCaptions, 'vg_region_descriptions': VgRegionDescriptions,
+            'vqa_v2': VqaV2}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """Command line: build one text table against a built images table."""
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('dataset', choices=sorted(BUILDERS))
+  parser.add_argument('--config', required=True,
+                      help='karpathy|official (coco_captions), regions, vqa, or a new name')
+  parser.add_argument('--images', required=True, help="images table, e.g. 'lxmert_tsv/coco'")
+  parser.add_argument('--data_dir', required=True)
+  parser.add_argument('--images_data_dir', default=None)
+  parser.add_argument('--manual_dir', default=None)
+  parser.add_argument('--file', action='append', default=[], metavar='ROLE=PATH',
+                      help='an annotation file other than the standard name')
+  parser.add_argument('--caption_source', choices=('karpathy', 'official'), default='karpathy')
+  parser.add_argument('--match', choices=('number', 'exact'), default='number')
+  parser.add_argument('--on_error', choices=formats.ON_ERROR_CHOICES, default='raise')
+  parser.add_argument('--splits', nargs='+', default=['train', 'validation'])
+  parser.add_argument('--min_answer_count', type=int, default=9)
+  parser.add_argument('--answer_vocab_splits', nargs='+', default=['train'])
+  args = parser.parse_args(argv)
+  config = TextConfig(
+      name=args.config, images=args.images, images_data_dir=args.images_data_dir,
+      files=tuple(tuple(item.split('=', 1)) for item in args.file), match=args.match,
+      caption_source=args.caption_source, on_error=args.on_error, splits=tuple(args.splits),
+      min_answer_count=args.min_answer_count,
+      answer_vocab_splits=tuple(args.answer_vocab_splits))
+  builder = BUILDERS[args.dataset](config=config, data_dir=args.data_dir)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
+  sizes = {split: info.num_examples for split, info in builder.info.splits.items()}
+  print(f'{builder.info.full_name}: {sizes} in {builder.data_dir}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,319 @@
+"""TFDS builders for images tables made from region-feature files users already have.
+
+One builder per file format, each reading the files from TFDS's manual dir (or
+absolute paths) and writing an ArrayRecord images table as the data contract
+defines it: split `train`, examples in index order (record i has index == i),
+features stored once per image.
+
+  lxmert_tsv    LXMERT `*_obj36.tsv` files
+  uniter_lmdb   UNITER image dirs (`feat_th*/` LMDB + `nbb_th*.json`)
+  region_npy    per-image `.npz` (or Pythia `.npy` + `_info.npy`) folders
+  vilbert_lmdb  ViLBERT pickled LMDBs, only with trust_pickle=True
+
+Building runs two passes over the sources: the first decodes and validates every
+record (see `formats.make_record`) and decides the index of each good one; the
+second re-reads the good records and writes them shard by shard. Malformed
+records raise (`on_error='raise'`, default) or are skipped and counted
+(`on_error='skip'`); either way `ingest_report.json` is written next to the
+dataset, with `image_ids.txt` (one id per line, in index order) that text
+builders use to map image ids to rows.
+
+Example (Python):
+  config = ImagesConfig(name='coco', sources=('train2014_obj36.tsv',))
+  LxmertTsv(config=config, data_dir=DATA).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=FEATURES))
+  tfds.data_source('lxmert_tsv/coco', data_dir=DATA)['train'][0]
+"""
+from __future__ import annotations
+
+import abc
+import argparse
+import dataclasses
+import functools
+import glob
+import json
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from vlpjax.data import formats
+
+IMAGES_SPLIT = 'train'
+IMAGE_IDS_FILE = 'image_ids.txt'
+REPORT_FILE = 'ingest_report.json'
+DEFAULT_NUM_CLASSES = 'format'  # the format's own: 1601 for UNITER, none otherwise
+
+
+def images_features(feature_dim: int, num_classes: int | None) -> tfds.features.FeaturesDict:
+  """The images-table features of the data contract ([N] = regions of the image)."""
+  per_box = lambda dtype: tfds.features.Tensor(shape=(None,), dtype=dtype)
+  features = dict(
+      index=np.int64, image_id=tfds.features.Text(), image_h=np.int32, image_w=np.int32,
+      num_boxes=np.int32,
+      boxes=tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
+      features=tfds.features.Tensor(shape=(None, feature_dim), dtype=np.float16),
+      object_ids=per_box(np.int32), object_conf=per_box(np.float32),
+      attr_ids=per_box(np.int32), attr_conf=per_box(np.float32))
+  if num_classes is not None:
+    features['class_probs'] = tfds.features.Tensor(shape=(None, num_classes), dtype=np.float16)
+  return tfds.features.FeaturesDict(features)
+
+
+@dataclasses.dataclass(eq=False, kw_only=True)
+class ImagesConfig(tfds.core.BuilderConfig):
+  """Which files make one images table, and how to treat them.
+
+  Attributes:
+    sources: files/folders, relative to the manual dir or absolute; glob
+      patterns allowed (matches are taken in sorted order).
+    feature_dim: F, the region feature size (2048 for BUTD ResNet-101).
+    num_classes: C of the detector class distribution to store as
+      `class_probs`, None to store none, or 'format' for the format's default
+      (UNITER's soft_labels: 1601; the other formats: none).
+    on_error: 'raise' on the first malformed record, or 'skip' and count it.
+    images_per_shard: images per ArrayRecord shard; a shard's examples are held
+      in memory while it is written (36 x 2048 fp16 regions is ~150 KB/image).
+    trust_pickle: allow pickled sources (ViLBERT LMDB, Pythia `_info.npy`).
+      Unpickling runs code stored in the file: only for files you trust.
+    image_sizes: UNITER only: a JSON of image sizes (COCO-style `images` list,
+      e.g. `captions_train2014.json`, or {image_id: [h, w]}) to turn normalised
+      boxes into pixels; without it boxes stay normalised with image_h = image_w = 1.
+    match: how `image_sizes` ids are matched: 'number' or 'exact' (see
+      `formats.image_key`).
+  """
+  sources: tuple[str, ...] = ()
+  feature_dim: int = 2048
+  num_classes: int | None | str = DEFAULT_NUM_CLASSES
+  on_error: str = 'raise'
+  images_per_shard: int = 1000
+  trust_pickle: bool = False
+  image_sizes: str | None = None
+  match: str = 'number'
+
+
+def resolve_paths(patterns: Sequence[str], manual_dir: Callable[[], os.PathLike[str]]) -> list[str]:
+  """Sources relative to the manual dir (asked for only when needed), globs expanded."""
+  paths = []
+  for pattern in patterns:
+    full = pattern if os.path.isabs(pattern) else os.path.join(os.fspath(manual_dir()), pattern)
+    matches = sorted(glob.glob(full))
+    if not matches:
+      raise FileNotFoundError(f'source {pattern!r}: nothing matches {full}')
+    paths.extend(matches)
+  return paths
+
+
+class SideFilesBuilder(tfds.core.ShardBasedBuilder):
+  """A ShardBasedBuilder that writes extra files (reports, vocabularies) next to
+  the generated dataset, from `self.side_files` filled during generation.
+
+  ShardBasedBuilder writes shards in the order given without TFDS's shuffler,
+  which needs TensorFlow once a split passes 1 GB.
+  """
+  side_files: dict[str, str]
+
+  def __init__(self, *, file_format: str = 'array_record', **kwargs: Any):
+    super().__init__(file_format=file_format, **kwargs)
+
+  def _download_and_prepare(self, dl_manager: tfds.download.DownloadManager,
+                            download_config: tfds.download.DownloadConfig | None = None) -> None:
+    self.side_files = {}
+    super()._download_and_prepare(dl_manager, download_config)
+    for name, text in self.side_files.items():
+      (self.data_path / name).write_text(text)  # the incomplete dir until it is renamed
+
+  def _manual_dir(self, dl_manager: tfds.download.DownloadManager
+                  ) -> Callable[[], os.PathLike[str]]:
+    """The manual dir, looked up lazily: TFDS raises its instructions if it is absent."""
+    return lambda: dl_manager.manual_dir
+
+
+class ImagesTableBuilder(SideFilesBuilder, abc.ABC):
+  """Base of the images-table builders: validate, then write in index order."""
+  VERSION = tfds.core.Version('1.0.0')
+  BUILDER_CONFIGS = [ImagesConfig(name='images', sources=('*',),
+                                  description='every source in the manual dir')]
+  FORMAT_NUM_CLASSES: int | None = None
+
+  @property
+  def num_classes(self) -> int | None:
+    if self.builder_config.num_classes == DEFAULT_NUM_CLASSES:
+      return self.FORMAT_NUM_CLASSES
+    return self.builder_config.num_classes
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self, description=self.__doc__,
+        features=images_features(self.builder_config.feature_dim, self.num_classes),
+        disable_shuffling=True)
+
+  @abc.abstractmethod
+  def _readers(self, paths: Sequence[str], dl_manager: tfds.download.DownloadManager
+               ) -> list[formats.Reader]:
+    """One reader per resolved source path."""
+
+  def _shard_iterators_per_split(self, dl_manager: tfds.download.DownloadManager
+                                 ) -> dict[str, list[Callable[[], Iterator[Any]]]]:
+    config = self.builder_config
+    readers = self._readers(resolve_paths(config.sources, self._manual_dir(dl_manager)),
+                            dl_manager)
+    report = formats.ErrorReport(config.on_error, source=f'{self.name}/{config.name}')
+    image_ids = []
+    kept = formats.scan(readers, report, on_record=lambda r: image_ids.append(r.image_id))
+    report.log()
+    self.side_files[REPORT_FILE] = json.dumps(report.to_dict(), indent=1)
+    self.side_files[IMAGE_IDS_FILE] = ''.join(f'{image_id}\n' for image_id in image_ids)
+    if not kept:
+      raise ValueError(f'{self.name}/{config.name}: no valid images in {config.sources} '
+                       f'({len(report.skipped)} skipped)')
+    step = config.images_per_shard
+    return {IMAGES_SPLIT: [functools.partial(_write_images, kept[start:start + step], start)
+                           for start in range(0, len(kept), step)]}
+
+
+def _write_images(records: Sequence[tuple[formats.Reader, Any]], first_index: int
+                  ) -> Iterator[tuple[int, dict[str, Any]]]:
+  """Second pass: the validated records, keyed and indexed from `first_index`."""
+  for index, (reader, key) in enumerate(records, start=first_index):
+    yield index, reader.decode(key, reader.fetch(key)).as_example(index)
+
+
+_MANUAL = """Place the region-feature files in the manual dir (`--manual_dir`, default
+`<data_dir>/downloads/manual/`) or give absolute paths in the config's `sources`."""
+
+
+class LxmertTsv(ImagesTableBuilder):
+  """Images table from LXMERT region-feature TSVs (`*_obj36.tsv`)."""
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL + """
+E.g. `train2014_obj36.tsv`, `val2014_obj36.tsv` (mscoco_imgfeat) or `vg_gqa_obj36.tsv`."""
+  BUILDER_CONFIGS = [
+      ImagesConfig(name='images', sources=('*.tsv',), description='every TSV in the manual dir'),
+      ImagesConfig(name='coco', sources=('train2014_obj36.tsv', 'val2014_obj36.tsv')),
+      ImagesConfig(name='vg_gqa', sources=('vg_gqa_obj36.tsv',)),
+  ]
+
+  def _readers(self, paths, dl_manager):
+    return [formats.LxmertTsvReader(path, self.builder_config.feature_dim) for path in paths]
+
+
+class UniterLmdb(ImagesTableBuilder):
+  """Images table from UNITER image dirs: `feat_th*` LMDB plus `nbb_th*.json`."""
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL + """
+Each source is a UNITER image dir such as `coco_train2014/` holding one LMDB dir
+`feat_th0.2_max100_min10/` and its box counts `nbb_th0.2_max100_min10.json`, or
+an LMDB dir itself (the JSON is then its sibling, `feat_` renamed `nbb_` + .json)."""
+  FORMAT_NUM_CLASSES = 1601
+
+  def _readers(self, paths, dl_manager):
+    config = self.builder_config
+    sizes = None
+    if config.image_sizes is not None:
+      sizes_path, = resolve_paths([config.image_sizes], self._manual_dir(dl_manager))
+      sizes = formats.load_image_sizes(sizes_path, config.match)
+    return [formats.UniterLmdbReader(lmdb_path, box_counts, config.feature_dim,
+                                     self.num_classes, sizes, config.match)
+            for lmdb_path, box_counts in map(uniter_lmdb_paths, paths)]
+
+
+def uniter_lmdb_paths(source: str) -> tuple[str, str]:
+  """(LMDB dir, box-count JSON) of a UNITER image dir or LMDB dir."""
+  source = source.rstrip('/')
+  if not os.path.exists(os.path.join(source, 'data.mdb')):
+    lmdbs = sorted(glob.glob(os.path.join(source, 'feat_*')))
+    if len(lmdbs) != 1:
+      raise FileNotFoundError(f'{source}: expected one LMDB dir feat_* in it, found '
+                              f'{[os.path.basename(p) for p in lmdbs]}; name the LMDB dir')
+    source = lmdbs[0]
+  name = os.path.basename(source)
+  box_counts = os.path.join(os.path.dirname(source),
+                            name.replace('feat', 'nbb', 1) + '.json')
+  if not os.path.exists(box_counts):
+    raise FileNotFoundError(f'{source}: its box-count JSON {box_counts} is missing')
+  return source, box_counts
+
+
+class RegionNpy(ImagesTableBuilder):
+  """Images table from per-image region files (`<id>.npz`, or `<id>.npy` +
+  `<id>_info.npy`), VisualBERT/Pythia style; image id = file stem."""
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL + """
+Each source is a folder of per-image files."""
+
+  def _readers(self, paths, dl_manager):
+    config = self.builder_config
+    return [formats.NpyFolderReader(path, config.feature_dim, self.num_classes,
+                                    config.trust_pickle) for path in paths]
+
+
+class VilbertLmdb(ImagesTableBuilder):
+  """Images table from ViLBERT's LMDB of pickled dicts (needs trust_pickle=True:
+  unpickling runs code stored in the file)."""
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL + """
+Each source is a ViLBERT LMDB (e.g. `coco_trainval_resnext152_faster_rcnn_genome.lmdb`)."""
+
+  def _readers(self, paths, dl_manager):
+    config = self.builder_config
+    return [formats.VilbertLmdbReader(path, config.feature_dim, self.num_classes,
+                                      config.trust_pickle) for path in paths]
+
+
+BUILDERS = {'lxmert_tsv': LxmertTsv, 'uniter_lmdb': UniterLmdb, 'region_npy': RegionNpy,
+            'vilbert_lmdb': VilbertLmdb}
+
+
+def read_image_ids(images: str, data_dir: str | os.PathLike[str] | None = None) -> list[str]:
+  """Image ids of an images table (TFDS name, e.g. 'lxmert_tsv/coco'), in index order.
+
+  Reads `image_ids.txt` written beside the table; for tables without it (e.g.
+  the embedded world) reads the `image_id` of every record.
+  """
+  try:
+    builder = tfds.builder(images, data_dir=data_dir)
+  except ValueError as e:  # TFDS's "not found" errors
+    raise FileNotFoundError(f'images table {images!r} is not built under {data_dir}; '
+                            'build it first') from e
+  if not builder.is_prepared():
+    raise FileNotFoundError(f'images table {images!r} is not built under {data_dir}; '
+                            'build it first')
+  ids_file = os.path.join(builder.data_dir, IMAGE_IDS_FILE)
+  if os.path.exists(ids_file):
+    with open(ids_file) as f:
+      return f.read().splitlines()
+  source = builder.as_data_source(split=IMAGES_SPLIT)
+  return [source[i]['image_id'].decode() for i in range(len(source))]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """Command line: build one images table."""
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('format', choices=sorted(BUILDERS))
+  parser.add_argument('--name', default='images', help='config name: <format>/<name>')
+  parser.add_argument('--sources', nargs='+', required=True)
+  parser.add_argument('--data_dir', required=True)
+  parser.add_argument('--manual_dir', default=None)
+  parser.add_argument('--feature_dim', type=int, default=2048)
+  parser.add_argument('--num_classes', default=DEFAULT_NUM_CLASSES,
+                      help="an int, 'none', or 'format' for the format's default")
+  parser.add_argument('--on_error', choices=formats.ON_ERROR_CHOICES, default='raise')
+  parser.add_argument('--images_per_shard', type=int, default=1000)
+  parser.add_argument('--trust_pickle', action='store_true')
+  parser.add_argument('--image_sizes', default=None)
+  parser.add_argument('--match', choices=('number', 'exact'), default='number')
+  args = parser.parse_args(argv)
+  num_classes = {'none': None, DEFAULT_NUM_CLASSES: DEFAULT_NUM_CLASSES}.get(
+      args.num_classes.lower(), args.num_classes)
+  config = ImagesConfig(
+      name=args.name, sources=tuple(args.sources), feature_dim=args.feature_dim,
+      num_classes=num_classes if num_classes in (None, DEFAULT_NUM_CLASSES) else int(num_classes),
+      on_error=args.on_error, images_per_shard=args.images_per_shard,
+      trust_pickle=args.trust_pickle, image_sizes=args.image_sizes, match=args.match)
+  builder = BUILDERS[args.format](config=config, data_dir=args.data_dir)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
+  print(f'{builder.info.full_name}: {builder.info.splits[IMAGES_SPLIT].num_examples} '
+        f'images in {builder.data_dir}')
+
+
+if __name__ == '__main__':
+  main()

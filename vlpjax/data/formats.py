@@ -1,0 +1,668 @@
+"""Readers and validators for the region-feature files researchers already have.
+
+Each reader turns one source into `ImageRecord`s, the per-image row of an images
+table (shared MODELS.md, "Region-feature file formats"):
+
+  * `LxmertTsvReader`: LXMERT's `*_obj36.tsv` (10 tab-separated fields, arrays as
+    base64 of raw bytes). Read line by line in binary, never the whole file, so
+    fields of any size work (no `csv` field-size limit applies).
+  * `UniterLmdbReader`: UNITER's `feat_th*` LMDB (values are `.npz` archives,
+    compressed or not, or msgpack-numpy dicts; fp16) plus its `nbb_th*.json`
+    box counts, which are checked against the LMDB.
+  * `NpyFolderReader`: per-image files (VisualBERT/Pythia style): `<id>.npz`, or
+    `<id>.npy` features plus a pickled `<id>_info.npy` dict.
+  * `VilbertLmdbReader`: ViLBERT's LMDB of pickled dicts. Unpickling runs code
+    stored in the file, so it is refused unless `trust_pickle=True`.
+
+Readers work in two steps, so that a builder can validate everything first and
+then write in index order: `iter_raw()` streams `(key, raw)` pairs cheaply, and
+`decode(key, raw)` parses and validates one record (raising `FormatError` naming
+the file and line, LMDB key or image id); `fetch(key)` re-reads a raw record.
+
+Conventions of the stored record (the data contract): boxes are x1, y1, x2, y2 in
+pixels of an image of size (image_h, image_w); object ids count the detector's
+1600 Visual Genome classes from 0 (background excluded, as in LXMERT's TSVs);
+`class_probs` keeps the detector's full distribution with class 0 = background.
+A source with no attribute (or object) predictions stores ids 0 with confidence
+0, so confidence-weighted losses give those labels no weight. UNITER stores only
+normalised boxes; given image sizes they become pixels, otherwise the record has
+image_h = image_w = 1 and normalised boxes, which every model's box features
+(coordinates divided by the image size) read the same way.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import dataclasses
+import io
+import json
+import logging
+import os
+import pickle
+import re
+import zipfile
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+ON_ERROR_CHOICES = ('raise', 'skip')
+LXMERT_TSV_FIELDS = ('img_id', 'img_h', 'img_w', 'objects_id', 'objects_conf',
+                     'attrs_id', 'attrs_conf', 'num_boxes', 'boxes', 'features')
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+# Boxes may overshoot the image by this fraction of its larger side (rounding in
+# the detectors' clipping); anything further out is malformed.
+BOX_TOLERANCE = 1e-3
+
+
+class FormatError(ValueError):
+  """A malformed record; `where` names the file and line, LMDB key or image id."""
+
+  def __init__(self, where: str, reason: str):
+    super().__init__(f'{where}: {reason}')
+    self.where = where
+    self.reason = reason
+
+
+class PickleRefusedError(ValueError):
+  """A source holds pickled Python objects and the caller did not trust it."""
+
+
+def pickle_refusal(what: str) -> PickleRefusedError:
+  return PickleRefusedError(
+      f'{what} holds Python pickles. Unpickling runs whatever code the file '
+      'contains, so vlpjax refuses it by default. If the file comes from a source '
+      'you trust (e.g. you extracted the features yourself), pass '
+      'trust_pickle=True.')
+
+
+class ErrorReport:
+  """Malformed records met while reading: raised, or skipped and counted.
+
+  With `on_error='skip'` every skipped record is kept (where and why), logged as
+  a summary and written as JSON next to the dataset; nothing is dropped silently.
+  """
+
+  def __init__(self, on_error: str, source: str):
+    if on_error not in ON_ERROR_CHOICES:
+      raise ValueError(f'on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}')
+    self.on_error = on_error
+    self.source = source
+    self.skipped: list[dict[str, str]] = []
+
+  def handle(self, error: FormatError) -> None:
+    """Raises `error` (on_error='raise') or records it as skipped."""
+    if self.on_error == 'raise':
+      raise error
+    self.skipped.append({'where': error.where, 'reason': error.reason})
+
+  def to_dict(self) -> dict[str, Any]:
+    reasons = collections.Counter(_reason_kind(s['reason']) for s in self.skipped)
+    return {'source': self.source, 'on_error': self.on_error,
+            'num_skipped': len(self.skipped), 'by_reason': dict(reasons),
+            'skipped': self.skipped}
+
+  def log(self) -> None:
+    if self.skipped:
+      logging.warning('%s: skipped %d malformed records (%s); see the JSON report.',
+                      self.source, len(self.skipped), self.to_dict()['by_reason'])
+
+  def write(self, path: str | os.PathLike[str]) -> None:
+    with open(path, 'w') as f:
+      json.dump(self.to_dict(), f, indent=1)
+
+
+def _reason_kind(reason: str) -> str:
+  """The reason up to its first colon, to group similar errors in the summary."""
+  return reason.split(':', 1)[0]
+
+
+@dataclasses.dataclass
+class ImageRecord:
+  """One image's regions, in the stored dtypes. N regions, F features, C classes.
+
+  boxes [N, 4] float32 pixels x1,y1,x2,y2; features [N, F] float16;
+  object_ids, attr_ids [N] int32; object_conf, attr_conf [N] float32;
+  class_probs [N, C] float16 or None when the source has no class distribution.
+  """
+  image_id: str
+  image_h: int
+  image_w: int
+  boxes: np.ndarray
+  features: np.ndarray
+  object_ids: np.ndarray
+  object_conf: np.ndarray
+  attr_ids: np.ndarray
+  attr_conf: np.ndarray
+  class_probs: np.ndarray | None = None
+
+  @property
+  def num_boxes(self) -> int:
+    return int(self.boxes.shape[0])
+
+  def as_example(self, index: int) -> dict[str, Any]:
+    """The images-table example (data contract) for row `index`."""
+    example = dict(index=index, image_id=self.image_id, image_h=self.image_h,
+                   image_w=self.image_w, num_boxes=self.num_boxes, boxes=self.boxes,
+                   features=self.features, object_ids=self.object_ids,
+                   object_conf=self.object_conf, attr_ids=self.attr_ids,
+                   attr_conf=self.attr_conf)
+    if self.class_probs is not None:
+      example['class_probs'] = self.class_probs
+    return example
+
+
+def make_record(where: str, *, image_id: str, image_h: Any, image_w: Any,
+                boxes: np.ndarray, features: np.ndarray, feature_dim: int,
+                num_classes: int | None, object_ids: np.ndarray | None = None,
+                object_conf: np.ndarray | None = None, attr_ids: np.ndarray | None = None,
+                attr_conf: np.ndarray | None = None,
+                class_probs: np.ndarray | None = None) -> ImageRecord:
+  """Checks one image's arrays and converts them to the stored dtypes.
+
+  Missing object/attribute predictions become id 0 with confidence 0. With
+  `num_classes` set, `class_probs` [N, num_classes] is required; object ids and
+  confidences missing from the source are then taken from it (argmax over the
+  non-background classes). Raises `FormatError` naming `where` on: no regions,
+  inconsistent shapes, a feature size other than `feature_dim`, non-finite
+  values (also features beyond float16's range), an image size <= 0, or boxes
+  that are inverted or lie outside the image.
+  """
+  if not str(image_id) or '\n' in str(image_id):
+    raise FormatError(where, f'image_id: empty or multi-line id {str(image_id)!r}')
+  image_h = _positive_int(where, 'image_h', image_h)
+  image_w = _positive_int(where, 'image_w', image_w)
+  boxes = np.asarray(boxes, np.float32)
+  features = np.asarray(features)
+  if boxes.ndim != 2 or boxes.shape[1] != 4:
+    raise FormatError(where, f'boxes: expected shape [N, 4], got {boxes.shape}')
+  num_boxes = boxes.shape[0]
+  if num_boxes == 0:
+    raise FormatError(where, 'no regions: the image has 0 boxes')
+  if features.shape != (num_boxes, feature_dim):
+    raise FormatError(where, f'features: expected shape [{num_boxes}, {feature_dim}] '
+                      f'(num boxes, feature_dim), got {features.shape}')
+  _check_finite(where, 'features', features)
+  if np.abs(features).max() > FLOAT16_MAX:
+    raise FormatError(where, f'features: values up to {np.abs(features).max():.3g} '
+                      'overflow float16')
+  _check_finite(where, 'boxes', boxes)
+  _check_boxes(where, boxes, image_h, image_w)
+
+  if class_probs is not None:
+    class_probs = np.asarray(class_probs, np.float32)
+    if num_classes is None:
+      raise FormatError(where, 'class_probs: the source has a class distribution but '
+                        'the builder config sets num_classes=None')
+    if class_probs.shape != (num_boxes, num_classes):
+      raise FormatError(where, f'class_probs: expected shape [{num_boxes}, {num_classes}], '
+                        f'got {class_probs.shape}')
+    _check_finite(where, 'class_probs', class_probs)
+    if object_ids is None:
+      object_ids = class_probs[:, 1:].argmax(axis=-1)
+    if object_conf is None:
+      object_conf = class_probs[:, 1:].max(axis=-1)
+  elif num_classes is not None:
+    raise FormatError(where, f'class_probs: missing, but the builder config expects '
+                      f'num_classes={num_classes}')
+
+  def per_box(name: str, values: np.ndarray | None, dtype: Any) -> np.ndarray:
+    if values is None:
+      return np.zeros([num_boxes], dtype)
+    values = np.asarray(values)
+    if values.shape != (num_boxes,):
+      raise FormatError(where, f'{name}: expected shape [{num_boxes}], got {values.shape}')
+    _check_finite(where, name, values)
+    limit = np.iinfo(dtype).max if np.issubdtype(dtype, np.integer) else None
+    if limit is not None and (values.min() < 0 or values.max() > limit):
+      raise FormatError(where, f'{name}: ids out of range [0, {limit}]')
+    return values.astype(dtype)
+
+  return ImageRecord(
+      image_id=str(image_id), image_h=image_h, image_w=image_w, boxes=boxes,
+      features=features.astype(np.float16),
+      object_ids=per_box('object_ids', object_ids, np.int32),
+      object_conf=per_box('object_conf', object_conf, np.float32),
+      attr_ids=per_box('attr_ids', attr_ids, np.int32),
+      attr_conf=per_box('attr_conf', attr_conf, np.float32),
+      class_probs=None if class_probs is None else class_probs.astype(np.float16))
+
+
+def _positive_int(where: str, name: str, value: Any) -> int:
+  try:
+    number = float(np.asarray(value).reshape(()))
+  except (TypeError, ValueError) as e:
+    raise FormatError(where, f'{name}: not a number ({value!r})') from e
+  if not np.isfinite(number) or number <= 0 or number != int(number):
+    raise FormatError(where, f'{name}: expected a positive integer, got {value!r}')
+  return int(number)
+
+
+def _check_finite(where: str, name: str, values: np.ndarray) -> None:
+  if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+    bad = np.argwhere(~np.isfinite(values))[0].tolist()
+    raise FormatError(where, f'{name}: non-finite value (NaN/inf) at {bad}')
+
+
+def _check_boxes(where: str, boxes: np.ndarray, image_h: int, image_w: int) -> None:
+  x1, y1, x2, y2 = boxes.T
+  if ((x2 < x1) | (y2 < y1)).any():
+    row = int(np.argmax((x2 < x1) | (y2 < y1)))
+    raise FormatError(where, f'boxes: box {row} {boxes[row].tolist()} has x2 < x1 or y2 < y1')
+  slack = BOX_TOLERANCE * max(image_h, image_w)
+  outside = (x1 < -slack) | (y1 < -slack) | (x2 > image_w + slack) | (y2 > image_h + slack)
+  if outside.any():
+    row = int(np.argmax(outside))
+    raise FormatError(where, f'boxes: box {row} {boxes[row].tolist()} lies outside the '
+                      f'{image_w}x{image_h} (w x h) image')
+
+
+def decode_base64_array(where: str, field: str, text: bytes | str, dtype: Any,
+                        shape: tuple[int, ...]) -> np.ndarray:
+  """base64 of raw bytes -> array of `shape`; a wrong length is a `FormatError`."""
+  try:
+    raw = base64.b64decode(text, validate=True)
+  except (binascii.Error, ValueError) as e:
+    raise FormatError(where, f'{field}: invalid base64 ({e})') from e
+  expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  if len(raw) != expected:
+    raise FormatError(where, f'{field}: base64 decodes to {len(raw)} bytes, expected '
+                      f'{expected} ({np.dtype(dtype).name} of shape {list(shape)})')
+  return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+class LxmertTsvReader:
+  """LXMERT's region-feature TSV: one image per line, no header.
+
+  Fields: img_id, img_h, img_w, objects_id, objects_conf, attrs_id, attrs_conf,
+  num_boxes, boxes, features; arrays are base64 of raw bytes: ids int64 [N],
+  confidences float32 [N], boxes float32 [N, 4] pixels, features float32 [N, F].
+  Keys are (line number, byte offset) so that `fetch` can seek back to a line.
+  """
+
+  def __init__(self, path: str | os.PathLike[str], feature_dim: int = 2048):
+    self.path = os.fspath(path)
+    self.feature_dim = feature_dim
+    self.num_classes = None
+
+  def iter_raw(self) -> Iterator[tuple[tuple[int, int], bytes]]:
+    with open(self.path, 'rb') as f:
+      line_number = 0
+      while True:
+        offset = f.tell()
+        line = f.readline()
+        if not line:
+          return
+        line_number += 1
+        if line.strip():
+          yield (line_number, offset), line
+
+  def describe(self, key: tuple[int, int]) -> str:
+    return f'{self.path}:{key[0]}'
+
+  def fetch(self, key: tuple[int, int]) -> bytes:
+    with open(self.path, 'rb') as f:
+      f.seek(key[1])
+      return f.readline()
+
+  def decode(self, key: tuple[int, int], raw: bytes) -> ImageRecord:
+    where = self.describe(key)
+    fields = raw.rstrip(b'\r\n').split(b'\t')
+    if len(fields) != len(LXMERT_TSV_FIELDS):
+      raise FormatError(where, f'truncated or malformed row: expected '
+                        f'{len(LXMERT_TSV_FIELDS)} tab-separated fields '
+                        f'({", ".join(LXMERT_TSV_FIELDS)}), got {len(fields)}')
+    row = dict(zip(LXMERT_TSV_FIELDS, fields))
+    image_id = row['img_id'].decode('utf-8', errors='replace')
+    where = f'{where} (image {image_id})'
+    n = _positive_int(where, 'num_boxes', row['num_boxes'].decode())
+    array = lambda field, dtype, shape: decode_base64_array(where, field, row[field], dtype, shape)
+    return make_record(
+        where, image_id=image_id, image_h=row['img_h'].decode(), image_w=row['img_w'].decode(),
+        boxes=array('boxes', np.float32, (n, 4)),
+        features=array('features', np.float32, (n, self.feature_dim)),
+        feature_dim=self.feature_dim, num_classes=None,
+        object_ids=array('objects_id', np.int64, (n,)),
+        object_conf=array('objects_conf', np.float32, (n,)),
+        attr_ids=array('attrs_id', np.int64, (n,)),
+        attr_conf=array('attrs_conf', np.float32, (n,)))
+
+
+def load_numpy_dict(raw: bytes, where: str) -> Mapping[str, np.ndarray]:
+  """An `.npz` archive (compressed or not) or a msgpack-numpy dict -> arrays.
+
+  Neither path unpickles: `.npz` is read with allow_pickle=False, and msgpack's
+  numpy arrays are rebuilt from their dtype, shape and raw bytes.
+  """
+  if raw[:4] == b'PK\x03\x04':
+    try:
+      with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+    except (ValueError, zipfile.BadZipFile, OSError) as e:
+      raise FormatError(where, f'unreadable .npz value ({e})') from e
+  try:
+    import msgpack  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise FormatError(where, 'value is not an .npz archive; reading msgpack values '
+                      'needs `pip install msgpack`') from e
+  try:
+    value = msgpack.unpackb(raw, raw=False, object_hook=_msgpack_numpy_array)
+  except (ValueError, msgpack.UnpackException, TypeError) as e:
+    raise FormatError(where, f'value is neither an .npz archive nor msgpack ({e})') from e
+  if not isinstance(value, dict):
+    raise FormatError(where, f'expected a dict of arrays, got {type(value).__name__}')
+  return value
+
+
+def _msgpack_numpy_array(obj: dict[str, Any]) -> Any:
+  """msgpack-numpy's array encoding {nd, type, shape, data} -> np.ndarray."""
+  if obj.get('nd') is True:
+    return np.frombuffer(obj['data'], dtype=np.dtype(obj['type'])).reshape(obj['shape'])
+  return obj
+
+
+def _required(where: str, arrays: Mapping[str, Any], names: Sequence[str]) -> Any:
+  """The first of `names` present in `arrays` (files name the same field differently)."""
+  for name in names:
+    if name in arrays:
+      return arrays[name]
+  raise FormatError(where, f'missing field: none of {list(names)} (has {sorted(arrays)})')
+
+
+def _optional(arrays: Mapping[str, Any], names: Sequence[str]) -> Any:
+  return next((arrays[name] for name in names if name in arrays), None)
+
+
+def image_key(image_id: Any, match: str) -> str | int:
+  """The key two sources' image ids are matched by.
+
+  'exact': the id as text. 'number': the trailing number of the id without a file
+  extension, so 'COCO_val2014_000000391895', 'coco_val2014_000000391895.jpg' and
+  391895 all match (COCO ids are unique across its splits).
+  """
+  if match == 'exact':
+    return str(image_id)
+  if match == 'number':
+    if isinstance(image_id, (int, np.integer)):
+      return int(image_id)
+    found = re.search(r'(\d+)$', os.path.splitext(str(image_id))[0])
+    if not found:
+      raise ValueError(f'image id {image_id!r} does not end in a number; '
+                       "use match='exact'")
+    return int(found.group(1))
+  raise ValueError(f"match must be 'exact' or 'number', got {match!r}")
+
+
+def load_image_sizes(path: str | os.PathLike[str], match: str) -> dict[str | int, tuple[int, int]]:
+  """Image sizes (h, w) from a COCO-style JSON (`images`: id, file_name, width,
+  height; e.g. `captions_train2014.json`) or a JSON {image_id: [h, w]}."""
+  with open(path) as f:
+    data = json.load(f)
+  sizes = {}
+  if isinstance(data, dict) and 'images' in data:
+    for image in data['images']:
+      sizes[image_key(image['id'] if match == 'number' else
+                      os.path.splitext(image['file_name'])[0], match)] = (
+                          int(image['height']), int(image['width']))
+  elif isinstance(data, dict):
+    for image_id, size in data.items():
+      if len(size) != 2:
+        raise ValueError(f'{path}: image {image_id}: expected [h, w], got {size!r}')
+      sizes[image_key(image_id, match)] = (int(size[0]), int(size[1]))
+  else:
+    raise ValueError(f'{path}: expected a COCO-style JSON with "images" or a dict '
+                     '{image_id: [h, w]}')
+  return sizes
+
+
+class UniterLmdbReader:
+  """UNITER's region-feature LMDB plus its box-count JSON.
+
+  Values hold fp16 `features` [N, F], `norm_bb` [N, 6 or 7] (x1, y1, x2, y2, w,
+  h[, area], normalised), `conf` [N] and `soft_labels` [N, C]. The JSON
+  (`nbb_th*.json`) gives the number of boxes UNITER keeps per image (the first
+  nbb rows); its keys must be exactly the LMDB's. With `image_sizes` (see
+  `load_image_sizes`) boxes become pixels; without, image_h = image_w = 1.
+  """
+
+  def __init__(self, lmdb_path: str | os.PathLike[str], box_counts_path: str | os.PathLike[str],
+               feature_dim: int = 2048, num_classes: int | None = 1601,
+               image_sizes: Mapping[str | int, tuple[int, int]] | None = None,
+               match: str = 'number'):
+    import lmdb  # pylint: disable=g-import-not-at-top
+    self.path = os.fspath(lmdb_path)
+    self.feature_dim = feature_dim
+    self.num_classes = num_classes
+    self.image_sizes = image_sizes
+    self.match = match
+    with open(box_counts_path) as f:
+      self.box_counts = json.load(f)
+    self.env = lmdb.open(self.path, readonly=True, lock=False, readahead=False,
+                         create=False, subdir=os.path.isdir(self.path))
+    with self.env.begin() as txn:
+      lmdb_keys = {key.decode() for key, _ in txn.cursor()}
+    missing_in_json = sorted(lmdb_keys - self.box_counts.keys())
+    missing_in_lmdb = sorted(self.box_counts.keys() - lmdb_keys)
+    if missing_in_json or missing_in_lmdb:
+      raise ValueError(
+          f'{box_counts_path} and {self.path} disagree: {len(missing_in_json)} LMDB keys '
+          f'have no box count (e.g. {missing_in_json[:3]}), {len(missing_in_lmdb)} counted '
+          f'images are not in the LMDB (e.g. {missing_in_lmdb[:3]})')
+
+  def iter_raw(self) -> Iterator[tuple[bytes, bytes]]:
+    with self.env.begin() as txn:
+      for key, value in txn.cursor():
+        yield key, bytes(value)
+
+  def describe(self, key: bytes) -> str:
+    return f'{self.path}[{key.decode(errors="replace")}]'
+
+  def fetch(self, key: bytes) -> bytes:
+    with self.env.begin() as txn:
+      return bytes(txn.get(key))
+
+  def decode(self, key: bytes, raw: bytes) -> ImageRecord:
+    image_id = key.decode()
+    where = self.describe(key)
+    arrays = load_numpy_dict(raw, where)
+    nbb = self.box_counts[image_id]
+    norm_bb = np.asarray(_required(where, arrays, ['norm_bb']), np.float32)
+    if norm_bb.ndim != 2 or norm_bb.shape[1] not in (6, 7) or norm_bb.shape[0] < nbb:
+      raise FormatError(where, f'norm_bb: expected shape [>= {nbb}, 6 or 7] (nbb from the '
+                        f'box-count JSON), got {norm_bb.shape}')
+    if self.image_sizes is None:
+      image_h = image_w = 1
+    else:
+      size = self.image_sizes.get(image_key(image_id, self.match))
+      if size is None:
+        raise FormatError(where, 'image size: the image is not in image_sizes')
+      image_h, image_w = size
+    scale = np.array([image_w, image_h, image_w, image_h], np.float32)
+    first = lambda name: _first_rows(where, name, _required(where, arrays, [name]), nbb)
+    soft_labels = first('soft_labels') if self.num_classes is not None else None
+    return make_record(
+        where, image_id=image_id, image_h=image_h, image_w=image_w,
+        boxes=norm_bb[:nbb, :4] * scale, features=first('features'),
+        feature_dim=self.feature_dim, num_classes=self.num_classes,
+        object_conf=np.asarray(first('conf'), np.float32), class_probs=soft_labels)
+
+
+def _first_rows(where: str, name: str, values: np.ndarray, count: int) -> np.ndarray:
+  values = np.asarray(values)
+  if values.ndim == 0 or values.shape[0] < count:
+    raise FormatError(where, f'{name}: expected at least {count} rows, got shape {values.shape}')
+  return values[:count]
+
+
+class NpyFolderReader:
+  """Per-image region files in one folder (VisualBERT/Pythia style).
+
+  Either `<id>.npz` holding plain arrays (features `features`|`x`, boxes
+  `boxes`|`bbox` in pixels, `image_h`|`image_height`, `image_w`|`image_width`,
+  optional `objects_id`|`objects`, `objects_conf`, `attrs_id`, `attrs_conf`,
+  `cls_prob`|`soft_labels`), or Pythia's `<id>.npy` features [N, F] with a
+  `<id>_info.npy` dict (`bbox`, `image_height`, `image_width`, ...). Pythia's
+  info files and npz files with a pickled `info` field need trust_pickle=True.
+  """
+
+  def __init__(self, folder: str | os.PathLike[str], feature_dim: int = 2048,
+               num_classes: int | None = None, trust_pickle: bool = False):
+    self.path = os.fspath(folder)
+    self.feature_dim = feature_dim
+    self.num_classes = num_classes
+    self.trust_pickle = trust_pickle
+
+  def iter_raw(self) -> Iterator[tuple[str, None]]:
+    for name in sorted(os.listdir(self.path)):
+      stem, ext = os.path.splitext(name)
+      if ext == '.npz' or (ext == '.npy' and not stem.endswith('_info')):
+        yield name, None
+
+  def describe(self, key: str) -> str:
+    return os.path.join(self.path, key)
+
+  def fetch(self, key: str) -> None:
+    del key
+
+  def decode(self, key: str, raw: None) -> ImageRecord:
+    del raw
+    path = self.describe(key)
+    stem, ext = os.path.splitext(key)
+    try:
+      if ext == '.npz':
+        arrays = self._read_npz(path)
+      else:
+        arrays = dict(self._read_info(os.path.join(self.path, stem + '_info.npy')))
+        arrays['features'] = np.load(path, allow_pickle=False)
+    except (FormatError, PickleRefusedError):
+      raise
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+      raise FormatError(path, f'unreadable file ({e})') from e
+    return make_record(
+        f'{path} (image {stem})', image_id=stem,
+        image_h=_required(path, arrays, ['image_h', 'image_height']),
+        image_w=_required(path, arrays, ['image_w', 'image_width']),
+        boxes=_required(path, arrays, ['boxes', 'bbox']),
+        features=_required(path, arrays, ['features', 'x', 'feat']),
+        feature_dim=self.feature_dim, num_classes=self.num_classes,
+        object_ids=_optional(arrays, ['objects_id', 'objects', 'object_ids']),
+        object_conf=_optional(arrays, ['objects_conf', 'object_conf']),
+        attr_ids=_optional(arrays, ['attrs_id', 'attr_ids']),
+        attr_conf=_optional(arrays, ['attrs_conf', 'attr_conf']),
+        class_probs=(_optional(arrays, ['cls_prob', 'soft_labels', 'class_probs'])
+                     if self.num_classes is not None else None))
+
+  def _read_npz(self, path: str) -> dict[str, Any]:
+    with np.load(path, allow_pickle=self.trust_pickle) as archive:
+      names = archive.files
+      if 'info' in names and not self.trust_pickle:
+        raise pickle_refusal(f'{path} (its `info` field)')
+      arrays = {name: archive[name] for name in names if name != 'info'}
+      if 'info' in names:
+        arrays.update(archive['info'].item())
+    return arrays
+
+  def _read_info(self, path: str) -> Mapping[str, Any]:
+    if not os.path.exists(path):
+      raise FormatError(path, 'missing: Pythia-style features need a <id>_info.npy '
+                        'beside <id>.npy')
+    if not self.trust_pickle:
+      raise pickle_refusal(path)
+    info = np.load(path, allow_pickle=True).item()
+    if not isinstance(info, dict):
+      raise FormatError(path, f'expected a dict, got {type(info).__name__}')
+    return info
+
+
+class VilbertLmdbReader:
+  """ViLBERT's LMDB: values are pickled dicts (image_id, image_h, image_w,
+  num_boxes, boxes, features[, cls_prob]); arrays are float32, raw or as base64.
+
+  Pickle runs code stored in the file when loaded, so this reader refuses to
+  open the LMDB unless `trust_pickle=True`.
+  """
+
+  def __init__(self, lmdb_path: str | os.PathLike[str], feature_dim: int = 2048,
+               num_classes: int | None = None, trust_pickle: bool = False):
+    self.path = os.fspath(lmdb_path)
+    if not trust_pickle:
+      raise pickle_refusal(f'ViLBERT LMDB {self.path}')
+    import lmdb  # pylint: disable=g-import-not-at-top
+    self.feature_dim = feature_dim
+    self.num_classes = num_classes
+    self.env = lmdb.open(self.path, readonly=True, lock=False, readahead=False,
+                         create=False, subdir=os.path.isdir(self.path))
+
+  def iter_raw(self) -> Iterator[tuple[bytes, bytes]]:
+    with self.env.begin() as txn:
+      for key, value in txn.cursor():
+        if key != b'keys':  # ViLBERT's pickled list of all keys
+          yield key, bytes(value)
+
+  def describe(self, key: bytes) -> str:
+    return f'{self.path}[{key.decode(errors="replace")}]'
+
+  def fetch(self, key: bytes) -> bytes:
+    with self.env.begin() as txn:
+      return bytes(txn.get(key))
+
+  def decode(self, key: bytes, raw: bytes) -> ImageRecord:
+    where = self.describe(key)
+    try:
+      item = pickle.loads(raw)  # trusted by the caller, see __init__
+    except Exception as e:  # pylint: disable=broad-except
+      raise FormatError(where, f'unreadable pickle ({type(e).__name__}: {e})') from e
+    if not isinstance(item, dict):
+      raise FormatError(where, f'expected a dict, got {type(item).__name__}')
+    n = _positive_int(where, 'num_boxes', _required(where, item, ['num_boxes']))
+
+    def array(names: Sequence[str], shape: tuple[int, ...], required: bool = True) -> Any:
+      value = _required(where, item, names) if required else _optional(item, names)
+      if isinstance(value, (bytes, str)):
+        return decode_base64_array(where, names[0], value, np.float32, shape)
+      return value
+
+    return make_record(
+        where, image_id=_decode_text(_required(where, item, ['image_id'])),
+        image_h=_required(where, item, ['image_h', 'image_height']),
+        image_w=_required(where, item, ['image_w', 'image_width']),
+        boxes=array(['boxes', 'bbox'], (n, 4)),
+        features=array(['features'], (n, self.feature_dim)),
+        feature_dim=self.feature_dim, num_classes=self.num_classes,
+        object_ids=_optional(item, ['objects', 'objects_id']),
+        class_probs=(array(['cls_prob'], (n, self.num_classes))
+                     if self.num_classes is not None else None))
+
+
+def _decode_text(value: Any) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+Reader = LxmertTsvReader | UniterLmdbReader | NpyFolderReader | VilbertLmdbReader
+
+
+def scan(readers: Sequence[Reader], report: ErrorReport,
+         on_record: Callable[[ImageRecord], None] | None = None) -> list[tuple[Reader, Any]]:
+  """Decodes every record of `readers` in order; returns (reader, key) of the good ones.
+
+  A malformed record or an image id seen before (in any reader) goes to `report`
+  (raised, or skipped and counted).
+  """
+  kept = []
+  first_seen: dict[str, str] = {}
+  for reader in readers:
+    for key, raw in reader.iter_raw():
+      try:
+        record = reader.decode(key, raw)
+        where = reader.describe(key)
+        if record.image_id in first_seen:
+          raise FormatError(where, f'duplicate image id {record.image_id!r} (first seen at '
+                            f'{first_seen[record.image_id]})')
+      except FormatError as e:
+        report.handle(e)
+        continue
+      first_seen[record.image_id] = where
+      kept.append((reader, key))
+      if on_record is not None:
+        on_record(record)
+  return kept
