@@ -38,7 +38,7 @@ import tensorflow_datasets as tfds
 
 from vlpjax.data import vocab as vocab_lib
 from vlpjax.data import world as world_lib
-from vlpjax.data.features_builder import SideFilesBuilder
+from vlpjax.data.features_builder import SideFilesBuilder, images_features
 
 TABLES = ('images', 'captions', 'vqa', 'refexp', 'nlvr2')
 IMAGES_SPLIT = 'train'
@@ -85,25 +85,12 @@ def _config(size: str, table: str) -> VlpWorldConfig:
                         description=f'{table} table of the {size} world')
 
 
-def _per_item(dtype: Any) -> tfds.features.Tensor:
-  return tfds.features.Tensor(shape=(None,), dtype=dtype)
-
-
 def table_features(table: str, feature_dim: int) -> tfds.features.FeaturesDict:
   """Features of `table` per the data contract ([N] = regions of the image)."""
   image_ref = dict(image_index=np.int64, image_id=tfds.features.Text())
   text = tfds.features.Text()
   features = {
-      'images': lambda: dict(
-          index=np.int64, image_id=tfds.features.Text(), image_h=np.int32, image_w=np.int32,
-          num_boxes=np.int32,
-          boxes=tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
-          features=tfds.features.Tensor(shape=(None, feature_dim), dtype=np.float16,
-                                        encoding='bytes'),
-          object_ids=_per_item(np.int32), object_conf=_per_item(np.float32),
-          attr_ids=_per_item(np.int32), attr_conf=_per_item(np.float32),
-          class_probs=tfds.features.Tensor(shape=(None, len(world_lib.OBJECT_CLASSES)),
-                                           dtype=np.float16, encoding='bytes')),
+      'images': lambda: images_features(feature_dim, len(world_lib.OBJECT_CLASSES)),
       'captions': lambda: dict(caption_id=np.int64, text=text, **image_ref),
       'vqa': lambda: dict(
           question_id=np.int64, question=text, **image_ref,
@@ -118,7 +105,7 @@ def table_features(table: str, feature_dim: int) -> tfds.features.FeaturesDict:
           left_image_id=tfds.features.Text(), right_image_id=tfds.features.Text(),
           label=np.int32),
   }[table]()
-  return tfds.features.FeaturesDict(features)
+  return features if table == 'images' else tfds.features.FeaturesDict(features)
 
 
 _ID_FIELDS = dict(captions='caption_id', vqa='question_id', refexp='ref_id', nlvr2='pair_id')
