@@ -149,7 +149,7 @@ def import_params(state_dict: StateDict, rules: Iterable[Rule], target: Params, 
       continue
     array = np.asarray(state_dict[rule.torch_key])
     shape = shapes[rule.path]
-    if array.size != int(np.prod(shape)):
+    if not _fits(rule, array.shape, shape):
       problems.append(f'{rule.torch_key}: checkpoint shape {array.shape} does not fit '
                       f'{rule.path} of shape {shape}')
       continue
@@ -176,7 +176,7 @@ def export_state_dict(params: Params, rules: Iterable[Rule],
     if torch_shapes and rule.torch_key in torch_shapes:
       shape = tuple(torch_shapes[rule.torch_key])
     elif rule.transform is linear:
-      shape = _linear_torch_shape(rule.path, value)
+      shape = _linear_torch_shape(rule.path, value.shape)
     elif rule.transform is reshape:
       shape = (value.size,)
     else:
@@ -185,13 +185,24 @@ def export_state_dict(params: Params, rules: Iterable[Rule],
   return out
 
 
-def _linear_torch_shape(path: str, kernel: np.ndarray) -> tuple[int, int]:
+def _linear_torch_shape(path: str, shape: tuple[int, ...]) -> tuple[int, int]:
   """Torch [out, in] shape of a flax kernel: [in, out], [in, N, D] (Q/K/V
   projections) or [N, D, out] (attention output)."""
-  if kernel.ndim == 2:
-    return kernel.shape[1], kernel.shape[0]
-  if kernel.ndim == 3 and path.endswith('output/kernel'):
-    return kernel.shape[2], kernel.shape[0] * kernel.shape[1]
-  if kernel.ndim == 3:
-    return kernel.shape[1] * kernel.shape[2], kernel.shape[0]
-  raise ValueError(f'{path}: cannot infer the torch shape of a {kernel.shape} kernel')
+  if len(shape) == 2:
+    return shape[1], shape[0]
+  if len(shape) == 3 and path.endswith('output/kernel'):
+    return shape[2], shape[0] * shape[1]
+  if len(shape) == 3:
+    return shape[1] * shape[2], shape[0]
+  raise ValueError(f'{path}: cannot infer the torch shape of a {shape} kernel')
+
+
+def _fits(rule: Rule, torch_shape: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+  """Whether a checkpoint array fits a param: the exact torch shape for Linear
+  kernels and untransformed params (equal sizes alone would let a [V, H] table
+  load into a [2V, H/2] one), equal sizes for explicit reshapes."""
+  if rule.transform is identity:
+    return tuple(torch_shape) == tuple(shape)
+  if rule.transform is linear:
+    return tuple(torch_shape) == _linear_torch_shape(rule.path, tuple(shape))
+  return int(np.prod(torch_shape)) == int(np.prod(shape))

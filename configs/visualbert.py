@@ -1,0 +1,44 @@
+"""VisualBERT: single-stream BERT over text then regions (see shared MODELS.md).
+
+Usage:
+  python -m vlpjax.main --config=configs/visualbert.py:base --workdir=/tmp/visualbert
+
+Config args: 'base' (BERT-base, 2048-d BUTD features as VQA/COCO), 'base_nlvr2'
+(1024-d features), 'base_vcr' (512-d features), 'tiny' (for tests).
+"""
+import ml_collections
+
+from configs import common
+
+# Region feature width of the detector each published checkpoint was trained on.
+FEATURE_DIMS = {'base': 2048, 'base_nlvr2': 1024, 'base_vcr': 512}
+
+
+def model_config(size: str = 'base') -> ml_collections.ConfigDict:
+  """Model fields (the dataclass fields of `vlpjax.models.visualbert.VisualBert`)."""
+  config = common.model_defaults()
+  config.name = 'visualbert'
+  if size in FEATURE_DIMS:
+    config.update(dict(
+        vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+        intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2,
+        visual_embedding_dim=FEATURE_DIMS[size]))
+  elif size == 'tiny':
+    config.update(dict(
+        vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=64, type_vocab_size=2,
+        visual_embedding_dim=40))
+  else:
+    raise ValueError(f'configs/visualbert.py: unknown size {size!r}; '
+                     f'want one of {[*FEATURE_DIMS, "tiny"]}')
+  # Token type of every region: 1 as in HF checkpoints; the original code uses 0.
+  config.visual_token_type = 1
+  # Visual position/type tables start as copies of the text tables (HF default).
+  config.special_visual_initialize = True
+  return config
+
+
+def get_config(arg: str = 'base') -> ml_collections.ConfigDict:
+  """The run config for `--config=configs/visualbert.py:<arg>`."""
+  # Train/data fields are added here (by the training setup).
+  return ml_collections.ConfigDict(dict(model=model_config(arg)))

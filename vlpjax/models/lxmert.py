@@ -1,0 +1,280 @@
+"""LXMERT (Tan & Bansal, 2019): two streams joined by cross-modality layers.
+
+Order: text embeddings and region embeddings; all language layers on the text;
+all object-relationship layers on the regions; then the cross layers, each
+running cross-attention (ONE module shared by both directions, as the original),
+then per-modality self-attention, then per-modality FFN. Pooler: tanh on the
+language [CLS] after the cross layers. Regions have no position or type
+embedding: `(LN(Linear(feat)) + LN(Linear(box))) / 2` + dropout, boxes being
+(x1, y1, x2, y2) divided by the image width/height.
+
+Param names map one to one onto HF `LxmertModel`/`LxmertForPreTraining`
+(see `vlpjax.checkpoints.hf`); the language layers are BERT-shaped
+`TransformerLayer`s, so BERT weights load into them.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vlpjax.models import heads
+from vlpjax.models import layers
+from vlpjax.models.visualbert import backbone_of
+
+TEXT_AXES = ('batch', 'length', 'embed')
+VISION_AXES = ('batch', 'regions', 'embed')
+
+
+class VisualFeatureEmbeddings(nn.Module):
+  """`(LN(Dense(feat)) + LN(Dense(box))) / 2` + dropout: [B, R, F], [B, R, 4] -> [B, R, H].
+
+  Submodules: feature_projection, feature_norm, box_projection, box_norm.
+  """
+  hidden_size: int
+  dropout_rate: float
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, region_feats: jax.Array, region_loc: jax.Array,
+               deterministic: bool = True) -> jax.Array:
+    dense = functools.partial(layers.Dense, self.hidden_size, dtype=self.dtype,
+                              param_dtype=self.param_dtype)
+    norm = functools.partial(layers.LayerNorm, dtype=self.dtype, param_dtype=self.param_dtype)
+    feats = norm(name='feature_norm')(
+        dense(('feature', 'embed'), name='feature_projection')(region_feats))
+    boxes = norm(name='box_norm')(dense(('loc', 'embed'), name='box_projection')(region_loc))
+    x = nn.Dropout(self.dropout_rate)((feats + boxes) / 2, deterministic=deterministic)
+    return layers.constrain(x, VISION_AXES)
+
+
+class CrossLayer(nn.Module):
+  """One cross-modality layer (HF `LxmertXLayer`).
+
+  Submodules: cross_attention (used in both directions), language_self_attention,
+  vision_self_attention, language_ffn, vision_ffn. Streams and masks come as
+  pairs so that `layers.maybe_remat` (static deterministic/return_probs at
+  positions 3 and 4) applies.
+  """
+  num_heads: int
+  intermediate_size: int
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  attention_impl: str = 'xla'
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, streams: tuple[jax.Array, jax.Array],
+               masks: tuple[jax.Array, jax.Array], deterministic: bool = True,
+               return_probs: bool = False
+               ) -> tuple[tuple[jax.Array, jax.Array], dict[str, jax.Array] | None]:
+    """streams: (text [B, T, H], vision [B, R, H]); masks: ([B, T], [B, R]).
+
+    Returns ((text, vision), probs) with probs (if asked) under 'language_cross'
+    [B, N, T, R], 'vision_cross' [B, N, R, T], 'language_self', 'vision_self'.
+    """
+    text, vision = streams
+    text_mask, vision_mask = masks
+    attention = functools.partial(
+        layers.Attention, self.num_heads, text.shape[-1], dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate,
+        attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype)
+    ffn = functools.partial(layers.FeedForward, self.intermediate_size, self.dropout_rate,
+                            dtype=self.dtype, param_dtype=self.param_dtype)
+    cross = attention(name='cross_attention')
+    # Both directions read the streams as they entered the layer.
+    new_text, language_cross = cross(text, vision, vision_mask, deterministic, return_probs)
+    new_vision, vision_cross = cross(vision, text, text_mask, deterministic, return_probs)
+    new_text, language_self = attention(name='language_self_attention')(
+        new_text, new_text, text_mask, deterministic, return_probs)
+    new_vision, vision_self = attention(name='vision_self_attention')(
+        new_vision, new_vision, vision_mask, deterministic, return_probs)
+    new_text = ffn(name='language_ffn')(new_text, deterministic)
+    new_vision = ffn(name='vision_ffn')(new_vision, deterministic)
+    probs = None
+    if return_probs:
+      probs = dict(language_cross=language_cross, vision_cross=vision_cross,
+                   language_self=language_self, vision_self=vision_self)
+    return ((layers.constrain(new_text, TEXT_AXES), layers.constrain(new_vision, VISION_AXES)),
+            probs)
+
+
+class Lxmert(nn.Module):
+  """LXMERT backbone (HF `LxmertModel`).
+
+  Layer counts: num_language_layers / num_relation_layers / num_cross_layers are
+  the original's l_layers / r_layers / x_layers (9 / 5 / 5). The head sizes
+  (num_answers, num_object_labels, num_attr_labels) are used by
+  `LxmertForPreTraining` only.
+  """
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  num_language_layers: int = 9
+  num_relation_layers: int = 5
+  num_cross_layers: int = 5
+  visual_feat_dim: int = 2048
+  visual_pos_dim: int = 4
+  num_answers: int = 9500
+  num_object_labels: int = 1600
+  num_attr_labels: int = 400
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  attention_impl: str = 'auto'
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  remat: bool = False
+
+  def check_inputs(self, input_ids: jax.Array, region_feats: jax.Array,
+                   region_loc: jax.Array) -> None:
+    if region_feats.shape[-1] != self.visual_feat_dim:
+      raise ValueError(f'region_feats has feature dim {region_feats.shape[-1]} but the model '
+                       f'config says visual_feat_dim={self.visual_feat_dim}')
+    if region_loc.shape[-1] != self.visual_pos_dim:
+      raise ValueError(f'region_loc has {region_loc.shape[-1]} coordinates but the model '
+                       f'config says visual_pos_dim={self.visual_pos_dim} (x1, y1, x2, y2)')
+    if input_ids.shape[1] > self.max_position_embeddings:
+      raise ValueError(f'input_ids has length {input_ids.shape[1]} > '
+                       f'max_position_embeddings={self.max_position_embeddings}')
+
+  @nn.compact
+  def __call__(self, input_ids: jax.Array, text_mask: jax.Array, region_feats: jax.Array,
+               region_loc: jax.Array, region_mask: jax.Array,
+               token_type_ids: jax.Array | None = None, deterministic: bool = True,
+               return_attention: bool = False) -> dict[str, Any]:
+    """Runs both streams and the cross layers.
+
+    Args:
+      input_ids: [B, T] int; text_mask: [B, T] (1 = real token).
+      region_feats: [B, R, F]; region_loc: [B, R, 4] normalised boxes;
+      region_mask: [B, R] (1 = real region).
+      token_type_ids: [B, T] (default 0).
+
+    Returns:
+      dict with 'text' [B, T, H], 'vision' [B, R, H], 'pooled' [B, H],
+      'word_embeddings' [V, H] and, if `return_attention`, 'attention' with
+      'language_layers_i' [B, N, T, T], 'relation_layers_i' [B, N, R, R] and
+      'cross_layers_i/{language_cross,vision_cross,language_self,vision_self}'.
+    """
+    self.check_inputs(input_ids, region_feats, region_loc)
+    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+    common = dict(dropout_rate=self.dropout_rate,
+                  attention_dropout_rate=self.attention_dropout_rate,
+                  attention_impl=self.attention_impl, dtype=dtype, param_dtype=param_dtype)
+    text, word_table = layers.TextEmbeddings(
+        self.vocab_size, self.hidden_size, self.max_position_embeddings,
+        self.type_vocab_size, self.dropout_rate, dtype=dtype, param_dtype=param_dtype,
+        name='embeddings')(input_ids, token_type_ids, deterministic=deterministic)
+    vision = VisualFeatureEmbeddings(self.hidden_size, self.dropout_rate, dtype=dtype,
+                                     param_dtype=param_dtype, name='visual_embeddings')(
+        region_feats, region_loc, deterministic)
+
+    attention = {}
+    single_layer = layers.maybe_remat(layers.TransformerLayer, self.remat)
+    for i in range(self.num_language_layers):
+      name = f'language_layers_{i}'
+      text, attention[name] = single_layer(
+          self.num_attention_heads, self.intermediate_size, **common, name=name)(
+              text, text_mask, deterministic, return_attention)
+    for i in range(self.num_relation_layers):
+      name = f'relation_layers_{i}'
+      vision, attention[name] = single_layer(
+          self.num_attention_heads, self.intermediate_size, **common, name=name)(
+              vision, region_mask, deterministic, return_attention)
+      vision = layers.constrain(vision, VISION_AXES)
+    cross_layer = layers.maybe_remat(CrossLayer, self.remat)
+    for i in range(self.num_cross_layers):
+      name = f'cross_layers_{i}'
+      (text, vision), probs = cross_layer(
+          self.num_attention_heads, self.intermediate_size, **common, name=name)(
+              (text, vision), (text_mask, region_mask), deterministic, return_attention)
+      for kind, value in (probs or {}).items():
+        attention[f'{name}/{kind}'] = value
+
+    outputs = dict(
+        text=text, vision=vision, word_embeddings=word_table,
+        pooled=layers.Pooler(self.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                             name='pooler')(text))
+    if return_attention:
+      outputs['attention'] = attention
+    return outputs
+
+
+class ObjectHead(nn.Module):
+  """HF `LxmertVisualObjHead`: one transform, then object/attribute/feature decoders.
+
+  Submodules: transform, obj, attr, feat. [B, R, H] -> ([B, R, num_object_labels],
+  [B, R, num_attr_labels], [B, R, visual_feat_dim]).
+  """
+  num_object_labels: int
+  num_attr_labels: int
+  visual_feat_dim: int
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, vision: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    h = heads.PredictionTransform(vision.shape[-1], dtype=self.dtype,
+                                  param_dtype=self.param_dtype, name='transform')(vision)
+    dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    return (dense(self.num_object_labels, ('embed_out', 'vocab'), name='obj')(h),
+            dense(self.num_attr_labels, ('embed_out', 'vocab'), name='attr')(h),
+            dense(self.visual_feat_dim, ('embed_out', 'feature'), name='feat')(h))
+
+
+class LxmertForPreTraining(Lxmert):
+  """Backbone (submodule `backbone`) + HF `LxmertForPreTraining` heads.
+
+  Submodules: backbone, mlm_head (tied to the word table), matched_head
+  (label 1 = matched), object_head, answer_head (image QA over num_answers).
+  """
+
+  @nn.compact
+  def __call__(self, input_ids: jax.Array, text_mask: jax.Array, region_feats: jax.Array,
+               region_loc: jax.Array, region_mask: jax.Array, mlm_positions: jax.Array,
+               token_type_ids: jax.Array | None = None, deterministic: bool = True,
+               return_attention: bool = False) -> dict[str, Any]:
+    """Backbone arguments plus mlm_positions [B, P] (text positions to predict).
+
+    Returns the backbone dict plus 'mlm_logits' [B, P, V], 'matched_logits'
+    [B, 2], 'obj_logits' [B, R, num_object_labels], 'attr_logits'
+    [B, R, num_attr_labels], 'feat_pred' [B, R, F], 'qa_logits' [B, num_answers].
+    """
+    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+    outputs = backbone_of(self, Lxmert)(
+        input_ids, text_mask, region_feats, region_loc, region_mask, token_type_ids,
+        deterministic, return_attention)
+    outputs['mlm_logits'] = heads.MaskedLMHead(dtype=dtype, param_dtype=param_dtype,
+                                               name='mlm_head')(
+        outputs['text'], mlm_positions, outputs['word_embeddings'])
+    outputs['matched_logits'] = layers.Dense(
+        2, ('embed', None), dtype=dtype, param_dtype=param_dtype,
+        name='matched_head')(outputs['pooled'])
+    outputs['obj_logits'], outputs['attr_logits'], outputs['feat_pred'] = ObjectHead(
+        self.num_object_labels, self.num_attr_labels, self.visual_feat_dim, dtype=dtype,
+        param_dtype=param_dtype, name='object_head')(outputs['vision'])
+    outputs['qa_logits'] = heads.AnswerHead(
+        self.num_answers, self.hidden_size, dtype=dtype, param_dtype=param_dtype,
+        name='answer_head')(outputs['pooled'])
+    return outputs
+
+
+def bert_text_paths(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Where BERT's embeddings, first layers and pooler sit in the backbone params
+  (the original also initialised its language layers from BERT this way)."""
+  return dict(embeddings='embeddings',
+              layers=[f'language_layers_{i}' for i in range(model_config.num_language_layers)],
+              pooler='pooler')
+
+
+MODEL = Lxmert
+PRETRAINING = LxmertForPreTraining

@@ -1,0 +1,220 @@
+"""VisualBERT (Li et al., 2019): one BERT stack over text followed by regions.
+
+Single-stream, early fusion: `[CLS] text [SEP]` (padded to T) and the regions
+(padded to R) run as one sequence of length T+R through a 12-layer BERT encoder
+with a key mask built from `text_mask` and `region_mask`. Each region enters as
+`Linear(feat)(F -> H) + visual_position(0) + visual_token_type(type)`, and the
+joined sequence gets ONE LayerNorm + dropout (as HF `VisualBertEmbeddings`).
+
+Param names follow `TextEmbeddings`/`TransformerLayer` so HF and BERT
+checkpoints map one to one (see `vlpjax.checkpoints.hf`). Not supported: HF's
+`image_text_alignment` (VCR visual position ids) and `bypass_transformer`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vlpjax.models import heads
+from vlpjax.models import layers
+
+TEXT_AXES = ('batch', 'length', 'embed')
+VISION_AXES = ('batch', 'regions', 'embed')
+
+
+class VisualBertEmbeddings(nn.Module):
+  """Text and region embeddings joined under one LayerNorm and dropout.
+
+  Submodules word_embeddings, position_embeddings, token_type_embeddings and
+  norm are named as in `layers.TextEmbeddings` (so BERT weights load there);
+  visual_projection is Dense(F -> H); params visual_position_embeddings
+  [max_position_embeddings, H] and visual_token_type_embeddings [type_vocab, H].
+  """
+  vocab_size: int
+  hidden_size: int
+  max_position_embeddings: int
+  type_vocab_size: int
+  special_visual_initialize: bool
+  dropout_rate: float
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+
+  def visual_table(self, name: str, text_table: jax.Array, axes: layers.Axes) -> jax.Array:
+    """A visual table shaped like `text_table`; starts as its copy if asked."""
+    if self.special_visual_initialize:
+      init = nn.with_logical_partitioning(lambda *_: text_table.astype(self.param_dtype), axes)
+    else:
+      init = layers.normal_init(axes)
+    return self.param(name, init, text_table.shape, self.param_dtype).astype(self.dtype)
+
+  @nn.compact
+  def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array,
+               region_feats: jax.Array, visual_token_type_ids: jax.Array,
+               deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+    """input_ids, token_type_ids: [B, T]; region_feats: [B, R, F];
+    visual_token_type_ids: [B, R] -> ([B, T+R, H], word table [V, H])."""
+    embed = functools.partial(layers.Embed, dtype=self.dtype, param_dtype=self.param_dtype)
+    position_ids = jnp.arange(input_ids.shape[1])[None, :]
+    words, word_table = embed(self.vocab_size, self.hidden_size,
+                              name='word_embeddings')(input_ids)
+    positions, position_table = embed(
+        self.max_position_embeddings, self.hidden_size, ('positions', 'embed'),
+        name='position_embeddings')(position_ids)
+    types, type_table = embed(self.type_vocab_size, self.hidden_size, ('types', 'embed'),
+                              name='token_type_embeddings')(token_type_ids)
+    visual_positions = self.visual_table('visual_position_embeddings', position_table,
+                                         ('positions', 'embed'))
+    visual_types = self.visual_table('visual_token_type_embeddings', type_table,
+                                     ('types', 'embed'))
+    regions = layers.Dense(self.hidden_size, ('feature', 'embed'), dtype=self.dtype,
+                           param_dtype=self.param_dtype, name='visual_projection')(region_feats)
+    # Every region has visual position id 0 (HF without image_text_alignment).
+    regions = regions + visual_positions[0] + jnp.take(visual_types, visual_token_type_ids, axis=0)
+    x = jnp.concatenate([words + positions + types, regions], axis=1)
+    x = layers.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='norm')(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    return x, word_table
+
+
+class VisualBert(nn.Module):
+  """VisualBERT backbone (HF `VisualBertModel`).
+
+  `visual_token_type` is the token type of every region unless the call passes
+  `visual_token_type_ids`: 1 as in HF (so HF checkpoints behave as trained);
+  the original code uses 0 (NLVR2: 0 for the left image, 1 for the right).
+  `special_visual_initialize` starts the visual position/type tables as copies
+  of the text tables (HF default True).
+  """
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  visual_embedding_dim: int = 2048
+  visual_token_type: int = 1
+  special_visual_initialize: bool = True
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  attention_impl: str = 'auto'
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  remat: bool = False
+
+  def check_inputs(self, input_ids: jax.Array, region_feats: jax.Array) -> None:
+    if region_feats.shape[-1] != self.visual_embedding_dim:
+      raise ValueError(f'region_feats has feature dim {region_feats.shape[-1]} but the model '
+                       f'config says visual_embedding_dim={self.visual_embedding_dim}')
+    if input_ids.shape[1] > self.max_position_embeddings:
+      raise ValueError(f'input_ids has length {input_ids.shape[1]} > '
+                       f'max_position_embeddings={self.max_position_embeddings}')
+
+  @nn.compact
+  def __call__(self, input_ids: jax.Array, text_mask: jax.Array, region_feats: jax.Array,
+               region_loc: jax.Array, region_mask: jax.Array,
+               token_type_ids: jax.Array | None = None, deterministic: bool = True,
+               return_attention: bool = False,
+               visual_token_type_ids: jax.Array | None = None) -> dict[str, Any]:
+    """Runs the joint stack.
+
+    Args:
+      input_ids: [B, T] int; text_mask: [B, T] (1 = real token).
+      region_feats: [B, R, F]; region_loc: [B, R, L], unused (VisualBERT has no
+        box input); region_mask: [B, R] (1 = real region).
+      token_type_ids: [B, T] (default 0).
+      visual_token_type_ids: [B, R] (default `visual_token_type`).
+
+    Returns:
+      dict with 'text' [B, T, H], 'vision' [B, R, H] (the region part of the
+      joint sequence), 'pooled' [B, H] (tanh on [CLS]), 'word_embeddings'
+      [V, H] and, if `return_attention`, 'attention': {'layers_i': [B, N, T+R, T+R]}.
+    """
+    del region_loc
+    self.check_inputs(input_ids, region_feats)
+    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+    num_text = input_ids.shape[1]
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    if visual_token_type_ids is None:
+      visual_token_type_ids = jnp.full(region_mask.shape, self.visual_token_type, jnp.int32)
+    x, word_table = VisualBertEmbeddings(
+        self.vocab_size, self.hidden_size, self.max_position_embeddings,
+        self.type_vocab_size, self.special_visual_initialize, self.dropout_rate,
+        dtype=dtype, param_dtype=param_dtype, name='embeddings')(
+            input_ids, token_type_ids, region_feats, visual_token_type_ids, deterministic)
+    mask = jnp.concatenate([text_mask, region_mask], axis=1)
+    layer_cls = layers.maybe_remat(layers.TransformerLayer, self.remat)
+    attention = {}
+    for i in range(self.num_hidden_layers):
+      name = f'layers_{i}'
+      x, attention[name] = layer_cls(
+          self.num_attention_heads, self.intermediate_size, self.dropout_rate,
+          self.attention_dropout_rate, self.attention_impl, dtype=dtype,
+          param_dtype=param_dtype, name=name)(x, mask, deterministic, return_attention)
+    outputs = dict(
+        text=layers.constrain(x[:, :num_text], TEXT_AXES),
+        vision=layers.constrain(x[:, num_text:], VISION_AXES),
+        pooled=layers.Pooler(self.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                             name='pooler')(x),
+        word_embeddings=word_table)
+    if return_attention:
+      outputs['attention'] = attention
+    return outputs
+
+
+class VisualBertForPreTraining(VisualBert):
+  """Backbone (submodule `backbone`) + MLM and sentence-image heads.
+
+  'sentence_image_logits' [B, 2]: label 1 = the caption matches (original code;
+  HF's docs claim the reverse). Submodules: backbone, mlm_head (tied to the
+  word table), sentence_image_head.
+  """
+
+  @nn.compact
+  def __call__(self, input_ids: jax.Array, text_mask: jax.Array, region_feats: jax.Array,
+               region_loc: jax.Array, region_mask: jax.Array, mlm_positions: jax.Array,
+               token_type_ids: jax.Array | None = None, deterministic: bool = True,
+               return_attention: bool = False,
+               visual_token_type_ids: jax.Array | None = None) -> dict[str, Any]:
+    """Backbone arguments plus mlm_positions [B, P] (text positions to predict).
+
+    Returns the backbone dict plus 'mlm_logits' [B, P, V] and
+    'sentence_image_logits' [B, 2].
+    """
+    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+    outputs = backbone_of(self, VisualBert)(
+        input_ids, text_mask, region_feats, region_loc, region_mask, token_type_ids,
+        deterministic, return_attention, visual_token_type_ids=visual_token_type_ids)
+    outputs['mlm_logits'] = heads.MaskedLMHead(dtype=dtype, param_dtype=param_dtype,
+                                               name='mlm_head')(
+        outputs['text'], mlm_positions, outputs['word_embeddings'])
+    outputs['sentence_image_logits'] = layers.Dense(
+        2, ('embed', None), dtype=dtype, param_dtype=param_dtype,
+        name='sentence_image_head')(outputs['pooled'])
+    return outputs
+
+
+def backbone_of(module: nn.Module, backbone_cls: type[nn.Module]) -> nn.Module:
+  """The backbone submodule `backbone` of a pretraining module, built from the
+  fields the two share (the pretraining class subclasses the backbone)."""
+  fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(backbone_cls)
+            if f.name not in ('parent', 'name')}
+  return backbone_cls(**fields, name='backbone')
+
+
+def bert_text_paths(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Where BERT's embeddings, layers and pooler sit in the backbone params."""
+  return dict(embeddings='embeddings',
+              layers=[f'layers_{i}' for i in range(model_config.num_hidden_layers)],
+              pooler='pooler')
+
+
+MODEL = VisualBert
+PRETRAINING = VisualBertForPreTraining
