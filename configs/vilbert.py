@@ -1,0 +1,45 @@
+"""ViLBERT model configs (shapes of vilbert-multi-task `config/bert_base_6layer_6conect.json`).
+
+Usage:
+  python -m vlpjax.main --config=configs/vilbert.py:base --workdir=/tmp/vilbert
+
+Sizes: 'base' (BERT-base text stream; image stream 6 x 1024, 8 heads, FFN 1024;
+6 Co-TRM layers of width 1024 after text layers 5..10 and image layers -1..4)
+and 'tiny' (the shapes of the parity fixture tests/data/reference/vilbert_tiny.json).
+Other published placements (2-, 4-, 8-layer) only change `v_biattention_id` /
+`t_biattention_id` (and `v_num_layers`), e.g. 2-layer: [0, 1] / [10, 11].
+"""
+import ml_collections
+
+from configs import common
+
+SIZES = dict(
+    base=dict(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12,
+              intermediate_size=3072, max_position_embeddings=512, feature_dim=2048,
+              v_hidden_size=1024, v_num_layers=6, v_num_heads=8, v_intermediate_size=1024,
+              bi_hidden_size=1024, bi_num_heads=8,
+              v_biattention_id=(0, 1, 2, 3, 4, 5), t_biattention_id=(6, 7, 8, 9, 10, 11),
+              num_region_classes=1601),
+    tiny=dict(vocab_size=120, hidden_size=64, num_layers=4, num_heads=4,
+              intermediate_size=128, max_position_embeddings=64, feature_dim=40,
+              v_hidden_size=48, v_num_layers=2, v_num_heads=4, v_intermediate_size=48,
+              bi_hidden_size=32, bi_num_heads=4,
+              v_biattention_id=(0, 1), t_biattention_id=(2, 3), num_region_classes=11),
+)
+
+
+def model_config(size: str) -> ml_collections.ConfigDict:
+  """ViLBERT model config of `size` in {'base', 'tiny'}."""
+  if size not in SIZES:
+    raise ValueError(f'configs/vilbert.py: unknown size {size!r}; choose one of {list(SIZES)}')
+  config = common.model_defaults()
+  config.name = 'vilbert'
+  config.type_vocab_size = 2
+  config.update(SIZES[size])  # vocab: bert-base-uncased; 1601 = VG classes + background
+  return config
+
+
+def get_config(arg: str = 'base') -> ml_collections.ConfigDict:
+  """`--config=configs/vilbert.py:<size>`."""
+  # make_config adds the run sections (train, pretrain, data, mesh, checkpoint, init).
+  return common.make_config(model_config(arg))

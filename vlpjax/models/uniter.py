@@ -1,0 +1,221 @@
+"""UNITER (Chen et al., 2020): a single-stream BERT over text and image regions.
+
+Follows ChenRocks/UNITER `model/model.py` and `model/pretrain.py` (see shared
+MODELS.md). Text: word + position + type(0) embeddings, LayerNorm. Regions:
+`LN(LN_img(W_img f) + LN_pos(W_pos p) + type_emb[1])`, the type table shared with
+the text, p = [x1, y1, x2, y2, w, h, w*h] normalised. One BERT stack then runs
+over the concatenation of the padded text [B, T] and the padded regions [B, R].
+
+The original packs each example without inner padding (`gather_index`: the
+regions of example b start right after its text). Here regions start at T for
+every example. At every real position the two layouts give the same outputs:
+regions carry no position embedding, text positions are the same in both, and
+attention ignores padded keys, so attention is invariant to where the real
+tokens sit. Padded positions hold values nobody should read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlpjax.models import heads
+from vlpjax.models import layers
+
+LOC_DIM = 7  # [x1, y1, x2, y2, w, h, w*h]
+IMAGE_TOKEN_TYPE = 1
+
+
+class ImageEmbeddings(nn.Module):
+  """UNITER region embeddings (the original `UniterImageEmbeddings`).
+
+  Submodules: img_linear, img_norm, pos_linear, pos_norm, norm; param
+  `mask_embedding` [2, F]. Row 1 is added to the features of masked regions. The
+  original zeroes row 0 in place on every masked forward so that unmasked
+  regions get nothing; here row 0 is simply never read (it stays in the params
+  only so that checkpoints round-trip exactly).
+  """
+  hidden_size: int
+  dropout_rate: float = 0.1
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, region_feats: jax.Array, region_loc: jax.Array,
+               type_embedding: jax.Array, masked_regions: jax.Array | None = None,
+               deterministic: bool = True) -> jax.Array:
+    """region_feats: [B, R, F]; region_loc: [B, R, 7]; type_embedding: [H];
+    masked_regions: [B, R] bool or None -> [B, R, H]."""
+    if region_loc.shape[-1] != LOC_DIM:
+      raise ValueError(f'UNITER region_loc must be [B, R, {LOC_DIM}] '
+                       f'([x1, y1, x2, y2, w, h, w*h]), got {region_loc.shape}')
+    feature_dim = region_feats.shape[-1]
+    dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = functools.partial(layers.LayerNorm, dtype=self.dtype, param_dtype=self.param_dtype)
+    # Rows are (unmasked, masked); never sharded.
+    mask_table = self.param('mask_embedding', layers.normal_init((None, 'feature')),
+                            (2, feature_dim), self.param_dtype)
+    feats = region_feats.astype(self.dtype)
+    if masked_regions is not None:
+      feats = feats + masked_regions[..., None].astype(self.dtype) * mask_table[1].astype(
+          self.dtype)
+    image = norm(name='img_norm')(
+        dense(self.hidden_size, ('feature', 'embed'), name='img_linear')(feats))
+    loc = norm(name='pos_norm')(
+        dense(self.hidden_size, ('loc', 'embed'), name='pos_linear')(
+            region_loc.astype(self.dtype)))
+    x = norm(name='norm')(image + loc + type_embedding.astype(self.dtype))
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    return layers.constrain(x, ('batch', 'regions', 'embed'))
+
+
+class UniterFields(nn.Module):
+  """The fields of `configs/uniter.py:model_config` (less `name`), shared by the
+  backbone and the pretraining model."""
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  intermediate_size: int
+  max_position_embeddings: int
+  type_vocab_size: int
+  feature_dim: int
+  num_region_classes: int  # used by the pretraining heads only
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  attention_impl: str = 'xla'
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  remat: bool = False
+
+  def field_values(self) -> dict:
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(UniterFields)
+            if f.name not in ('parent', 'name')}
+
+
+class Uniter(UniterFields):
+  """UNITER backbone (the original `UniterModel`). See the module docstring.
+
+  Submodules: embeddings (TextEmbeddings), image_embeddings, layer_{i}
+  (TransformerLayer), pooler (tanh on [CLS]).
+  """
+
+  @nn.compact
+  def __call__(self, input_ids: jax.Array, text_mask: jax.Array, region_feats: jax.Array,
+               region_loc: jax.Array, region_mask: jax.Array,
+               token_type_ids: jax.Array | None = None, deterministic: bool = True,
+               return_attention: bool = False, masked_regions: jax.Array | None = None
+               ) -> dict[str, jax.Array]:
+    """Encodes text and regions jointly.
+
+    Args:
+      input_ids: [B, T] int, [CLS] ... [SEP] padded with 0.
+      text_mask: [B, T], 1 on real tokens.
+      region_feats: [B, R, F] detector features, zero-padded.
+      region_loc: [B, R, 7] normalised [x1, y1, x2, y2, w, h, w*h].
+      region_mask: [B, R], 1 on real regions.
+      token_type_ids: [B, T] text types (default 0); regions always get type 1.
+      deterministic: no dropout when True.
+      return_attention: also return per-layer attention probabilities.
+      masked_regions: [B, R] bool, regions masked for MRFR/MRC (their features
+        should already be zeroed); they get `mask_embedding[1]` added.
+
+    Returns:
+      dict with 'text' [B, T, H], 'vision' [B, R, H], 'pooled' [B, H],
+      'word_embeddings' [V, H] and, if asked, 'attention' {'layer_i': [B, N, T+R, T+R]}.
+    """
+    if region_feats.shape[-1] != self.feature_dim:
+      raise ValueError(f'UNITER feature_dim is {self.feature_dim} but region_feats has '
+                       f'shape {region_feats.shape}')
+    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+    text_embeddings = layers.TextEmbeddings(
+        self.vocab_size, self.hidden_size, self.max_position_embeddings,
+        self.type_vocab_size, self.dropout_rate, dtype=dtype, param_dtype=param_dtype,
+        name='embeddings')
+    text, word_table = text_embeddings(input_ids, token_type_ids, None, deterministic)
+    # The region type embedding is a row of the text's token type table (shared).
+    type_table = nn.meta.unbox(
+        text_embeddings.variables['params']['token_type_embeddings']['embedding'])
+    image = ImageEmbeddings(self.hidden_size, self.dropout_rate, dtype=dtype,
+                            param_dtype=param_dtype, name='image_embeddings')(
+                                region_feats, region_loc, type_table[IMAGE_TOKEN_TYPE],
+                                masked_regions, deterministic)
+    x = jnp.concatenate([text, image], axis=1)
+    mask = jnp.concatenate([text_mask, region_mask], axis=1)
+    layer_cls = layers.maybe_remat(layers.TransformerLayer, self.remat)
+    attention = {}
+    for i in range(self.num_layers):
+      x, probs = layer_cls(self.num_heads, self.intermediate_size, self.dropout_rate,
+                           self.attention_dropout_rate, self.attention_impl, dtype=dtype,
+                           param_dtype=param_dtype, name=f'layer_{i}')(
+                               x, mask, deterministic, return_attention)
+      attention[f'layer_{i}'] = probs
+    num_text = input_ids.shape[1]
+    outputs = dict(
+        text=x[:, :num_text],
+        vision=layers.constrain(x[:, num_text:], ('batch', 'regions', 'embed')),
+        pooled=layers.Pooler(self.hidden_size, jnp.tanh, dtype=dtype,
+                             param_dtype=param_dtype, name='pooler')(x),
+        word_embeddings=word_table)
+    if return_attention:
+      outputs['attention'] = attention
+    return outputs
+
+
+class UniterPreTraining(UniterFields):
+  """UNITER with the heads of the original `UniterForPretraining`.
+
+  Submodules: backbone (Uniter), mlm (MaskedLMHead tied to the word table),
+  itm (Dense on pooled), mrfr_transform (+ param `mrfr_bias` [F]: the output
+  projection is tied to the image input projection, h @ W_img + b), mrc
+  (ClassifierHead -> num_region_classes; MRC and MRC-kl share these logits).
+  """
+
+  def setup(self):
+    self.backbone = Uniter(**self.field_values())
+    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+    self.mlm = heads.MaskedLMHead(dtype=dtype, param_dtype=param_dtype)
+    self.itm = layers.Dense(2, ('embed', None), dtype=dtype, param_dtype=param_dtype)
+    self.mrfr_transform = heads.PredictionTransform(self.hidden_size, dtype=dtype,
+                                                    param_dtype=param_dtype)
+    self.mrfr_bias = self.param('mrfr_bias', layers.zeros_init(('feature',)),
+                                (self.feature_dim,), param_dtype)
+    self.mrc = heads.ClassifierHead(self.num_region_classes, self.hidden_size, dtype=dtype,
+                                    param_dtype=param_dtype)
+
+  def __call__(self, input_ids: jax.Array, text_mask: jax.Array, region_feats: jax.Array,
+               region_loc: jax.Array, region_mask: jax.Array, mlm_positions: jax.Array,
+               token_type_ids: jax.Array | None = None, deterministic: bool = True,
+               return_attention: bool = False, masked_regions: jax.Array | None = None
+               ) -> dict[str, jax.Array]:
+    """Backbone outputs plus 'mlm_logits' [B, P, V] at `mlm_positions` [B, P],
+    'itm_logits' [B, 2] (1 = positive pair), 'mrfr_pred' [B, R, F] and
+    'mrc_logits' [B, R, num_region_classes] over every region."""
+    outputs = self.backbone(input_ids, text_mask, region_feats, region_loc, region_mask,
+                            token_type_ids, deterministic, return_attention, masked_regions)
+    dtype = jnp.dtype(self.dtype)
+    # The MRFR decoder reuses the image input projection, transposed.
+    img_kernel = nn.meta.unbox(
+        self.backbone.variables['params']['image_embeddings']['img_linear']['kernel'])
+    mrfr_hidden = self.mrfr_transform(outputs['vision'])
+    mrfr_pred = jnp.einsum('brh,fh->brf', mrfr_hidden, img_kernel.astype(dtype))
+    return dict(
+        outputs,
+        mlm_logits=self.mlm(outputs['text'], mlm_positions, outputs['word_embeddings']),
+        itm_logits=self.itm(outputs['pooled']),
+        mrfr_pred=mrfr_pred + self.mrfr_bias.astype(dtype),
+        mrc_logits=self.mrc(outputs['vision']))
+
+
+def bert_text_paths(model_config) -> dict:
+  """Where BERT's text weights go in the backbone params (for BERT init)."""
+  return dict(embeddings='embeddings',
+              layers=[f'layer_{i}' for i in range(model_config.num_layers)],
+              pooler='pooler')
+
+
+MODEL = Uniter
+PRETRAINING = UniterPreTraining

@@ -1,0 +1,289 @@
+"""ViLBERT (Lu et al., 2019): two streams joined by co-attention (Co-TRM) layers.
+
+Follows facebookresearch/vilbert-multi-task `vilbert/vilbert.py` (see shared
+MODELS.md). The text stream is BERT; the image stream has its own width
+(`v_hidden_size`), heads and FFN; Co-TRM layer k lets each stream attend to the
+other at width `bi_hidden_size` (no self-attention inside a Co-TRM), then each
+stream has its own output dense + residual LayerNorm and its own FFN.
+
+Layer schedule: for each pair (v_id, t_id) of `zip(v_biattention_id,
+t_biattention_id)`, run the text layers up to t_id and the image layers up to
+v_id, then the next Co-TRM; afterwards the remaining image and text layers (the
+streams are independent between Co-TRMs, so only the order across a Co-TRM
+matters).
+With the published 6/6 config ([0..5], [6..11]) text layers 0-5 run first, the
+image stream enters Co-TRM 0 straight from its embeddings, then five rounds of
+(text layer 6+i, image layer i, Co-TRM i+1), then image layer 5 and text layer 11.
+
+As in the original: text position ids are always arange(T), the co-attention
+masks are the two streams' key masks (the original's separate
+`co_attention_mask` is ignored by its code), region 0 is the [IMG] token
+(prepared by the data pipeline: mean feature, box [0, 0, 1, 1, 1]), and the
+unused `q_dense` weights of the original checkpoints do not exist here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlpjax.models import heads
+from vlpjax.models import layers
+
+LOC_DIM = 5  # [x1, y1, x2, y2, area], normalised by the image size
+
+
+class ImageEmbeddings(nn.Module):
+  """`LN(Linear(F -> Hv)(feat) + Linear(5 -> Hv)(loc))` then dropout.
+
+  Submodules: features, locations, norm.
+  """
+  hidden_size: int
+  dropout_rate: float = 0.1
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, region_feats: jax.Array, region_loc: jax.Array,
+               deterministic: bool = True) -> jax.Array:
+    """region_feats: [B, R, F]; region_loc: [B, R, 5] -> [B, R, Hv]."""
+    if region_loc.shape[-1] != LOC_DIM:
+      raise ValueError(f'ViLBERT region_loc must be [B, R, {LOC_DIM}] '
+                       f'([x1, y1, x2, y2, area] normalised), got {region_loc.shape}')
+    dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    x = (dense(self.hidden_size, ('feature', 'embed'), name='features')(
+        region_feats.astype(self.dtype)) +
+         dense(self.hidden_size, ('loc', 'embed'), name='locations')(
+             region_loc.astype(self.dtype)))
+    x = layers.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='norm')(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    return layers.constrain(x, ('batch', 'regions', 'embed'))
+
+
+class CoAttentionLayer(nn.Module):
+  """A Co-TRM block (`BertConnectionLayer`): cross-attention both ways, then FFNs.
+
+  Both attentions read the block's inputs. Submodules: text_attention (text
+  queries over image keys), image_attention (image queries over text keys),
+  text_ffn, image_ffn.
+  """
+  bi_hidden_size: int
+  bi_num_heads: int
+  intermediate_size: int
+  v_intermediate_size: int
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  attention_impl: str = 'xla'
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, streams: tuple[jax.Array, jax.Array],
+               masks: tuple[jax.Array, jax.Array], deterministic: bool = True,
+               return_probs: bool = False
+               ) -> tuple[tuple[jax.Array, jax.Array], dict[str, jax.Array | None]]:
+    """streams: (text [B, T, Ht], image [B, R, Hv]); masks: ([B, T], [B, R]).
+
+    Returns ((text [B, T, Ht], image [B, R, Hv]), {'text': [B, N, T, R] or None,
+    'image': [B, N, R, T] or None}).
+    """
+    text, image = streams
+    text_mask, image_mask = masks
+    attention = functools.partial(
+        layers.Attention, self.bi_num_heads, self.bi_hidden_size,
+        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
+        attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype)
+    ffn = functools.partial(layers.FeedForward, dropout_rate=self.dropout_rate,
+                            dtype=self.dtype, param_dtype=self.param_dtype)
+    new_text, text_probs = attention(name='text_attention')(
+        text, image, image_mask, deterministic, return_probs)
+    new_image, image_probs = attention(name='image_attention')(
+        image, text, text_mask, deterministic, return_probs)
+    new_text = ffn(self.intermediate_size, name='text_ffn')(new_text, deterministic)
+    new_image = ffn(self.v_intermediate_size, name='image_ffn')(new_image, deterministic)
+    return ((layers.constrain(new_text, ('batch', 'length', 'embed')),
+             layers.constrain(new_image, ('batch', 'regions', 'embed'))),
+            dict(text=text_probs, image=image_probs))
+
+
+def layer_schedule(num_layers: int, v_num_layers: int, v_biattention_id: Sequence[int],
+                   t_biattention_id: Sequence[int]) -> list[tuple[str, int]]:
+  """The order the original runs layers in: [('text'|'image'|'co', index), ...]."""
+  if len(v_biattention_id) != len(t_biattention_id):
+    raise ValueError(f'ViLBERT v_biattention_id {list(v_biattention_id)} and '
+                     f't_biattention_id {list(t_biattention_id)} must pair up (same length)')
+  for name, ids, count in (('v_biattention_id', v_biattention_id, v_num_layers),
+                           ('t_biattention_id', t_biattention_id, num_layers)):
+    if list(ids) != sorted(ids) or any(not 0 <= i <= count for i in ids):
+      raise ValueError(f'ViLBERT {name} must be ascending layer ids in [0, {count}], '
+                       f'got {list(ids)}')
+  schedule, v_start, t_start = [], 0, 0
+  for k, (v_end, t_end) in enumerate(zip(v_biattention_id, t_biattention_id)):
+    schedule += [('text', i) for i in range(t_start, t_end)]
+    schedule += [('image', i) for i in range(v_start, v_end)]
+    schedule.append(('co', k))
+    v_start, t_start = v_end, t_end
+  schedule += [('image', i) for i in range(v_start, v_num_layers)]
+  schedule += [('text', i) for i in range(t_start, num_layers)]
+  return schedule
+
+
+class VilbertFields(nn.Module):
+  """The fields of `configs/vilbert.py:model_config` (less `name`), shared by the
+  backbone and the pretraining model."""
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  intermediate_size: int
+  max_position_embeddings: int
+  type_vocab_size: int
+  feature_dim: int
+  v_hidden_size: int
+  v_num_layers: int
+  v_num_heads: int
+  v_intermediate_size: int
+  bi_hidden_size: int
+  bi_num_heads: int
+  v_biattention_id: Sequence[int]
+  t_biattention_id: Sequence[int]
+  num_region_classes: int  # used by the pretraining heads only
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  attention_impl: str = 'xla'
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  remat: bool = False
+
+  def field_values(self) -> dict:
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(VilbertFields)
+            if f.name not in ('parent', 'name')}
+
+
+class Vilbert(VilbertFields):
+  """ViLBERT backbone (the original `BertModel`). See the module docstring.
+
+  Submodules: embeddings (TextEmbeddings), image_embeddings, text_layer_{i},
+  image_layer_{i} (TransformerLayer), co_layer_{k} (CoAttentionLayer),
+  text_pooler, image_pooler (ReLU, -> bi_hidden_size).
+  """
+
+  @nn.compact
+  def __call__(self, input_ids: jax.Array, text_mask: jax.Array, region_feats: jax.Array,
+               region_loc: jax.Array, region_mask: jax.Array,
+               token_type_ids: jax.Array | None = None, deterministic: bool = True,
+               return_attention: bool = False) -> dict[str, jax.Array]:
+    """Encodes the two streams.
+
+    Args:
+      input_ids: [B, T] int, [CLS] ... [SEP] padded with 0.
+      text_mask: [B, T], 1 on real tokens.
+      region_feats: [B, R, F]; region 0 is the [IMG] token (mean of the real regions).
+      region_loc: [B, R, 5] [x1, y1, x2, y2, area] normalised; [IMG] is [0, 0, 1, 1, 1].
+      region_mask: [B, R], 1 on [IMG] and the real regions.
+      token_type_ids: [B, T] (default 0).
+      deterministic: no dropout when True.
+      return_attention: also return attention probabilities per layer.
+
+    Returns:
+      dict with 'text' [B, T, Ht], 'vision' [B, R, Hv], 'pooled' [B, bi]
+      (text_pooled * image_pooled), 'text_pooled' and 'image_pooled' [B, bi],
+      'word_embeddings' [V, Ht] and, if asked, 'attention': {'text_i',
+      'image_i': self-attention [B, N, L, L]; 'co_k_text' [B, N, T, R],
+      'co_k_image' [B, N, R, T]}.
+    """
+    if region_feats.shape[-1] != self.feature_dim:
+      raise ValueError(f'ViLBERT feature_dim is {self.feature_dim} but region_feats has '
+                       f'shape {region_feats.shape}')
+    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+    text, word_table = layers.TextEmbeddings(
+        self.vocab_size, self.hidden_size, self.max_position_embeddings,
+        self.type_vocab_size, self.dropout_rate, dtype=dtype, param_dtype=param_dtype,
+        name='embeddings')(input_ids, token_type_ids, None, deterministic)
+    image = ImageEmbeddings(self.v_hidden_size, self.dropout_rate, dtype=dtype,
+                            param_dtype=param_dtype, name='image_embeddings')(
+                                region_feats, region_loc, deterministic)
+
+    common = dict(dropout_rate=self.dropout_rate,
+                  attention_dropout_rate=self.attention_dropout_rate,
+                  attention_impl=self.attention_impl, dtype=dtype, param_dtype=param_dtype)
+    transformer = layers.maybe_remat(layers.TransformerLayer, self.remat)
+    co_layer = layers.maybe_remat(CoAttentionLayer, self.remat)
+    attention = {}
+    for kind, i in layer_schedule(self.num_layers, self.v_num_layers, self.v_biattention_id,
+                                  self.t_biattention_id):
+      if kind == 'text':
+        text, attention[f'text_{i}'] = transformer(
+            self.num_heads, self.intermediate_size, **common, name=f'text_layer_{i}')(
+                text, text_mask, deterministic, return_attention)
+      elif kind == 'image':
+        image, attention[f'image_{i}'] = transformer(
+            self.v_num_heads, self.v_intermediate_size, **common, name=f'image_layer_{i}')(
+                image, region_mask, deterministic, return_attention)
+        image = layers.constrain(image, ('batch', 'regions', 'embed'))
+      else:
+        (text, image), probs = co_layer(
+            self.bi_hidden_size, self.bi_num_heads, self.intermediate_size,
+            self.v_intermediate_size, **common, name=f'co_layer_{i}')(
+                (text, image), (text_mask, region_mask), deterministic, return_attention)
+        attention[f'co_{i}_text'], attention[f'co_{i}_image'] = probs['text'], probs['image']
+
+    pooler = functools.partial(layers.Pooler, self.bi_hidden_size, nn.relu, dtype=dtype,
+                               param_dtype=param_dtype)
+    text_pooled = pooler(name='text_pooler')(text)
+    image_pooled = pooler(name='image_pooler')(image)  # on region 0, the [IMG] token
+    outputs = dict(text=text, vision=image, pooled=text_pooled * image_pooled,
+                   text_pooled=text_pooled, image_pooled=image_pooled,
+                   word_embeddings=word_table)
+    if return_attention:
+      outputs['attention'] = attention
+    return outputs
+
+
+class VilbertPreTraining(VilbertFields):
+  """ViLBERT with the heads of the original `BertForMultiModalPreTraining`.
+
+  Submodules: backbone (Vilbert), mlm (MaskedLMHead tied to the word table),
+  alignment (Dense on dropout(pooled) -> 2, label 0 = aligned), region_head
+  (ClassifierHead over every image output -> num_region_classes).
+  """
+
+  def setup(self):
+    self.backbone = Vilbert(**self.field_values())
+    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+    self.mlm = heads.MaskedLMHead(dtype=dtype, param_dtype=param_dtype)
+    self.pooled_dropout = nn.Dropout(self.dropout_rate)
+    self.alignment = layers.Dense(2, ('embed', None), dtype=dtype, param_dtype=param_dtype)
+    self.region_head = heads.ClassifierHead(self.num_region_classes, self.v_hidden_size,
+                                            dtype=dtype, param_dtype=param_dtype)
+
+  def __call__(self, input_ids: jax.Array, text_mask: jax.Array, region_feats: jax.Array,
+               region_loc: jax.Array, region_mask: jax.Array, mlm_positions: jax.Array,
+               token_type_ids: jax.Array | None = None, deterministic: bool = True,
+               return_attention: bool = False) -> dict[str, jax.Array]:
+    """Backbone outputs plus 'mlm_logits' [B, P, V] at `mlm_positions` [B, P],
+    'alignment_logits' [B, 2] (0 = aligned) and 'region_logits'
+    [B, R, num_region_classes] (region 0, the [IMG] token, included)."""
+    outputs = self.backbone(input_ids, text_mask, region_feats, region_loc, region_mask,
+                            token_type_ids, deterministic, return_attention)
+    pooled = self.pooled_dropout(outputs['pooled'], deterministic=deterministic)
+    return dict(
+        outputs,
+        mlm_logits=self.mlm(outputs['text'], mlm_positions, outputs['word_embeddings']),
+        alignment_logits=self.alignment(pooled),
+        region_logits=self.region_head(outputs['vision']))
+
+
+def bert_text_paths(model_config) -> dict:
+  """Where BERT's text weights go in the backbone params (for BERT init). The
+  ReLU text pooler maps to bi_hidden_size, so BERT's pooler does not fit it."""
+  return dict(embeddings='embeddings',
+              layers=[f'text_layer_{i}' for i in range(model_config.num_layers)])
+
+
+MODEL = Vilbert
+PRETRAINING = VilbertPreTraining
