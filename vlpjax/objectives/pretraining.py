@@ -1,0 +1,331 @@
+"""Per-design pretraining: masking, model inputs, losses and the task mix.
+
+The train step calls, inside `jax.jit` with `task` static:
+
+  model_kwargs, targets = make_inputs(design, batch, rng, task, config)
+  outputs = model.apply(params, **model_kwargs, ...)
+  total, losses = compute_losses(design, outputs, targets, task, config)
+
+and picks `task` outside jit: `tasks_for(design, config)` lists the tasks; with
+`mix = 'sample'` (UNITER) each step runs one task drawn by
+`sample_task(seed, step, task_ratios(config))`, with `mix = 'sum'` (LXMERT,
+ViLBERT, VisualBERT) every step runs the single task 'all', the sum of the
+losses in `config.pretrain.tasks`.
+
+Loss components per design (the names of `config.pretrain.tasks`; the names of
+the returned `losses`):
+  visualbert: mlm, sentence_image
+  vilbert:    mlm, region_kl, alignment
+  lxmert:     mlm, matched, obj, attr, feat, qa
+  uniter:     itm (plus 'wra' when its weight is > 0), mlm, mrfr, mrc, mrckl
+
+Which examples each loss sees follows the originals: LXMERT, ViLBERT and
+VisualBERT train MLM and region losses on mismatched pairs too (airsplay/lxmert#51);
+LXMERT's QA only on matched pairs with an answer; UNITER's MLM/MRFR/MRC(-kl)
+only on matched pairs (its original draws those batches from positive pairs;
+our batches carry the pipeline's image-replaced negatives, which get weight 0).
+UNITER masks one modality per batch (conditional masking): text for 'mlm',
+regions for 'mrfr'/'mrc'/'mrckl', nothing for 'itm'.
+
+`config` is the run config: `config.model.vocab_size` and the `config.pretrain`
+section (see `default_pretrain_config`).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vlpjax.objectives import masking, matching, mlm, qa, region, wra
+
+Batch = Mapping[str, jax.Array]
+
+COMPONENTS = {
+    'visualbert': ('mlm', 'sentence_image'),
+    'vilbert': ('mlm', 'region_kl', 'alignment'),
+    'lxmert': ('mlm', 'matched', 'obj', 'attr', 'feat', 'qa'),
+    'uniter': ('itm', 'mlm', 'mrfr', 'mrc', 'mrckl'),
+}
+MATCHING_LOGITS = {'sentence_image': 'sentence_image_logits', 'alignment': 'alignment_logits',
+                   'matched': 'matched_logits', 'itm': 'itm_logits'}
+# UNITER's `itm_ot_lambda`; every other loss weighs 1 unless the config says otherwise.
+DEFAULT_LOSS_WEIGHTS = {'wra': 0.1}
+REGION_COMPONENTS = ('region_kl', 'obj', 'attr', 'feat', 'mrfr', 'mrc', 'mrckl')
+MIXES = ('sample', 'sum')
+ALL = 'all'
+
+
+def default_pretrain_config(design: str) -> ml_collections.ConfigDict:
+  """The `config.pretrain` section with each original's defaults.
+
+  Token ids default to bert-base's vocabulary ([PAD] 0, [CLS] 101, [SEP] 102,
+  [MASK] 103, the same in the cased and uncased vocabularies); set them from the
+  vocabulary in use.
+  """
+  _check_design(design)
+  sample = design == 'uniter'
+  return ml_collections.ConfigDict(dict(
+      mix='sample' if sample else 'sum',
+      tasks=('itm', 'mlm', 'mrfr', 'mrckl') if sample else COMPONENTS[design],
+      ratios=(2, 2, 1, 1) if sample else (),  # 'sample' only: relative task frequencies
+      mask_prob=0.15,
+      region_mask_prob=0.15,
+      max_predictions=0,  # MLM slots per example; 0: masking.default_max_predictions(T)
+      mask_token_id=103,
+      special_token_ids=(0, 101, 102),  # never masked: [PAD], [CLS], [SEP]
+      # UNITER draws random words from '!' (106 in bert-base-cased) upwards; the
+      # others from the whole vocabulary.
+      random_token_min=106 if sample else 0,
+      # LXMERT object/attribute losses: 'all' regions (original) or 'masked' only.
+      lxmert_label_regions='all',
+      loss_weights={},  # {component: weight}; defaults: DEFAULT_LOSS_WEIGHTS, else 1
+  ))
+
+
+def tasks_for(design: str, config: ml_collections.ConfigDict) -> list[str]:
+  """The static tasks the train step compiles: `config.pretrain.tasks` or ['all']."""
+  _check_design(design)
+  pre = config.pretrain
+  if pre.mix not in MIXES:
+    raise ValueError(f'config.pretrain.mix must be one of {MIXES}, got {pre.mix!r}')
+  unknown = [t for t in pre.tasks if t not in COMPONENTS[design]]
+  if unknown or not pre.tasks:
+    raise ValueError(f'config.pretrain.tasks {tuple(pre.tasks)} for {design}: must be a '
+                     f'non-empty subset of {COMPONENTS[design]}')
+  if design == 'uniter' and pre.mix != 'sample':
+    raise ValueError("config.pretrain.mix must be 'sample' for uniter: it masks one "
+                     'modality per batch (conditional masking)')
+  if pre.mix == 'sum':
+    return [ALL]
+  task_ratios(config)  # validates the ratios
+  return list(pre.tasks)
+
+
+def task_ratios(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """{task: ratio} from `config.pretrain.tasks` and `.ratios` (mix 'sample')."""
+  pre = config.pretrain
+  if len(pre.ratios) != len(pre.tasks) or any(r < 0 for r in pre.ratios) or not any(pre.ratios):
+    raise ValueError(f'config.pretrain.ratios {tuple(pre.ratios)} must give one non-negative '
+                     f'ratio per task of config.pretrain.tasks {tuple(pre.tasks)}, not all 0')
+  return dict(zip(pre.tasks, (float(r) for r in pre.ratios)))
+
+
+def sample_task(seed: int, step: int, ratios: Mapping[str, float]) -> str:
+  """UNITER-style task mix: the task for `step`, drawn by ratio; a pure function
+  of (seed, step, ratios), independent of the ratios' order."""
+  names = sorted(ratios)
+  probs = np.asarray([ratios[n] for n in names], np.float64)
+  rng = np.random.default_rng((int(seed), int(step)))
+  return names[rng.choice(len(names), p=probs / probs.sum())]
+
+
+def make_inputs(design: str, batch: Batch, rng: jax.Array, task: str,
+                config: ml_collections.ConfigDict) -> tuple[dict[str, jax.Array],
+                                                            dict[str, jax.Array]]:
+  """Masks the batch for `task` and returns (PRETRAINING kwargs, targets).
+
+  Args:
+    design: 'visualbert', 'vilbert', 'lxmert' or 'uniter'.
+    batch: the pipeline's batch (see the data contract): input_ids, text_mask,
+      token_type_ids [B, T]; region_feats [B, R, F]; region_loc [B, R, L];
+      region_mask [B, R]; match_label [B]; plus, as the task needs, object_ids,
+      object_conf, attr_ids, attr_conf [B, R], class_probs [B, R, C],
+      answer_scores [B, A] and qa_valid [B].
+    rng: masking rng, a function of (seed, step) (`masking.step_rng`).
+    task: one of `tasks_for(design, config)` (static).
+    config: run config (`config.model.vocab_size`, `config.pretrain`).
+
+  Returns:
+    model_kwargs: backbone arguments plus `mlm_positions` [B, P] (P = 1 of
+      weight 0 when the task has no MLM) and, for UNITER, `masked_regions` [B, R].
+    targets: arrays for `compute_losses`.
+  """
+  components = _components(design, task, config)
+  pre = config.pretrain
+  _require(batch, _required_keys(components, has_class_probs='class_probs' in batch),
+           f'{design} task {task!r} (losses {components})')
+  text_rng, region_rng, feature_rng, answer_rng = jax.random.split(rng, 4)
+  input_ids, text_mask = batch['input_ids'], batch['text_mask']
+  region_feats, region_mask = batch['region_feats'], batch['region_mask']
+  matched = matching.is_matched(design, batch['match_label'])
+  # UNITER trains everything but ITM on positive pairs only.
+  example_weight = (matched.astype(jnp.float32) if design == 'uniter'
+                    else jnp.ones(matched.shape, jnp.float32))
+  kwargs = dict(input_ids=input_ids, text_mask=text_mask, token_type_ids=batch['token_type_ids'],
+                region_feats=region_feats, region_loc=batch['region_loc'],
+                region_mask=region_mask)
+  targets = dict(match_label=batch['match_label'].astype(jnp.int32), matched=matched,
+                 text_mask=text_mask, region_mask=region_mask)
+
+  if 'mlm' in components:
+    length = input_ids.shape[1]
+    tokens = masking.mask_tokens(
+        text_rng, input_ids, text_mask, mask_token_id=pre.mask_token_id,
+        special_token_ids=tuple(pre.special_token_ids), vocab_size=_vocab_size(config),
+        max_predictions=pre.max_predictions or masking.default_max_predictions(
+            length, pre.mask_prob),
+        mask_prob=pre.mask_prob, random_token_min=pre.random_token_min,
+        at_least_one=design == 'uniter')
+    kwargs['input_ids'] = tokens.input_ids
+    kwargs['mlm_positions'] = tokens.positions
+    targets.update(mlm_targets=tokens.targets,
+                   mlm_weights=tokens.weights * example_weight[:, None])
+  else:
+    kwargs['mlm_positions'] = jnp.zeros((input_ids.shape[0], 1), jnp.int32)
+
+  picked = jnp.zeros(region_mask.shape, bool)
+  if any(c in REGION_COMPONENTS for c in components):
+    picked = masking.pick_regions(region_rng, region_mask, mask_prob=pre.region_mask_prob,
+                                  at_least_one=design == 'uniter',
+                                  skip_first=design == 'vilbert')
+    if design == 'uniter':
+      kwargs['region_feats'] = masking.zero_regions(region_feats, picked)
+    elif design == 'lxmert':
+      kwargs['region_feats'] = masking.lxmert_mask_regions(feature_rng, region_feats,
+                                                           region_mask, picked)
+    elif design == 'vilbert':
+      kwargs['region_feats'] = masking.vilbert_mask_regions(feature_rng, region_feats,
+                                                            region_mask, picked)
+    targets.update(region_picked=picked,
+                   region_weights=picked.astype(jnp.float32) * example_weight[:, None],
+                   raw_region_feats=region_feats)
+  if design == 'uniter':
+    kwargs['masked_regions'] = picked
+
+  if 'region_kl' in components or 'mrckl' in components:
+    targets['class_probs'] = batch['class_probs']
+  if 'mrc' in components:
+    # The argmax over non-background detector classes; `object_ids` + 1 is the
+    # same class when the source stores no distribution (see region.py).
+    if 'class_probs' in batch:
+      targets['mrc_labels'] = region.mrc_labels(batch['class_probs'])
+    else:
+      targets['mrc_labels'] = batch['object_ids'].astype(jnp.int32) + 1
+  for name, keys in (('obj', ('object_ids', 'object_conf')), ('attr', ('attr_ids', 'attr_conf'))):
+    if name in components:
+      targets.update({k: batch[k] for k in keys})
+  if 'qa' in components:
+    labels, weights = qa.sample_answers(answer_rng, batch['answer_scores'],
+                                        (batch['qa_valid'] > 0) & matched)
+    targets.update(answer_labels=labels, answer_weights=weights)
+  return kwargs, targets
+
+
+def compute_losses(design: str, outputs: Mapping[str, jax.Array], targets: Mapping[str, Any],
+                   task: str, config: ml_collections.ConfigDict
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Losses of `task` from the PRETRAINING outputs and `make_inputs`' targets.
+
+  Returns:
+    (total: the weighted sum, float32 scalar; losses: {component: unweighted
+    scalar}, with 'wra' for UNITER's ITM task when its weight is > 0).
+  """
+  components = _components(design, task, config)
+  weights = _loss_weights(design, config)
+  pre = config.pretrain
+  losses = {}
+  for name in components:
+    if name == 'mlm':
+      losses[name] = mlm.masked_lm_loss(_get(outputs, 'mlm_logits'), targets['mlm_targets'],
+                                        targets['mlm_weights'])
+    elif name in MATCHING_LOGITS:
+      losses[name] = matching.matching_loss(_get(outputs, MATCHING_LOGITS[name]),
+                                            targets['match_label'])
+    elif name == 'region_kl':
+      losses[name] = region.vilbert_region_loss(_get(outputs, 'region_logits'),
+                                                targets['class_probs'],
+                                                targets['region_weights'])
+    elif name in ('obj', 'attr'):
+      logits, ids, conf = (('obj_logits', 'object_ids', 'object_conf') if name == 'obj'
+                           else ('attr_logits', 'attr_ids', 'attr_conf'))
+      if pre.lxmert_label_regions not in ('all', 'masked'):
+        raise ValueError("config.pretrain.lxmert_label_regions must be 'all' or 'masked', "
+                         f'got {pre.lxmert_label_regions!r}')
+      regions = (targets['region_mask'] if pre.lxmert_label_regions == 'all'
+                 else targets['region_picked'])
+      losses[name] = region.lxmert_label_loss(_get(outputs, logits), targets[ids],
+                                              targets[conf], regions, targets['region_mask'])
+    elif name == 'feat':
+      losses[name] = region.lxmert_feature_loss(_get(outputs, 'feat_pred'),
+                                                targets['raw_region_feats'],
+                                                targets['region_picked'], targets['region_mask'])
+    elif name == 'qa':
+      losses[name] = qa.qa_loss(_get(outputs, 'qa_logits'), targets['answer_labels'],
+                                targets['answer_weights'])
+    elif name == 'mrfr':
+      losses[name] = region.mrfr_loss(_get(outputs, 'mrfr_pred'), targets['raw_region_feats'],
+                                      targets['region_weights'])
+    elif name == 'mrc':
+      losses[name] = region.mrc_loss(_get(outputs, 'mrc_logits'), targets['mrc_labels'],
+                                     targets['region_weights'])
+    elif name == 'mrckl':
+      losses[name] = region.mrc_kl_loss(_get(outputs, 'mrc_logits'), targets['class_probs'],
+                                        targets['region_weights'])
+  if design == 'uniter' and 'itm' in components and weights['wra'] > 0:
+    distance = wra.ot_distance(_get(outputs, 'text'), _get(outputs, 'vision'),
+                               targets['text_mask'], targets['region_mask'])
+    losses['wra'] = wra.wra_loss(distance, targets['matched'])
+  total = sum(weights[name] * value for name, value in losses.items())
+  return jnp.asarray(total, jnp.float32), losses
+
+
+def _check_design(design: str) -> None:
+  if design not in COMPONENTS:
+    raise ValueError(f'unknown design {design!r}; expected one of {sorted(COMPONENTS)}')
+
+
+def _components(design: str, task: str, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The loss components a task computes."""
+  tasks = tasks_for(design, config)
+  if task not in tasks:
+    raise ValueError(f'task {task!r} is not one of {tasks} (config.pretrain.mix '
+                     f'{config.pretrain.mix!r}, tasks {tuple(config.pretrain.tasks)})')
+  return tuple(config.pretrain.tasks) if task == ALL else (task,)
+
+
+def _loss_weights(design: str, config: ml_collections.ConfigDict) -> dict[str, float]:
+  names = COMPONENTS[design] + (('wra',) if design == 'uniter' else ())
+  given = dict(config.pretrain.get('loss_weights') or {})
+  unknown = sorted(set(given) - set(names))
+  if unknown:
+    raise ValueError(f'config.pretrain.loss_weights has {unknown}, not losses of {design} '
+                     f'({names})')
+  return {name: float(given.get(name, DEFAULT_LOSS_WEIGHTS.get(name, 1.0))) for name in names}
+
+
+def _vocab_size(config: ml_collections.ConfigDict) -> int:
+  if 'vocab_size' not in config.model:
+    raise ValueError('config.model.vocab_size is needed for MLM random-word replacement')
+  return int(config.model.vocab_size)
+
+
+def _required_keys(components: Sequence[str], has_class_probs: bool) -> list[str]:
+  """Batch fields that `components` read (besides the model inputs)."""
+  keys = ['input_ids', 'text_mask', 'token_type_ids', 'region_feats', 'region_loc',
+          'region_mask', 'match_label']
+  if 'region_kl' in components or 'mrckl' in components:
+    keys.append('class_probs')  # the detector distribution is the target
+  if 'mrc' in components and not has_class_probs:
+    keys.append('object_ids')
+  if 'obj' in components:
+    keys += ['object_ids', 'object_conf']
+  if 'attr' in components:
+    keys += ['attr_ids', 'attr_conf']
+  if 'qa' in components:
+    keys += ['answer_scores', 'qa_valid']
+  return keys
+
+
+def _require(batch: Batch, keys: Sequence[str], why: str) -> None:
+  missing = [k for k in keys if k not in batch]
+  if missing:
+    raise KeyError(f'batch lacks {missing}, needed for {why}; batch has {sorted(batch)}')
+
+
+def _get(outputs: Mapping[str, jax.Array], key: str) -> jax.Array:
+  if key not in outputs:
+    raise KeyError(f'model outputs lack {key!r}; outputs have {sorted(outputs)}')
+  return outputs[key]
