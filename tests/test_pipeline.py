@@ -514,7 +514,7 @@ def test_embedded_world_info(world_config):
   size = vlp_world.WORLD_SIZES['tiny']
   assert info['feature_dim'] == size.feature_dim
   assert info['num_object_classes'] == len(world_lib.OBJECT_CLASSES)
-  assert info['num_attributes'] == len(world_lib.ATTRIBUTE_CLASSES)
+  assert info['num_attributes'] == len(world_lib.COLOURS)
   assert info['num_answers'] == len(world_lib.ANSWERS)
   assert info['num_images'] == size.num_images
   assert info['vocab_file'] == vlp_world.vocab_path(world_config.data_dir, 'tiny')

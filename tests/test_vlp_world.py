@@ -130,7 +130,7 @@ def test_stored_vocab_tokenizes_every_table(data_dir):
 def test_metadata_and_label_files(data_dir):
   builder = tfds.builder(f'vlp_world/{SIZE}_images', data_dir=data_dir)
   assert builder.info.metadata['num_object_classes'] == len(world_lib.OBJECT_CLASSES)
-  assert builder.info.metadata['num_attributes'] == len(world_lib.ATTRIBUTE_CLASSES)
+  assert builder.info.metadata['num_attributes'] == len(world_lib.COLOURS)
   assert builder.info.features['features'].shape == (None, CONFIG.feature_dim)
   with open(os.path.join(builder.data_dir, vlp_world.OBJECTS_FILE)) as f:
     assert f.read().splitlines() == list(world_lib.OBJECT_CLASSES)

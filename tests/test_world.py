@@ -86,7 +86,8 @@ def test_images_table_rows_follow_contract(world):
     assert np.all(row['boxes'][:, 2:] > row['boxes'][:, :2])
     assert np.all(row['boxes'][:, 2] <= row['image_w'])
     assert np.all(row['boxes'][:, 3] <= row['image_h'])
-    assert np.all(row['object_ids'] >= 1) and np.all(row['attr_ids'] >= 1)
+    assert np.all((row['object_ids'] >= 0) & (row['object_ids'] < len(world_lib.SHAPES)))
+    assert np.all((row['attr_ids'] >= 0) & (row['attr_ids'] < len(world_lib.COLOURS)))
     assert np.all(np.diff(row['object_conf']) <= 0)  # sorted by confidence
 
 
@@ -132,7 +133,7 @@ def test_detector_labels_follow_the_boxes(world):
     for k in range(len(det.boxes)):
       if iou[k, best[k]] >= 0.7:
         total += 1
-        hits += det.object_ids[k] == scene.objects[best[k]].shape + 1
+        hits += det.object_ids[k] == scene.objects[best[k]].shape
       elif iou[k].max() < 0.2:
         background_total += 1
         background_hits += det.class_probs[k].argmax() == 0

@@ -16,8 +16,9 @@ tables have splits train/validation/test by image and point at images by
 
   vocab.txt       every table: the WordPiece vocabulary (`vocab.py`)
   answers.txt     vqa: the answer vocabulary, one per line (`answer_labels` index it)
-  objects.txt     images: detector classes (`class_probs` columns, `object_ids`)
-  attributes.txt  images: attribute classes (`attr_ids`)
+  objects.txt     images: detector classes (`class_probs` columns; `object_ids`
+                  index them less background: id k is column k + 1)
+  attributes.txt  images: attribute labels (`attr_ids`)
 
 Generation is written shard by shard in order (`SideFilesBuilder`, no TFDS
 shuffler, no TensorFlow). Region features and class distributions are stored
@@ -125,7 +126,7 @@ class VlpWorld(SideFilesBuilder):
         features=table_features(config.table, config.world.feature_dim),
         metadata=tfds.core.MetadataDict(
             num_object_classes=len(world_lib.OBJECT_CLASSES),
-            num_attributes=len(world_lib.ATTRIBUTE_CLASSES),
+            num_attributes=len(world_lib.COLOURS),
             num_answers=len(world_lib.ANSWERS)),
         disable_shuffling=True)
 
@@ -137,7 +138,7 @@ class VlpWorld(SideFilesBuilder):
     self.side_files[VOCAB_FILE] = _lines(vocab_lib.world_vocab(config.world))
     if config.table == 'images':
       self.side_files[OBJECTS_FILE] = _lines(world_lib.OBJECT_CLASSES)
-      self.side_files[ATTRIBUTES_FILE] = _lines(world_lib.ATTRIBUTE_CLASSES)
+      self.side_files[ATTRIBUTES_FILE] = _lines(world_lib.COLOURS)
       step, num_images = config.images_per_shard, len(world.scenes)
       return {IMAGES_SPLIT: [
           functools.partial(_keyed_images, world, range(start, min(start + step, num_images)))

@@ -276,9 +276,10 @@ class Detections:
   """Per-region detector outputs of one image, N regions.
 
   boxes [N, 4] float32 pixels x1y1x2y2; class_probs [N, C] float32 over
-  OBJECT_CLASSES; object_ids [N] int32 (best foreground class, never 0, as BUTD
-  reports); object_conf [N] float32; attr_ids [N] int32 (best attribute, never
-  0); attr_conf [N] float32.
+  OBJECT_CLASSES; object_ids [N] int32 (best foreground class as an index into
+  SHAPES, i.e. its class_probs column - 1: labels exclude background as in
+  LXMERT's TSV files); object_conf [N] float32; attr_ids [N] int32 (best
+  attribute as an index into COLOURS); attr_conf [N] float32.
   """
   boxes: np.ndarray
   class_probs: np.ndarray
@@ -364,16 +365,17 @@ def detect(scene: Scene, config: WorldConfig) -> Detections:
   colours = np.array([o.colour for o in scene.objects])[best]
   class_probs = _noisy_distribution(rng, shapes, foreground, quality, _SHAPE_CONFUSION)
   attr_probs = _noisy_distribution(rng, colours, foreground, quality, _COLOUR_CONFUSION)
-  object_ids = class_probs[:, 1:].argmax(1) + 1
-  attr_ids = attr_probs[:, 1:].argmax(1) + 1
-  object_conf = class_probs[np.arange(n), object_ids]
+  # Labels count from 0 without background/none, as in LXMERT's TSV files.
+  object_ids = class_probs[:, 1:].argmax(1)
+  attr_ids = attr_probs[:, 1:].argmax(1)
+  object_conf = class_probs[np.arange(n), object_ids + 1]
   order = np.argsort(-object_conf, kind='stable')
   return Detections(
       boxes=boxes[order], class_probs=class_probs[order].astype(np.float32),
       object_ids=object_ids[order].astype(np.int32),
       object_conf=object_conf[order].astype(np.float32),
       attr_ids=attr_ids[order].astype(np.int32),
-      attr_conf=attr_probs[np.arange(n), attr_ids][order].astype(np.float32))
+      attr_conf=attr_probs[np.arange(n), attr_ids + 1][order].astype(np.float32))
 
 
 # ----------------------------------------------------------------------------
