@@ -40,5 +40,4 @@ def model_config(size: str = 'base') -> ml_collections.ConfigDict:
 
 def get_config(arg: str = 'base') -> ml_collections.ConfigDict:
   """The run config for `--config=configs/visualbert.py:<arg>`."""
-  # Train/data fields are added here (by the training setup).
-  return ml_collections.ConfigDict(dict(model=model_config(arg)))
+  return common.make_config(model_config(arg))

@@ -45,6 +45,17 @@ def ones_init(axes: Axes) -> Callable:
   return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
 
 
+def dense_general_init(init: Callable, axes: Axes) -> Callable:
+  """Logical partitioning for `nn.DenseGeneral` params (kernel [in, N, D] etc.).
+
+  DenseGeneral creates these flat and reshapes them; under an active mesh, flax
+  0.12 unboxes the flat value with the N-d constraint (in init and in apply's
+  shape check) and fails on the rank. Empty rules make the unbox unconstrained;
+  the names still place the param through the train state's shardings.
+  """
+  return nn.with_logical_partitioning(init, axes, rules=())
+
+
 def constrain(x: jax.Array, axes: Axes) -> jax.Array:
   """Names an activation's axes; a no-op outside a mesh with logical rules."""
   return nn.with_logical_constraint(x, axes)
@@ -169,8 +180,10 @@ class Attention(nn.Module):
     head_dim = self.hidden // self.num_heads
     proj = nn.DenseGeneral(
         (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=normal_init(('embed', 'heads', 'kv')),
-        bias_init=zeros_init(('heads', 'kv')), name=name)
+        kernel_init=dense_general_init(nn.initializers.normal(INIT_STD),
+                                       ('embed', 'heads', 'kv')),
+        bias_init=dense_general_init(nn.initializers.zeros_init(), ('heads', 'kv')),
+        name=name)
     return proj(x)
 
   @nn.compact
@@ -191,7 +204,9 @@ class Attention(nn.Module):
     heads = constrain(heads, ('batch', 'length', 'heads', 'kv'))
     out = nn.DenseGeneral(
         self.out_features or x.shape[-1], axis=(-2, -1), dtype=self.dtype,
-        param_dtype=self.param_dtype, kernel_init=normal_init(('heads', 'kv', 'embed')),
+        param_dtype=self.param_dtype,
+        kernel_init=dense_general_init(nn.initializers.normal(INIT_STD),
+                                       ('heads', 'kv', 'embed')),
         bias_init=zeros_init(('embed',)), name='output')(heads)
     out = nn.Dropout(self.dropout_rate)(out, deterministic=deterministic)
     if self.residual:

@@ -1,0 +1,227 @@
+"""Orbax checkpoints (state + data iterator), retention, params import, preemption."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+
+jax.config.update('jax_num_cpu_devices', 8)
+
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from vlpjax import checkpointing, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compile_cache(tmp_path_factory):
+  """A persistent compilation cache shared with the training subprocess."""
+  previous = (jax.config.jax_compilation_cache_dir,
+              jax.config.jax_persistent_cache_min_compile_time_secs)
+  compilation_cache.reset_cache()
+  compilation_cache.set_cache_dir(str(tmp_path_factory.getbasetemp() / 'jax_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  yield
+  compilation_cache.reset_cache()
+  jax.config.update('jax_compilation_cache_dir', previous[0])
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', previous[1])
+
+
+class CountingIterator:
+  """An iterator whose position is its state (dict-state like grain's DatasetIterator,
+  or bytes-state like grain's DataLoaderIterator)."""
+
+  def __init__(self, as_bytes: bool = False):
+    self.position = 0
+    self.as_bytes = as_bytes
+
+  def __next__(self) -> int:
+    self.position += 1
+    return self.position
+
+  def get_state(self):
+    state = {'position': self.position}
+    return json.dumps(state).encode() if self.as_bytes else state
+
+  def set_state(self, state) -> None:
+    self.position = (json.loads(state.decode()) if self.as_bytes else state)['position']
+
+
+def make_state(mesh, scale: float) -> dict:
+  fsdp = NamedSharding(mesh, P('fsdp', None))
+  return dict(step=jnp.asarray(3, jnp.int32),
+              params={'kernel': jax.device_put(scale * jnp.arange(32.).reshape(8, 4), fsdp),
+                      'bias': jnp.full((4,), scale)})
+
+
+def checkpoint_config(**overrides) -> ml_collections.ConfigDict:
+  config = checkpointing.checkpoint_config()
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture
+def mesh():
+  return jax.make_mesh((2, 4), ('data', 'fsdp'),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+@pytest.mark.parametrize('as_bytes', [False, True])
+def test_state_and_iterator_round_trip_into_new_shardings(tmp_path, mesh, as_bytes):
+  checkpointer = checkpointing.Checkpointer(str(tmp_path), checkpoint_config(every_steps=5))
+  iterator = CountingIterator(as_bytes)
+  for _ in range(7):
+    next(iterator)
+  state = make_state(mesh, 2.0)
+  assert checkpointer.save(5, state, iterator)
+  checkpointer.close()
+  assert os.path.exists(tmp_path / 'checkpoints' / '5' / 'data_iterator' /
+                        'process_0-of-1.json')
+
+  # A fresh process: read back into a different sharding, iterator at the start.
+  restorer = checkpointing.Checkpointer(str(tmp_path), checkpoint_config(every_steps=5))
+  assert restorer.latest_step() == 5
+  tensor = NamedSharding(mesh, P(None, 'fsdp'))
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=tensor)
+                          if a.ndim == 2 else jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+  fresh = CountingIterator(as_bytes)
+  restored = restorer.restore(5, abstract, fresh)
+  restorer.close()
+  assert fresh.position == 7
+  assert restored['params']['kernel'].sharding == tensor
+  for got, want in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_interval_and_retention(tmp_path, mesh):
+  """Saves every 2 steps; keeps the newest 2 plus every 4th step."""
+  checkpointer = checkpointing.Checkpointer(
+      str(tmp_path), checkpoint_config(every_steps=2, keep_last=2, keep_every=4))
+  iterator = CountingIterator()
+  saved = []
+  for step in range(1, 12):
+    next(iterator)
+    if checkpointer.save(step, make_state(mesh, float(step)), iterator,
+                         force=step == 11):
+      saved.append(step)
+  checkpointer.close()
+  assert saved == [2, 4, 6, 8, 10, 11]
+  assert sorted(checkpointer.all_steps()) == [4, 8, 10, 11]
+
+
+def test_bad_checkpoint_config(tmp_path):
+  with pytest.raises(ValueError, match='config.checkpoint'):
+    checkpointing.Checkpointer(str(tmp_path), checkpoint_config(keep_last=0))
+
+
+def test_restore_with_other_process_count_is_an_error(tmp_path, mesh):
+  checkpointer = checkpointing.Checkpointer(str(tmp_path), checkpoint_config())
+  checkpointer.save(1, make_state(mesh, 1.0), CountingIterator(), force=True)
+  checkpointer.close()
+  data_dir = tmp_path / 'checkpoints' / '1' / 'data_iterator'
+  os.rename(data_dir / 'process_0-of-1.json', data_dir / 'process_0-of-2.json')
+  restorer = checkpointing.Checkpointer(str(tmp_path), checkpoint_config())
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                          make_state(mesh, 1.0))
+  with pytest.raises(ValueError, match='different number of processes'):
+    restorer.restore(1, abstract, CountingIterator())
+  restorer.close()
+
+
+def test_restore_params_checks_paths_and_shapes(tmp_path, mesh):
+  params = make_state(mesh, 3.0)['params']
+  directory = str(tmp_path / 'params')
+  with ocp.StandardCheckpointer() as saver:
+    saver.save(directory, params)
+  assert checkpointing.stored_top_level_keys(directory) == {'kernel', 'bias'}
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                          params)
+  restored = checkpointing.restore_params(directory, abstract)
+  np.testing.assert_array_equal(np.asarray(restored['kernel']), np.asarray(params['kernel']))
+  assert restored['kernel'].sharding == params['kernel'].sharding
+
+  wrong = dict(abstract, bias=jax.ShapeDtypeStruct((5,), jnp.float32),
+               extra=jax.ShapeDtypeStruct((2,), jnp.float32))
+  with pytest.raises(ValueError, match=r"missing \[\"\['extra'\]\"\].*stored \(4,\), model \(5,\)"):
+    checkpointing.restore_params(directory, wrong)
+
+
+def test_preemption_watcher_catches_sigterm_and_restores_the_handler():
+  previous = signal.getsignal(signal.SIGTERM)
+  with checkpointing.PreemptionWatcher() as watcher:
+    assert not watcher.reached(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert watcher.reached(2)
+  assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def tiny_run_config(data_dir: str, **train_overrides) -> ml_collections.ConfigDict:
+  """What `tiny_run_flags` make of configs/visualbert.py:tiny."""
+  from configs import visualbert  # pylint: disable=g-import-not-at-top
+  config = visualbert.get_config('tiny')
+  config.data.update(data_dir=data_dir, size='tiny')
+  config.model.vocab_size = 144
+  config.train.update(global_batch_size=8, num_steps=1000, log_every_steps=1)
+  config.train.update(train_overrides)
+  config.checkpoint.every_steps = 1000
+  return config
+
+
+def tiny_run_flags(data_dir: str) -> list[str]:
+  return [f'--config.data.data_dir={data_dir}', '--config.data.size=tiny',
+          '--config.model.vocab_size=144', '--config.train.global_batch_size=8',
+          '--config.train.num_steps=1000', '--config.train.log_every_steps=1',
+          '--config.checkpoint.every_steps=1000']
+
+
+def read_losses(workdir) -> dict[int, float]:
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    return {r['step']: r['loss'] for r in map(json.loads, f)}
+
+
+def test_sigterm_saves_exits_cleanly_and_resumes_exactly(tmp_path, tmp_path_factory):
+  """A real SIGTERM to a training process: it saves the step it reached and exits 0;
+  resuming gives the next steps' losses of an uninterrupted run."""
+  data_dir = str(tmp_path_factory.getbasetemp() / 'tfds_tiny')
+  cache_dir = str(tmp_path_factory.getbasetemp() / 'jax_cache')
+  workdir = tmp_path / 'preempted'
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='8', PYTHONPATH=repo,
+             JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'vlpjax.main', '--config=configs/visualbert.py:tiny',
+       f'--workdir={workdir}', *tiny_run_flags(data_dir)],
+      cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics_file = workdir / 'metrics.jsonl'
+  deadline = time.time() + 900
+  while not (metrics_file.exists() and metrics_file.read_text().count('\n') >= 2):
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    assert time.time() < deadline
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  stderr = proc.communicate(timeout=300)[1]
+  assert proc.returncode == 0, stderr[-3000:]
+  assert 'preempted: saved step' in stderr
+  stopped = max(read_losses(workdir))
+  assert stopped < 1000
+  steps = [int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit()]
+  assert steps == [stopped]
+
+  # Resume for two steps, and compare with an uninterrupted run to the same step.
+  train.train_and_evaluate(tiny_run_config(data_dir, max_steps_this_run=2), str(workdir))
+  reference = tmp_path / 'reference'
+  train.train_and_evaluate(tiny_run_config(data_dir, max_steps_this_run=stopped + 2),
+                           str(reference))
+  got, want = read_losses(workdir), read_losses(reference)
+  assert sorted(got) == sorted(want) == list(range(1, stopped + 3))
+  for step in (stopped + 1, stopped + 2):
+    assert got[step] == pytest.approx(want[step], rel=1e-6), step

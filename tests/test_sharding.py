@@ -1,0 +1,248 @@
+"""Mesh/rules/shardings, and the sharded train step against a single device.
+
+Runs on 8 virtual CPU devices. One step under data-parallel 8, fsdp 4 x data 2
+and tensor 2 x data 4 must give the loss and updated parameters of the
+single-device step (fp32, dropout on: the RNG does not depend on the sharding).
+VisualBERT runs by default; the other designs are `slow` (compiles dominate).
+"""
+import functools
+import importlib
+
+import jax
+
+jax.config.update('jax_num_cpu_devices', 8)
+
+import flax.linen as nn  # pylint: disable=g-import-not-at-top,wrong-import-position
+import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vlpjax import sharding, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vlpjax.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vlpjax.models import get_model  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# (data, fsdp, tensor)
+MESHES = {'data8': (8, 1, 1), 'fsdp4_data2': (2, 4, 1), 'tensor2_data4': (4, 1, 2)}
+BATCH, TEXT_LEN, REGIONS = 16, 12, 6
+
+
+def tiny_config(design: str) -> ml_collections.ConfigDict:
+  config = common.make_config(importlib.import_module(f'configs.{design}').model_config('tiny'))
+  config.train.global_batch_size = BATCH
+  config.train.warmup_fraction = 0.0   # a nonzero learning rate at step 0
+  config.train.num_steps = 10
+  return config
+
+
+def synthetic_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
+  """A batch in the pipeline's layout for `config.model` (data contract), with
+  padding in text and regions."""
+  rs = np.random.RandomState(seed)
+  model, design = config.model, config.model.name
+  text_lengths = rs.randint(4, TEXT_LEN + 1, BATCH)
+  text_mask = np.arange(TEXT_LEN)[None] < text_lengths[:, None]
+  ids = rs.randint(106, model.vocab_size, (BATCH, TEXT_LEN))   # bert-base ids: 101 CLS, 102 SEP
+  ids[:, 0] = 101
+  ids[np.arange(BATCH), text_lengths - 1] = 102
+  ids[~text_mask] = 0
+  region_mask = np.arange(REGIONS)[None] < rs.randint(2, REGIONS + 1, BATCH)[:, None]
+  feature_dim = model[train.FEATURE_DIM_FIELDS[design]]
+  batch = dict(
+      input_ids=ids.astype(np.int32), text_mask=text_mask.astype(np.int32),
+      token_type_ids=np.zeros((BATCH, TEXT_LEN), np.int32),
+      region_feats=(rs.rand(BATCH, REGIONS, feature_dim) * region_mask[..., None]
+                    ).astype(np.float32),
+      region_loc=rs.rand(BATCH, REGIONS, pipeline.LOC_DIMS[design]).astype(np.float32),
+      region_mask=region_mask.astype(np.int32),
+      match_label=rs.randint(0, 2, BATCH).astype(np.int32))
+  if design in ('uniter', 'vilbert'):
+    probs = rs.rand(BATCH, REGIONS, model.num_region_classes)
+    batch['class_probs'] = (probs / probs.sum(-1, keepdims=True)).astype(np.float32)
+  if design == 'lxmert':
+    batch.update(
+        object_ids=rs.randint(0, model.num_object_labels, (BATCH, REGIONS)).astype(np.int32),
+        object_conf=rs.rand(BATCH, REGIONS).astype(np.float32),
+        attr_ids=rs.randint(0, model.num_attr_labels, (BATCH, REGIONS)).astype(np.int32),
+        attr_conf=rs.rand(BATCH, REGIONS).astype(np.float32),
+        answer_scores=(rs.rand(BATCH, model.num_answers) > 0.9).astype(np.float32),
+        qa_valid=np.ones(BATCH, np.float32))
+  return batch
+
+
+def setup(config: ml_collections.ConfigDict, mesh_shape: tuple[int, int, int],
+          batch: dict[str, np.ndarray]):
+  """(config, mesh, rules, model, tx, schedule, task, input specs, state shardings)."""
+  config = config.copy_and_resolve_references()
+  config.mesh.shape = mesh_shape
+  mesh = sharding.make_mesh(config, jax.devices()[:int(np.prod(mesh_shape))])
+  train.validate_config(config, mesh)
+  rules = sharding.logical_axis_rules(config)
+  model = get_model(config.model)
+  tx, schedule = train.make_optimizer(config.train)
+  task = train.pretraining.tasks_for(config.model.name, config)[0]
+  batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  input_specs = train.model_input_specs(config, task, batch_spec)
+  _, shardings = train.abstract_train_state(model, tx, input_specs, mesh, rules)
+  return config, mesh, rules, model, tx, schedule, task, input_specs, shardings
+
+
+def one_step(config: ml_collections.ConfigDict, mesh_shape: tuple[int, int, int],
+             batch: dict[str, np.ndarray], initial_state: train.TrainState | None = None):
+  """(initial state, host metrics, state after one step) on a mesh of `mesh_shape`.
+
+  `initial_state` (host arrays) is placed in the mesh's shardings; without it the
+  state is initialised from the seed.
+  """
+  config, mesh, rules, model, tx, schedule, task, input_specs, shardings = setup(
+      config, mesh_shape, batch)
+  if initial_state is None:
+    state = train.init_train_state(model, tx, input_specs, config.seed, shardings)
+    initial_state = jax.device_get(state)
+  else:
+    state = jax.device_put(initial_state, shardings)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    step = train.make_train_step(config, model, tx, schedule, mesh, shardings, task)
+    global_batch = jax.device_put(batch, sharding.batch_sharding(mesh, config.mesh.data_axes))
+    state, metrics = step(state, global_batch)
+  return initial_state, {k: float(v) for k, v in jax.device_get(metrics).items()}, state
+
+
+def tiny_config_for(design: str, dropout: bool) -> ml_collections.ConfigDict:
+  config = tiny_config(design)
+  if not dropout:   # halves the compile time of the default test
+    config.model.dropout_rate = config.model.attention_dropout_rate = 0.0
+  return config
+
+
+@functools.cache
+def single_device_reference(design: str, dropout: bool):
+  config = tiny_config_for(design, dropout)
+  return one_step(config, (1, 1, 1), synthetic_batch(config))
+
+
+def assert_trees_close(actual, expected, rtol, atol) -> None:
+  expected_leaves = jax.tree_util.tree_leaves_with_path(expected)
+  actual_leaves = jax.tree_util.tree_leaves(actual)
+  assert len(actual_leaves) == len(expected_leaves)
+  for (path, want), got in zip(expected_leaves, actual_leaves):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=rtol, atol=atol,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def check_matches_single_device(design: str, mesh_name: str, dropout: bool) -> None:
+  config = tiny_config_for(design, dropout)
+  initial, ref_metrics, ref_state = single_device_reference(design, dropout)
+  _, metrics, state = one_step(config, MESHES[mesh_name], synthetic_batch(config), initial)
+  assert metrics.keys() == ref_metrics.keys()
+  for name, value in ref_metrics.items():
+    np.testing.assert_allclose(metrics[name], value, rtol=2e-5, atol=1e-6, err_msg=name)
+  assert ref_metrics['learning_rate'] > 0
+  assert_trees_close(state.params, ref_state.params, rtol=1e-4, atol=2e-6)
+  assert_trees_close(state.opt_state, ref_state.opt_state, rtol=1e-4, atol=1e-9)
+  # The params really are sharded as the mesh asks (not replicated everywhere).
+  sizes = dict(zip(config.mesh.axes, MESHES[mesh_name]))
+  used = {axis for leaf in jax.tree_util.tree_leaves(state.params) for dim in leaf.sharding.spec
+          if dim for axis in (dim if isinstance(dim, tuple) else (dim,)) if sizes[axis] > 1}
+  assert used == {'data8': set(), 'fsdp4_data2': {'fsdp'}, 'tensor2_data4': {'tensor'}}[mesh_name]
+
+
+@pytest.mark.parametrize('mesh_name', list(MESHES))
+def test_visualbert_sharded_step_matches_single_device(mesh_name):
+  check_matches_single_device('visualbert', mesh_name, dropout=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('mesh_name', list(MESHES))
+@pytest.mark.parametrize('design', ['visualbert', 'vilbert', 'lxmert', 'uniter'])
+def test_sharded_step_with_dropout_matches_single_device(design, mesh_name):
+  check_matches_single_device(design, mesh_name, dropout=True)
+
+
+def test_state_is_initialised_sharded_with_single_device_values():
+  """Init under jit with out_shardings over fsdp 4 x tensor 2: each array arrives
+  in its shards, with the values a single device computes."""
+  config = tiny_config_for('visualbert', dropout=False)
+  initial, _, _ = single_device_reference('visualbert', False)
+  batch = synthetic_batch(config)
+  config, _, _, model, tx, _, _, input_specs, shardings = setup(config, (1, 4, 2), batch)
+  state = train.init_train_state(model, tx, input_specs, config.seed, shardings)
+  for array, wanted in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(shardings)):
+    assert array.sharding == wanted
+  kernel = state.params['backbone']['layers_0']['ffn']['intermediate']['kernel']
+  assert kernel.addressable_shards[0].data.shape == (kernel.shape[0] // 4, kernel.shape[1] // 2)
+  assert_trees_close(state, initial, rtol=0, atol=0)
+
+
+def test_resolve_mesh_shape():
+  assert sharding.resolve_mesh_shape((-1, 2, 1), 8) == (4, 2, 1)
+  assert sharding.resolve_mesh_shape((2, 2, 2), 8) == (2, 2, 2)
+  with pytest.raises(ValueError, match=r'config.mesh.shape=\(3, -1, 1\) does not divide'):
+    sharding.resolve_mesh_shape((3, -1, 1), 8)
+  with pytest.raises(ValueError, match='uses 4 devices but 8 are present'):
+    sharding.resolve_mesh_shape((2, 2, 1), 8)
+  with pytest.raises(ValueError, match='at most one -1'):
+    sharding.resolve_mesh_shape((-1, -1, 1), 8)
+
+
+def test_make_mesh_axes_and_types():
+  config = tiny_config('visualbert')
+  config.mesh.shape = (-1, 2, 2)
+  mesh = sharding.make_mesh(config)
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 2, 'tensor': 2}
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+  config.mesh.data_axes = ('data', 'replica')
+  with pytest.raises(ValueError, match=r"data_axes names \['replica'\]"):
+    sharding.make_mesh(config)
+
+
+def test_logical_rules_must_name_mesh_axes():
+  config = tiny_config('visualbert')
+  config.mesh.logical_axis_rules = (('batch', 'data'), ('mlp', 'model'))
+  with pytest.raises(ValueError, match=r"rule for 'mlp' names mesh axes \['model'\]"):
+    sharding.logical_axis_rules(config)
+
+
+def test_param_shardings_follow_rules_and_fit_shapes():
+  """fsdp 4 x tensor 2: Megatron/ZeRO placement; a dim the axes don't divide stays whole."""
+  config = tiny_config('visualbert')
+  config.mesh.shape = (1, 4, 2)
+  config.model.vocab_size = 121   # odd: cannot split over tensor=2
+  mesh = sharding.make_mesh(config)
+  rules = sharding.logical_axis_rules(config)
+  model = get_model(config.model)
+  tx, _ = train.make_optimizer(config.train)
+  batch = synthetic_batch(config)
+  batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  input_specs = train.model_input_specs(config, 'all', batch_spec)
+  abstract, shardings = train.abstract_train_state(model, tx, input_specs, mesh, rules)
+  flat = {jax.tree_util.keystr(p): s.spec for p, s in
+          jax.tree_util.tree_leaves_with_path(shardings.params)}
+  query = [k for k in flat if k.endswith("['attention']['query']['kernel']")][0]
+  assert flat[query] == P('fsdp', 'tensor', None)          # [embed, heads, kv]
+  ffn_in = [k for k in flat if k.endswith("['ffn']['intermediate']['kernel']")][0]
+  assert flat[ffn_in] == P('fsdp', 'tensor')               # [embed, mlp]
+  word = [k for k in flat if k.endswith("['word_embeddings']['embedding']")][0]
+  assert flat[word] == P(None, 'fsdp')                     # vocab 121 kept whole
+  # Adam moments are placed like their params; the step is replicated.
+  mu = shardings.opt_state[1][0].mu
+  assert jax.tree.map(lambda s: s.spec, mu) == jax.tree.map(lambda s: s.spec, shardings.params)
+  assert shardings.step.spec == P()
+  # The abstract state carries the shardings (used to restore straight into shards).
+  assert abstract.params is not None and all(
+      a.sharding == s for a, s in zip(jax.tree_util.tree_leaves(abstract),
+                                      jax.tree_util.tree_leaves(shardings)))
+
+
+def test_batch_must_divide_data_axes():
+  config = tiny_config('visualbert')
+  config.mesh.shape = (4, 2, 1)
+  config.train.global_batch_size = 12
+  mesh = sharding.make_mesh(config)
+  with pytest.raises(ValueError, match='global_batch_size=12 must be a multiple of 8'):
+    train.validate_config(config, mesh)
+  config.train.global_batch_size = 8
+  config.train.grad_accum_steps = 2
+  with pytest.raises(ValueError, match='global_batch_size=8 must be a multiple of 16'):
+    train.validate_config(config, mesh)

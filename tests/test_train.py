@@ -1,0 +1,286 @@
+"""End-to-end pretraining on the embedded tiny world (VisualBERT tiny, 8 CPU devices):
+outputs, exact resume, gradient accumulation, NaN stop, config errors, init-from.
+
+Compiled programs go to a persistent cache shared by the module's runs, so the
+resumed runs reuse the uninterrupted run's executables.
+"""
+import json
+import os
+
+import jax
+
+jax.config.update('jax_num_cpu_devices', 8)
+
+import flax.linen as nn  # pylint: disable=g-import-not-at-top,wrong-import-position
+import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from configs import common, visualbert  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vlpjax import metrics as metrics_lib, sharding, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vlpjax.data import pipeline, tokenizer  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vlpjax.models import get_model  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Runs stop after NUM_STEPS of a 1000-step schedule: test_main and the SIGTERM test
+# in test_checkpointing use the same schedule, so all share one compiled step.
+NUM_STEPS = 4
+SCHEDULE_STEPS = 1000
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compile_cache(tmp_path_factory):
+  """A persistent compilation cache for this module (restored afterwards)."""
+  previous = (jax.config.jax_compilation_cache_dir,
+              jax.config.jax_persistent_cache_min_compile_time_secs)
+  compilation_cache.reset_cache()
+  compilation_cache.set_cache_dir(str(tmp_path_factory.getbasetemp() / 'jax_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  yield
+  compilation_cache.reset_cache()
+  jax.config.update('jax_compilation_cache_dir', previous[0])
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', previous[1])
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def run_config(data_dir: str, **train_overrides) -> ml_collections.ConfigDict:
+  """VisualBERT tiny on the tiny world, 8 devices data-parallel, batch 8."""
+  config = common.make_config(visualbert.model_config('tiny'))
+  config.data.size = 'tiny'
+  config.data.data_dir = data_dir
+  config.model.vocab_size = pipeline.dataset_info(config.data)['vocab_size']
+  config.train.update(global_batch_size=8, num_steps=SCHEDULE_STEPS,
+                      max_steps_this_run=NUM_STEPS, log_every_steps=1)
+  config.train.update(train_overrides)
+  config.checkpoint.every_steps = 2
+  return config
+
+
+def read_metrics(workdir) -> list[dict]:
+  with open(os.path.join(workdir, metrics_lib.METRICS_FILE), encoding='utf-8') as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope='module')
+def reference_run(data_dir, tmp_path_factory):
+  """An uninterrupted run of NUM_STEPS steps: (workdir, returned metrics)."""
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  return workdir, train.train_and_evaluate(run_config(data_dir), workdir)
+
+
+def test_run_writes_metrics_tensorboard_and_checkpoints(reference_run):
+  workdir, final = reference_run
+  records = read_metrics(workdir)
+  assert [r['step'] for r in records] == list(range(1, NUM_STEPS + 1))
+  for record in records:
+    assert {'loss', 'mlm', 'sentence_image', 'grad_norm', 'learning_rate'} <= record.keys()
+    np.testing.assert_allclose(record['loss'], record['mlm'] + record['sentence_image'],
+                               rtol=1e-5)
+  assert all(k in records[-1] for k in ('examples_per_second', 'eta_seconds'))
+  assert final['loss'] == records[-1]['loss']
+  # Linear warmup over 10% of the schedule: the rate of update s is 5e-5 * s / 100.
+  np.testing.assert_allclose([r['learning_rate'] for r in records],
+                             [5e-5 * s / 100 for s in range(NUM_STEPS)], rtol=1e-5)
+  assert os.listdir(os.path.join(workdir, metrics_lib.TENSORBOARD_DIR))
+  assert json.load(open(os.path.join(workdir, 'config.json')))['model']['name'] == 'visualbert'
+  assert sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints'))
+                if d.isdigit()) == [2, 4]
+
+
+def test_stopped_and_resumed_run_has_the_same_losses(reference_run, data_dir, tmp_path):
+  reference = read_metrics(reference_run[0])
+  workdir = str(tmp_path)
+  train.train_and_evaluate(run_config(data_dir, max_steps_this_run=3), workdir)
+  first = read_metrics(workdir)
+  assert [r['step'] for r in first] == [1, 2, 3]
+  assert sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints'))
+                if d.isdigit()) == [2, 3]
+  train.train_and_evaluate(run_config(data_dir, max_steps_this_run=1), workdir)  # from 3
+  resumed = read_metrics(workdir)
+  assert [r['step'] for r in resumed] == [1, 2, 3, 4]
+  for got, want in zip(resumed, reference):
+    for key in ('loss', 'mlm', 'sentence_image', 'grad_norm'):
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=f"step {want['step']}")
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+  config = run_config(data_dir, learning_rate=1e30, warmup_fraction=0.0)
+  config.checkpoint.every_steps = 1
+  config.model.dropout_rate = config.model.attention_dropout_rate = 0.0
+  with pytest.raises(train.NonFiniteLossError, match=r'step 2: non-finite .*loss=(nan|inf)'):
+    train.train_and_evaluate(config, str(tmp_path))
+  steps = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())
+  assert steps == [1]
+  restored = ocp.StandardCheckpointer().restore(tmp_path / 'checkpoints' / '1' / 'state')
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(restored))
+
+
+def one_step_on_one_device(config, batch):
+  mesh = sharding.make_mesh(config, jax.devices()[:1])
+  rules = sharding.logical_axis_rules(config)
+  model = get_model(config.model)
+  tx, schedule = train.make_optimizer(config.train)
+  batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  input_specs = train.model_input_specs(config, 'all', batch_spec)
+  _, shardings = train.abstract_train_state(model, tx, input_specs, mesh, rules)
+  state = train.init_train_state(model, tx, input_specs, config.seed, shardings)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    step = train.make_train_step(config, model, tx, schedule, mesh, shardings, 'all')
+    state, metrics = step(state, batch)
+  return jax.device_get(metrics), jax.device_get(state.params)
+
+
+def test_gradient_accumulation_gives_the_full_batch_update(data_dir):
+  """Masking is drawn once per global batch and the losses see all outputs, so
+  4 microbatches give the full batch's loss and update (dropout off)."""
+  config = run_config(data_dir, warmup_fraction=0.0)
+  config.mesh.shape = (1, 1, 1)
+  config.model.dropout_rate = config.model.attention_dropout_rate = 0.0
+  config = train.with_vocab_token_ids(
+      config, tokenizer.read_vocab(pipeline.vocab_file(config.data)))
+  batch = next(pipeline.make_pretraining_iterator(config.data, 'visualbert',
+                                                  global_batch_size=8, seed=0))
+  full_metrics, full_params = one_step_on_one_device(config, batch)
+  config.train.grad_accum_steps = 4
+  micro_metrics, micro_params = one_step_on_one_device(config, batch)
+  for key in ('loss', 'mlm', 'sentence_image', 'grad_norm'):
+    np.testing.assert_allclose(micro_metrics[key], full_metrics[key], rtol=1e-5, err_msg=key)
+  for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(full_params),
+                               jax.tree_util.tree_leaves(micro_params)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-6,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture
+def compile_events():
+  """Names of the jax compile events recorded while the test runs."""
+  events = []
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if 'compile' in event:
+      events.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  yield events
+  jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('mesh.shape', (3, -1, 1), r'config.mesh.shape=\(3, -1, 1\) does not divide the 8'),
+    ('train.global_batch_size', 12, 'global_batch_size=12 must be a multiple of 8'),
+    ('train.grad_accum_steps', 2, 'global_batch_size=8 must be a multiple of 16'),
+    ('model.name', 'clip', "config.model.name must be one of .* got 'clip'"),
+    ('pretrain.tasks', ('mlm', 'itm'), r"config.pretrain.tasks \('mlm', 'itm'\) for visualbert"),
+    ('model.visual_embedding_dim', 48,
+     "config.model.visual_embedding_dim=48 but the dataset 'vlp_world' has region feature "
+     'width 40'),
+    ('model.vocab_size', 100, 'config.model.vocab_size=100 is smaller than the tokenizer'),
+    ('init.from', 'hf:/tmp/x', "config.init.from must be '', 'orbax:DIR' or 'bert:DIR'"),
+])
+def test_bad_configs_fail_before_compiling(data_dir, tmp_path, compile_events, field, value,
+                                           message):
+  config = run_config(data_dir)
+  section, name = field.split('.')
+  config[section][name] = value
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not compile_events
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_qa_task_needs_qa_data(data_dir, tmp_path):
+  from configs import lxmert  # pylint: disable=g-import-not-at-top
+  config = common.make_config(lxmert.model_config('tiny'))
+  assert config.data.qa   # make_config turns QA data on for LXMERT's 'qa' task
+  config.data.update(size='tiny', data_dir=data_dir, qa=False)
+  info = pipeline.dataset_info(config.data)
+  config.model.update(vocab_size=info['vocab_size'], num_object_labels=8, num_attr_labels=11,
+                      num_answers=34)
+  with pytest.raises(ValueError, match="'qa' but config.data.qa is False"):
+    train.check_against_data(config, info)
+  config.data.qa = True
+  train.check_against_data(config, info)
+  config.model.num_object_labels = 9
+  with pytest.raises(ValueError, match=r'num_object_labels=9 .* has object classes \(less background\): 8'):
+    train.check_against_data(config, info)
+
+
+def test_schedule_and_weight_decay_mask():
+  config = ml_collections.ConfigDict(dict(learning_rate=1e-4, warmup_fraction=0.1,
+                                          num_steps=100, end_learning_rate=0.0))
+  schedule = train.learning_rate_schedule(config)
+  np.testing.assert_allclose([schedule(s) for s in (0, 5, 10, 55, 100)],
+                             [0.0, 5e-5, 1e-4, 5e-5, 0.0], atol=1e-12)
+  params = {'layer': {'dense': {'kernel': 0, 'bias': 0}, 'norm': {'scale': 0, 'bias': 0}},
+            'word_embeddings': {'embedding': 0}}
+  assert train.decay_mask(params) == {
+      'layer': {'dense': {'kernel': True, 'bias': False},
+                'norm': {'scale': False, 'bias': False}},
+      'word_embeddings': {'embedding': True}}
+
+
+def test_design_optimizer_defaults():
+  uniter = common.train_config('uniter')
+  assert (uniter.learning_rate, uniter.adam_b2, uniter.weight_decay, uniter.grad_clip_norm,
+          uniter.warmup_fraction * uniter.num_steps) == (5e-5, 0.98, 0.01, 5.0, 10_000)
+  assert common.train_config('lxmert').warmup_fraction == 0.05
+  assert common.train_config('vilbert').warmup_fraction == 0.1
+  assert common.train_config('visualbert').learning_rate == 5e-5
+
+
+@pytest.fixture(scope='module')
+def fresh_state(data_dir):
+  """A VisualBERT tiny state over fsdp 4 x tensor 2 and what built it."""
+  config = run_config(data_dir)
+  config.mesh.shape = (2, 2, 2)
+  mesh = sharding.make_mesh(config)
+  rules = sharding.logical_axis_rules(config)
+  model = get_model(config.model)
+  tx, _ = train.make_optimizer(config.train)
+  iterator = pipeline.make_pretraining_iterator(config.data, 'visualbert',
+                                                global_batch_size=8, seed=0)
+  input_specs = train.model_input_specs(config, 'all', train.peek_batch_spec(iterator))
+  abstract, shardings = train.abstract_train_state(model, tx, input_specs, mesh, rules)
+  state = train.init_train_state(model, tx, input_specs, config.seed, shardings)
+  return config, state, abstract
+
+
+def test_init_from_orbax_backbone(fresh_state, tmp_path):
+  config, state, abstract = fresh_state
+  backbone = jax.tree.map(lambda x: x + 1.0, state.params['backbone'])
+  with ocp.StandardCheckpointer() as saver:
+    saver.save(tmp_path / 'backbone', backbone)
+  new = train.init_from(f'orbax:{tmp_path}/backbone', config.model, state, abstract)
+  for got, want in zip(jax.tree_util.tree_leaves(new.params['backbone']),
+                       jax.tree_util.tree_leaves(backbone)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert got.sharding == want.sharding
+  heads = [k for k in state.params if k != 'backbone']
+  assert heads
+  for key in heads:
+    for got, want in zip(jax.tree_util.tree_leaves(new.params[key]),
+                         jax.tree_util.tree_leaves(state.params[key])):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_init_from_bert(fresh_state, tmp_path):
+  transformers = pytest.importorskip('transformers')
+  config, state, abstract = fresh_state
+  model = config.model
+  bert = transformers.BertModel(transformers.BertConfig(
+      vocab_size=model.vocab_size, hidden_size=model.hidden_size,
+      num_hidden_layers=model.num_hidden_layers, num_attention_heads=model.num_attention_heads,
+      intermediate_size=model.intermediate_size,
+      max_position_embeddings=model.max_position_embeddings,
+      type_vocab_size=model.type_vocab_size))
+  bert.save_pretrained(tmp_path / 'bert')
+  new = train.init_from(f'bert:{tmp_path}/bert', config.model, state, abstract)
+  table = new.params['backbone']['embeddings']['word_embeddings']['embedding']
+  np.testing.assert_allclose(np.asarray(table),
+                             bert.embeddings.word_embeddings.weight.detach().numpy(), rtol=1e-6)
+  assert table.sharding == state.params['backbone']['embeddings']['word_embeddings'][
+      'embedding'].sharding

@@ -1,0 +1,117 @@
+"""What the user sees during training: a progress line, TensorBoard, metrics.jsonl.
+
+Only process 0 writes (every process computes the same global metrics). Files
+in the workdir: `metrics.jsonl` (one JSON object per logged step, appended so a
+resumed run continues the file) and TensorBoard event files under `tensorboard/`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Mapping
+
+import jax
+import numpy as np
+import tensorboardX
+
+from vlpjax import flops
+
+METRICS_FILE = 'metrics.jsonl'
+TENSORBOARD_DIR = 'tensorboard'
+
+
+def format_duration(seconds: float) -> str:
+  """1h02m03s / 2m03s / 3s."""
+  if not math.isfinite(seconds):
+    return '?'
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  if hours:
+    return f'{hours}h{minutes:02d}m{seconds:02d}s'
+  return f'{minutes}m{seconds:02d}s' if minutes else f'{seconds}s'
+
+
+class MetricWriter:
+  """Writes scalars per logged step and prints the progress line.
+
+  Throughput and ETA cover the steps since the previous `write` (the first
+  interval after (re)start includes compilation, so it reads slow).
+  """
+
+  def __init__(self, workdir: str, *, total_steps: int, examples_per_step: int,
+               flops_per_step: float | None = None):
+    """
+    Args:
+      total_steps: the run's last step, for the ETA.
+      examples_per_step: global batch size.
+      flops_per_step: model FLOPs of one step (`vlpjax.flops`); on devices with
+        a known peak the line shows MFU.
+    """
+    self.total_steps = total_steps
+    self.examples_per_step = examples_per_step
+    self.flops_per_step = flops_per_step
+    self._writes = jax.process_index() == 0
+    self._last_step: int | None = None
+    self._last_time = time.perf_counter()
+    self._jsonl = None
+    self._tensorboard = None
+    if self._writes:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a', encoding='utf-8')
+      self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+
+  def start(self, step: int) -> None:
+    """Marks the step the run (re)starts from, for throughput."""
+    self._last_step = step
+    self._last_time = time.perf_counter()
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> dict[str, float]:
+    """Logs `scalars` (host floats) at `step`; returns them with throughput added."""
+    now = time.perf_counter()
+    record = {k: float(v) for k, v in scalars.items()}
+    if self._last_step is not None and step > self._last_step:
+      seconds_per_step = (now - self._last_time) / (step - self._last_step)
+      record['examples_per_second'] = self.examples_per_step / seconds_per_step
+      record['eta_seconds'] = seconds_per_step * (self.total_steps - step)
+      mfu = self.flops_per_step and flops.mfu(
+          self.flops_per_step, seconds_per_step, jax.devices()[0].device_kind,
+          jax.device_count())
+      if mfu:
+        record['mfu'] = mfu
+    self._last_step, self._last_time = step, now
+    if self._writes:
+      self._jsonl.write(json.dumps({'step': step, **record}) + '\n')
+      self._jsonl.flush()
+      for name, value in record.items():
+        self._tensorboard.add_scalar(name, value, step)
+      self._tensorboard.flush()
+      logging.info('%s', self.progress_line(step, record))
+    return record
+
+  def progress_line(self, step: int, record: Mapping[str, float]) -> str:
+    """'step 120/1000 | loss 3.21 mlm 2.10 ... | lr 1.0e-04 | 512 ex/s | MFU 41% | ETA 3m02s'."""
+    skip = {'learning_rate', 'examples_per_second', 'eta_seconds', 'mfu'}
+    losses = ' '.join(f'{k} {v:.4g}' for k, v in record.items() if k not in skip)
+    parts = [f'step {step}/{self.total_steps}', losses,
+             f"lr {record.get('learning_rate', float('nan')):.2e}"]
+    if 'examples_per_second' in record:
+      parts.append(f"{record['examples_per_second']:.1f} ex/s")
+    if 'mfu' in record:
+      parts.append(f"MFU {100 * record['mfu']:.1f}%")
+    if 'eta_seconds' in record:
+      parts.append(f"ETA {format_duration(record['eta_seconds'])}")
+    return ' | '.join(parts)
+
+  def close(self) -> None:
+    if self._writes:
+      self._jsonl.close()
+      self._tensorboard.close()
+
+
+def to_host(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
+  """Device scalars (replicated) -> Python floats."""
+  return {k: float(np.asarray(v)) for k, v in jax.device_get(dict(metrics)).items()}
