@@ -17,17 +17,17 @@ def model_config(size: str = 'base') -> ml_collections.ConfigDict:
   config.name = 'lxmert'
   if size == 'base':
     config.update(dict(
-        vocab_size=30522, hidden_size=768, num_attention_heads=12, intermediate_size=3072,
+        vocab_size=30522, hidden_size=768, num_heads=12, intermediate_size=3072,
         max_position_embeddings=512, type_vocab_size=2,
         num_language_layers=9, num_relation_layers=5, num_cross_layers=5,
-        visual_feat_dim=2048, num_answers=9500, num_object_labels=1600,
+        feature_dim=2048, num_answers=9500, num_object_labels=1600,
         num_attr_labels=400))
   elif size == 'tiny':
     config.update(dict(
-        vocab_size=120, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+        vocab_size=120, hidden_size=64, num_heads=4, intermediate_size=128,
         max_position_embeddings=64, type_vocab_size=2,
         num_language_layers=2, num_relation_layers=2, num_cross_layers=2,
-        visual_feat_dim=40, num_answers=30, num_object_labels=16, num_attr_labels=8))
+        feature_dim=40, num_answers=30, num_object_labels=16, num_attr_labels=8))
   else:
     raise ValueError(f"configs/lxmert.py: unknown size {size!r}; want 'base' or 'tiny'")
   config.visual_pos_dim = 4  # boxes (x1, y1, x2, y2) / (W, H)

@@ -20,14 +20,14 @@ def model_config(size: str = 'base') -> ml_collections.ConfigDict:
   config.name = 'visualbert'
   if size in FEATURE_DIMS:
     config.update(dict(
-        vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+        vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12,
         intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2,
-        visual_embedding_dim=FEATURE_DIMS[size]))
+        feature_dim=FEATURE_DIMS[size]))
   elif size == 'tiny':
     config.update(dict(
-        vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=120, hidden_size=64, num_layers=2, num_heads=4,
         intermediate_size=128, max_position_embeddings=64, type_vocab_size=2,
-        visual_embedding_dim=40))
+        feature_dim=40))
   else:
     raise ValueError(f'configs/visualbert.py: unknown size {size!r}; '
                      f'want one of {[*FEATURE_DIMS, "tiny"]}')

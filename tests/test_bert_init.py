@@ -25,9 +25,7 @@ from vlpjax.models import layers
 TOL = 1e-5
 B, T, R = 2, 6, 3
 TEXT_LENGTHS = (6, 3)
-# Region input shapes per design (MODELS.md): config field of the feature width, box dims.
-FEATURE_FIELD = dict(visualbert='visual_embedding_dim', lxmert='visual_feat_dim',
-                     uniter='feature_dim', vilbert='feature_dim')
+# Box dims of each design's region input (MODELS.md).
 LOC_DIM = dict(visualbert=4, lxmert=4, uniter=7, vilbert=5)
 
 
@@ -45,7 +43,7 @@ def flat(params):
 def random_params(cfg, pretraining=False, seed=0):
   """Params of the right shapes filled with noise (cheaper than a real init)."""
   inputs = dict(input_ids=jnp.zeros((B, T), jnp.int32), text_mask=jnp.ones((B, T)),
-                region_feats=jnp.zeros((B, R, cfg[FEATURE_FIELD[cfg.name]])),
+                region_feats=jnp.zeros((B, R, cfg.feature_dim)),
                 region_loc=jnp.zeros((B, R, LOC_DIM[cfg.name])), region_mask=jnp.ones((B, R)))
   if pretraining:
     inputs['mlm_positions'] = jnp.zeros((B, 1), jnp.int32)

@@ -7,19 +7,15 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-jax.config.update('jax_num_cpu_devices', 8)
-
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
-import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top,wrong-import-position
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
-from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from vlpjax import checkpointing, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vlpjax import checkpointing, train
 
 
 @pytest.fixture(scope='module', autouse=True)

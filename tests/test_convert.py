@@ -110,11 +110,11 @@ def test_hf_source(tmp_path):
   config = visualbert_config.model_config('tiny')
   hf_model = transformers.VisualBertModel(transformers.VisualBertConfig(
       vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-      num_hidden_layers=config.num_hidden_layers,
-      num_attention_heads=config.num_attention_heads,
+      num_hidden_layers=config.num_layers,
+      num_attention_heads=config.num_heads,
       intermediate_size=config.intermediate_size,
       max_position_embeddings=config.max_position_embeddings,
-      visual_embedding_dim=config.visual_embedding_dim))
+      visual_embedding_dim=config.feature_dim))
   hf_model.save_pretrained(tmp_path / 'hf')
   params = convert.import_checkpoint(config, 'hf-visualbert', str(tmp_path / 'hf'),
                                      pretraining=False)

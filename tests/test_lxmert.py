@@ -28,10 +28,10 @@ def tiny_config():
 def hf_config(cfg):
   return transformers.LxmertConfig(
       vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-      num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
+      num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
       max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size,
       l_layers=cfg.num_language_layers, r_layers=cfg.num_relation_layers,
-      x_layers=cfg.num_cross_layers, visual_feat_dim=cfg.visual_feat_dim,
+      x_layers=cfg.num_cross_layers, visual_feat_dim=cfg.feature_dim,
       visual_pos_dim=cfg.visual_pos_dim, num_qa_labels=cfg.num_answers,
       num_object_labels=cfg.num_object_labels, num_attr_labels=cfg.num_attr_labels)
 
@@ -45,7 +45,7 @@ def make_inputs(cfg, seed=0):
   corners = np.sort(rng.uniform(0, 1, (B, R, 2, 2)), axis=2)  # x1 <= x2, y1 <= y2
   return dict(
       input_ids=input_ids.astype(np.int32), text_mask=text_mask,
-      region_feats=rng.normal(size=(B, R, cfg.visual_feat_dim)).astype(np.float32),
+      region_feats=rng.normal(size=(B, R, cfg.feature_dim)).astype(np.float32),
       region_loc=corners.transpose(0, 1, 3, 2).reshape(B, R, 4).astype(np.float32),
       region_mask=region_mask,
       token_type_ids=rng.integers(0, 2, (B, T)).astype(np.int32) * text_mask)
@@ -234,11 +234,11 @@ def test_fused_and_explicit_attention_agree(imported):
   for key in ('text', 'vision', 'pooled'):
     np.testing.assert_allclose(fused[key], explicit[key], atol=1e-5)
   attention = explicit['attention']
-  assert attention['language_layers_0'].shape == (B, cfg.num_attention_heads, T, T)
-  assert attention['relation_layers_1'].shape == (B, cfg.num_attention_heads, R, R)
+  assert attention['language_layers_0'].shape == (B, cfg.num_heads, T, T)
+  assert attention['relation_layers_1'].shape == (B, cfg.num_heads, R, R)
   language_cross = attention['cross_layers_0/language_cross']
-  assert language_cross.shape == (B, cfg.num_attention_heads, T, R)
-  assert attention['cross_layers_1/vision_cross'].shape == (B, cfg.num_attention_heads, R, T)
+  assert language_cross.shape == (B, cfg.num_heads, T, R)
+  assert attention['cross_layers_1/vision_cross'].shape == (B, cfg.num_heads, R, T)
   # Padded regions get no attention from the text.
   np.testing.assert_allclose(language_cross[1, :, :, REGION_COUNTS[1]:], 0.0)
 
@@ -264,7 +264,7 @@ def test_bad_inputs_name_the_field(imported):
   cfg = tiny_config()
   inputs = make_inputs(cfg)
   inputs['region_feats'] = inputs['region_feats'][..., :-1]
-  with pytest.raises(ValueError, match='visual_feat_dim'):
+  with pytest.raises(ValueError, match='feature_dim'):
     run(cfg, imported, inputs=inputs)
   inputs = make_inputs(cfg)
   inputs['region_loc'] = np.concatenate([inputs['region_loc']] * 2, axis=-1)

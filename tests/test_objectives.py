@@ -471,10 +471,6 @@ def _design_config(design):
   return importlib.import_module(f'configs.{design}').model_config('tiny')
 
 
-FEATURE_DIM_FIELD = {'visualbert': 'visual_embedding_dim', 'vilbert': 'feature_dim',
-                     'lxmert': 'visual_feat_dim', 'uniter': 'feature_dim'}
-
-
 def _random_params(model, kwargs):
   """Params of `model` drawn N(0, 0.02) (LayerNorm scale 1, biases 0) without
   compiling `model.init`, which costs more than the test itself."""
@@ -507,7 +503,7 @@ def test_pretraining_model_losses_and_gradients(design, task):
   config = _config(design, tasks=tasks, ratios=(1,) * len(tasks) if task != 'all' else ())
   config.model = model_config
   model = get_model(model_config)
-  batch = _batch(design, dim=model_config[FEATURE_DIM_FIELD[design]],
+  batch = _batch(design, dim=model_config.feature_dim,
                  classes=model_config.get('num_region_classes', 11),
                  answers=model_config.get('num_answers', 7))
   if design == 'lxmert':

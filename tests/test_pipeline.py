@@ -6,14 +6,11 @@ each sentence names its image ("image three caption one"), so a batch shows whic
 image and which sentence every example joined. The embedded world's tiny build
 is the integration test.
 """
-import jax
-
-jax.config.update('jax_num_cpu_devices', 8)  # before any backend use (also in conftest)
-
-import json  # pylint: disable=g-import-not-at-top,wrong-import-position
+import json
 import os
 
 import grain
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest

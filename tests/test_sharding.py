@@ -9,19 +9,16 @@ import functools
 import importlib
 
 import jax
+import flax.linen as nn
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
 
-jax.config.update('jax_num_cpu_devices', 8)
-
-import flax.linen as nn  # pylint: disable=g-import-not-at-top,wrong-import-position
-import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
-from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vlpjax import sharding, train  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vlpjax.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vlpjax.models import get_model  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import common
+from vlpjax import sharding, train
+from vlpjax.data import synthetic
+from vlpjax.models import get_model
 
 # (data, fsdp, tensor)
 MESHES = {'data8': (8, 1, 1), 'fsdp4_data2': (2, 4, 1), 'tensor2_data4': (4, 1, 2)}
@@ -37,38 +34,7 @@ def tiny_config(design: str) -> ml_collections.ConfigDict:
 
 
 def synthetic_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
-  """A batch in the pipeline's layout for `config.model` (data contract), with
-  padding in text and regions."""
-  rs = np.random.RandomState(seed)
-  model, design = config.model, config.model.name
-  text_lengths = rs.randint(4, TEXT_LEN + 1, BATCH)
-  text_mask = np.arange(TEXT_LEN)[None] < text_lengths[:, None]
-  ids = rs.randint(106, model.vocab_size, (BATCH, TEXT_LEN))   # bert-base ids: 101 CLS, 102 SEP
-  ids[:, 0] = 101
-  ids[np.arange(BATCH), text_lengths - 1] = 102
-  ids[~text_mask] = 0
-  region_mask = np.arange(REGIONS)[None] < rs.randint(2, REGIONS + 1, BATCH)[:, None]
-  feature_dim = model[train.FEATURE_DIM_FIELDS[design]]
-  batch = dict(
-      input_ids=ids.astype(np.int32), text_mask=text_mask.astype(np.int32),
-      token_type_ids=np.zeros((BATCH, TEXT_LEN), np.int32),
-      region_feats=(rs.rand(BATCH, REGIONS, feature_dim) * region_mask[..., None]
-                    ).astype(np.float32),
-      region_loc=rs.rand(BATCH, REGIONS, pipeline.LOC_DIMS[design]).astype(np.float32),
-      region_mask=region_mask.astype(np.int32),
-      match_label=rs.randint(0, 2, BATCH).astype(np.int32))
-  if design in ('uniter', 'vilbert'):
-    probs = rs.rand(BATCH, REGIONS, model.num_region_classes)
-    batch['class_probs'] = (probs / probs.sum(-1, keepdims=True)).astype(np.float32)
-  if design == 'lxmert':
-    batch.update(
-        object_ids=rs.randint(0, model.num_object_labels, (BATCH, REGIONS)).astype(np.int32),
-        object_conf=rs.rand(BATCH, REGIONS).astype(np.float32),
-        attr_ids=rs.randint(0, model.num_attr_labels, (BATCH, REGIONS)).astype(np.int32),
-        attr_conf=rs.rand(BATCH, REGIONS).astype(np.float32),
-        answer_scores=(rs.rand(BATCH, model.num_answers) > 0.9).astype(np.float32),
-        qa_valid=np.ones(BATCH, np.float32))
-  return batch
+  return synthetic.synthetic_batch(config.model, BATCH, TEXT_LEN, REGIONS, seed)
 
 
 def setup(config: ml_collections.ConfigDict, mesh_shape: tuple[int, int, int],

@@ -7,21 +7,18 @@ resumed runs reuse the uninterrupted run's executables.
 import json
 import os
 
+import flax.linen as nn
 import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
-jax.config.update('jax_num_cpu_devices', 8)
-
-import flax.linen as nn  # pylint: disable=g-import-not-at-top,wrong-import-position
-import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top,wrong-import-position
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
-from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from configs import common, visualbert  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vlpjax import metrics as metrics_lib, sharding, train  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vlpjax.data import pipeline, tokenizer  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vlpjax.models import get_model  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import common, visualbert
+from vlpjax import metrics as metrics_lib, sharding, train
+from vlpjax.data import pipeline, tokenizer
+from vlpjax.models import get_model
 
 # Runs stop after NUM_STEPS of a 1000-step schedule: test_main and the SIGTERM test
 # in test_checkpointing use the same schedule, so all share one compiled step.
@@ -175,8 +172,8 @@ def compile_events():
     ('train.grad_accum_steps', 2, 'global_batch_size=8 must be a multiple of 16'),
     ('model.name', 'clip', "config.model.name must be one of .* got 'clip'"),
     ('pretrain.tasks', ('mlm', 'itm'), r"config.pretrain.tasks \('mlm', 'itm'\) for visualbert"),
-    ('model.visual_embedding_dim', 48,
-     "config.model.visual_embedding_dim=48 but the dataset 'vlp_world' has region feature "
+    ('model.feature_dim', 48,
+     "config.model.feature_dim=48 but the dataset 'vlp_world' has region feature "
      'width 40'),
     ('model.vocab_size', 100, 'config.model.vocab_size=100 is smaller than the tokenizer'),
     ('init.from', 'hf:/tmp/x', "config.init.from must be '', 'orbax:DIR' or 'bert:DIR'"),
@@ -273,7 +270,7 @@ def test_init_from_bert(fresh_state, tmp_path):
   model = config.model
   bert = transformers.BertModel(transformers.BertConfig(
       vocab_size=model.vocab_size, hidden_size=model.hidden_size,
-      num_hidden_layers=model.num_hidden_layers, num_attention_heads=model.num_attention_heads,
+      num_hidden_layers=model.num_layers, num_attention_heads=model.num_heads,
       intermediate_size=model.intermediate_size,
       max_position_embeddings=model.max_position_embeddings,
       type_vocab_size=model.type_vocab_size))

@@ -30,10 +30,10 @@ def tiny_config():
 def hf_config(cfg):
   return transformers.VisualBertConfig(
       vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-      num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
       intermediate_size=cfg.intermediate_size,
       max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size,
-      visual_embedding_dim=cfg.visual_embedding_dim)
+      visual_embedding_dim=cfg.feature_dim)
 
 
 def make_inputs(cfg, seed=0):
@@ -44,7 +44,7 @@ def make_inputs(cfg, seed=0):
   return dict(
       input_ids=(rng.integers(5, cfg.vocab_size, (B, T)) * text_mask).astype(np.int32),
       text_mask=text_mask,
-      region_feats=rng.normal(size=(B, R, cfg.visual_embedding_dim)).astype(np.float32),
+      region_feats=rng.normal(size=(B, R, cfg.feature_dim)).astype(np.float32),
       region_loc=rng.uniform(size=(B, R, 4)).astype(np.float32),  # ignored by VisualBERT
       region_mask=region_mask,
       token_type_ids=rng.integers(0, 2, (B, T)).astype(np.int32) * text_mask)
@@ -235,7 +235,7 @@ def test_fused_and_explicit_attention_agree(imported):
   for key in ('text', 'vision', 'pooled'):
     np.testing.assert_allclose(fused[key], explicit[key], atol=1e-5)
   probs = explicit['attention']['layers_1']
-  assert probs.shape == (B, cfg.num_attention_heads, T + R, T + R)
+  assert probs.shape == (B, cfg.num_heads, T + R, T + R)
   # Padded text and padded regions get no attention.
   np.testing.assert_allclose(probs[1, :, :, TEXT_LENGTHS[1]:T], 0.0)
   np.testing.assert_allclose(probs[1, :, :, T + REGION_COUNTS[1]:], 0.0)
@@ -254,5 +254,5 @@ def test_dropout_needs_an_rng_and_changes_outputs(imported, reference):
 def test_bad_feature_dim_names_the_field(imported):
   inputs = make_inputs(tiny_config())
   inputs['region_feats'] = inputs['region_feats'][..., :-1]
-  with pytest.raises(ValueError, match='visual_embedding_dim'):
+  with pytest.raises(ValueError, match='feature_dim'):
     run(tiny_config(), imported, inputs=inputs)

@@ -43,7 +43,6 @@ from vlpjax.checkpoints import original
 from vlpjax.checkpoints import state_dict as sd
 from vlpjax.data import pipeline
 from vlpjax.models import get_model
-from vlpjax.train import FEATURE_DIM_FIELDS
 
 Params = Any
 
@@ -75,7 +74,7 @@ def example_inputs(model_config: ml_collections.ConfigDict, pretraining: bool
                    ) -> dict[str, jax.Array]:
   """A one-example input batch that fixes every param shape of the design."""
   design = model_config.name
-  feature_dim = model_config[FEATURE_DIM_FIELDS[design]]
+  feature_dim = model_config.feature_dim
   inputs = dict(input_ids=jnp.zeros((1, 2), jnp.int32), text_mask=jnp.ones((1, 2), jnp.int32),
                 region_feats=jnp.zeros((1, 1, feature_dim)),
                 region_loc=jnp.zeros((1, 1, pipeline.LOC_DIMS[design])),

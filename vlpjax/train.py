@@ -44,9 +44,6 @@ from vlpjax.objectives import masking, pretraining
 
 # Backbone outputs that are parameters, not per-example activations.
 PARAM_OUTPUTS = ('word_embeddings',)
-# Model config field holding the region feature width, per design.
-FEATURE_DIM_FIELDS = dict(uniter='feature_dim', visualbert='visual_embedding_dim',
-                          lxmert='visual_feat_dim', vilbert='feature_dim')
 
 
 @flax.struct.dataclass
@@ -127,7 +124,7 @@ def check_against_data(config: ml_collections.ConfigDict, info: Mapping[str, Any
       raise ValueError(f'config.model.{field}={model[field]} but the dataset '
                        f'{config.data.name!r} has {what} {value}; set '
                        f'--config.model.{field}={value} or use matching data')
-  require(FEATURE_DIM_FIELDS[model.name], info['feature_dim'], 'region feature width')
+  require('feature_dim', info['feature_dim'], 'region feature width')
   if model.vocab_size < info['vocab_size']:
     raise ValueError(f'config.model.vocab_size={model.vocab_size} is smaller than the '
                      f'tokenizer vocabulary ({info["vocab_size"]}, {info["vocab_file"]})')

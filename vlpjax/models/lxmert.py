@@ -115,14 +115,14 @@ class Lxmert(nn.Module):
   """
   vocab_size: int = 30522
   hidden_size: int = 768
-  num_attention_heads: int = 12
+  num_heads: int = 12
   intermediate_size: int = 3072
   max_position_embeddings: int = 512
   type_vocab_size: int = 2
   num_language_layers: int = 9
   num_relation_layers: int = 5
   num_cross_layers: int = 5
-  visual_feat_dim: int = 2048
+  feature_dim: int = 2048
   visual_pos_dim: int = 4
   num_answers: int = 9500
   num_object_labels: int = 1600
@@ -136,9 +136,9 @@ class Lxmert(nn.Module):
 
   def check_inputs(self, input_ids: jax.Array, region_feats: jax.Array,
                    region_loc: jax.Array) -> None:
-    if region_feats.shape[-1] != self.visual_feat_dim:
+    if region_feats.shape[-1] != self.feature_dim:
       raise ValueError(f'region_feats has feature dim {region_feats.shape[-1]} but the model '
-                       f'config says visual_feat_dim={self.visual_feat_dim}')
+                       f'config says feature_dim={self.feature_dim}')
     if region_loc.shape[-1] != self.visual_pos_dim:
       raise ValueError(f'region_loc has {region_loc.shape[-1]} coordinates but the model '
                        f'config says visual_pos_dim={self.visual_pos_dim} (x1, y1, x2, y2)')
@@ -183,19 +183,19 @@ class Lxmert(nn.Module):
     for i in range(self.num_language_layers):
       name = f'language_layers_{i}'
       text, attention[name] = single_layer(
-          self.num_attention_heads, self.intermediate_size, **common, name=name)(
+          self.num_heads, self.intermediate_size, **common, name=name)(
               text, text_mask, deterministic, return_attention)
     for i in range(self.num_relation_layers):
       name = f'relation_layers_{i}'
       vision, attention[name] = single_layer(
-          self.num_attention_heads, self.intermediate_size, **common, name=name)(
+          self.num_heads, self.intermediate_size, **common, name=name)(
               vision, region_mask, deterministic, return_attention)
       vision = layers.constrain(vision, VISION_AXES)
     cross_layer = layers.maybe_remat(CrossLayer, self.remat)
     for i in range(self.num_cross_layers):
       name = f'cross_layers_{i}'
       (text, vision), probs = cross_layer(
-          self.num_attention_heads, self.intermediate_size, **common, name=name)(
+          self.num_heads, self.intermediate_size, **common, name=name)(
               (text, vision), (text_mask, region_mask), deterministic, return_attention)
       for kind, value in (probs or {}).items():
         attention[f'{name}/{kind}'] = value
@@ -213,11 +213,11 @@ class ObjectHead(nn.Module):
   """HF `LxmertVisualObjHead`: one transform, then object/attribute/feature decoders.
 
   Submodules: transform, obj, attr, feat. [B, R, H] -> ([B, R, num_object_labels],
-  [B, R, num_attr_labels], [B, R, visual_feat_dim]).
+  [B, R, num_attr_labels], [B, R, feature_dim]).
   """
   num_object_labels: int
   num_attr_labels: int
-  visual_feat_dim: int
+  feature_dim: int
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
 
@@ -228,7 +228,7 @@ class ObjectHead(nn.Module):
     dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
     return (dense(self.num_object_labels, ('embed_out', 'vocab'), name='obj')(h),
             dense(self.num_attr_labels, ('embed_out', 'vocab'), name='attr')(h),
-            dense(self.visual_feat_dim, ('embed_out', 'feature'), name='feat')(h))
+            dense(self.feature_dim, ('embed_out', 'feature'), name='feat')(h))
 
 
 class LxmertForPreTraining(Lxmert):
@@ -260,7 +260,7 @@ class LxmertForPreTraining(Lxmert):
         2, ('embed', None), dtype=dtype, param_dtype=param_dtype,
         name='matched_head')(outputs['pooled'])
     outputs['obj_logits'], outputs['attr_logits'], outputs['feat_pred'] = ObjectHead(
-        self.num_object_labels, self.num_attr_labels, self.visual_feat_dim, dtype=dtype,
+        self.num_object_labels, self.num_attr_labels, self.feature_dim, dtype=dtype,
         param_dtype=param_dtype, name='object_head')(outputs['vision'])
     outputs['qa_logits'] = heads.AnswerHead(
         self.num_answers, self.hidden_size, dtype=dtype, param_dtype=param_dtype,

@@ -93,12 +93,12 @@ class VisualBert(nn.Module):
   """
   vocab_size: int = 30522
   hidden_size: int = 768
-  num_hidden_layers: int = 12
-  num_attention_heads: int = 12
+  num_layers: int = 12
+  num_heads: int = 12
   intermediate_size: int = 3072
   max_position_embeddings: int = 512
   type_vocab_size: int = 2
-  visual_embedding_dim: int = 2048
+  feature_dim: int = 2048
   visual_token_type: int = 1
   special_visual_initialize: bool = True
   dtype: str = 'float32'
@@ -109,9 +109,9 @@ class VisualBert(nn.Module):
   remat: bool = False
 
   def check_inputs(self, input_ids: jax.Array, region_feats: jax.Array) -> None:
-    if region_feats.shape[-1] != self.visual_embedding_dim:
+    if region_feats.shape[-1] != self.feature_dim:
       raise ValueError(f'region_feats has feature dim {region_feats.shape[-1]} but the model '
-                       f'config says visual_embedding_dim={self.visual_embedding_dim}')
+                       f'config says feature_dim={self.feature_dim}')
     if input_ids.shape[1] > self.max_position_embeddings:
       raise ValueError(f'input_ids has length {input_ids.shape[1]} > '
                        f'max_position_embeddings={self.max_position_embeddings}')
@@ -152,10 +152,10 @@ class VisualBert(nn.Module):
     mask = jnp.concatenate([text_mask, region_mask], axis=1)
     layer_cls = layers.maybe_remat(layers.TransformerLayer, self.remat)
     attention = {}
-    for i in range(self.num_hidden_layers):
+    for i in range(self.num_layers):
       name = f'layers_{i}'
       x, attention[name] = layer_cls(
-          self.num_attention_heads, self.intermediate_size, self.dropout_rate,
+          self.num_heads, self.intermediate_size, self.dropout_rate,
           self.attention_dropout_rate, self.attention_impl, dtype=dtype,
           param_dtype=param_dtype, name=name)(x, mask, deterministic, return_attention)
     outputs = dict(
@@ -212,7 +212,7 @@ def backbone_of(module: nn.Module, backbone_cls: type[nn.Module]) -> nn.Module:
 def bert_text_paths(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Where BERT's embeddings, layers and pooler sit in the backbone params."""
   return dict(embeddings='embeddings',
-              layers=[f'layers_{i}' for i in range(model_config.num_hidden_layers)],
+              layers=[f'layers_{i}' for i in range(model_config.num_layers)],
               pooler='pooler')
 
 

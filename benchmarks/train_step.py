@@ -1,0 +1,211 @@
+r"""Pretraining step speed of each design, beside the PyTorch references.
+
+  python -m benchmarks.train_step [--sizes=tiny,base] [--batch=8] [--steps=3]
+      [--dtype=float32] [--designs=...] [--torch=lxmert,visualbert]
+
+For each design and size: compile time, steps/s, examples/s, peak memory and, on
+accelerators, MFU (analytic FLOPs, `vlpjax.flops`), on synthetic batches of text
+length 20 and 36 regions on whatever devices exist (the step is the real jitted,
+sharded `train.make_train_step`). The transformers `LxmertForPreTraining` and
+`VisualBertForPreTraining` run the same shapes (forward, backward, AdamW) in
+fp32 on the CPU. Each case runs in its own process so that peak memory is its
+own. Figures go to stdout and to benchmarks/results/train_step.json.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+TEXT_LEN, REGIONS = 20, 36
+RESULTS = os.path.join(os.path.dirname(__file__), 'results', 'train_step.json')
+
+
+def _peak_memory_bytes() -> int:
+  """Device peak where the backend reports it, else this process's peak RSS."""
+  import jax  # pylint: disable=import-outside-toplevel
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return int(stats['peak_bytes_in_use'])
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_vlpjax(design: str, size: str, batch_size: int, steps: int, dtype: str) -> dict:
+  """Times `steps` jitted pretraining steps of `design`/`size`."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from vlpjax import flops, sharding, train  # pylint: disable=import-outside-toplevel
+  from vlpjax.data import synthetic  # pylint: disable=import-outside-toplevel
+  from vlpjax.models import get_model  # pylint: disable=import-outside-toplevel
+  from vlpjax.objectives import pretraining  # pylint: disable=import-outside-toplevel
+
+  config = importlib.import_module(f'configs.{design}').get_config(size)
+  config.train.global_batch_size = batch_size
+  config.model.dtype = dtype
+  mesh = sharding.make_mesh(config)
+  train.validate_config(config, mesh)
+  rules = sharding.logical_axis_rules(config)
+  model = get_model(config.model)
+  tx, schedule = train.make_optimizer(config.train)
+  task = pretraining.tasks_for(design, config)[0]
+  regions = REGIONS + (1 if design == 'vilbert' else 0)  # ViLBERT's [IMG] slot
+  host_batch = synthetic.synthetic_batch(config.model, batch_size, TEXT_LEN, regions)
+  batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host_batch.items()}
+  input_specs = train.model_input_specs(config, task, batch_spec)
+  _, shardings = train.abstract_train_state(model, tx, input_specs, mesh, rules)
+  state = train.init_train_state(model, tx, input_specs, config.seed, shardings)
+  batch = jax.device_put(host_batch, sharding.batch_sharding(mesh, config.mesh.data_axes))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    step = train.make_train_step(config, model, tx, schedule, mesh, shardings, task)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    state, metrics = compiled(state, batch)  # warm-up
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    step_s = (time.perf_counter() - start) / steps
+  device = jax.devices()[0]
+  flops_per_step = batch_size * flops.model_flops_per_example(
+      config.model, TEXT_LEN, regions, input_specs['mlm_positions'].shape[1])
+  return dict(
+      impl='vlpjax', design=design, size=size, task=task, dtype=dtype,
+      batch=batch_size, devices=jax.device_count(), device_kind=device.device_kind,
+      compile_s=compile_s, step_s=step_s, steps_per_s=1 / step_s,
+      examples_per_s=batch_size / step_s, peak_memory_gib=_peak_memory_bytes() / 2**30,
+      model_tflops_per_step=flops_per_step / 1e12,
+      mfu=flops.mfu(flops_per_step, step_s, device.device_kind, jax.device_count()),
+      loss=float(metrics['loss']))
+
+
+def run_torch(design: str, batch_size: int, steps: int) -> dict:
+  """Times `steps` of the transformers pretraining model (fp32, CPU): forward
+  with every pretraining loss, backward, AdamW."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  b, t, r = batch_size, TEXT_LEN, REGIONS
+  input_ids = torch.randint(106, 30522, (b, t))
+  mlm_labels = torch.where(torch.rand(b, t) < 0.15, input_ids, -100)
+  matched = torch.randint(0, 2, (b,))
+  if design == 'lxmert':
+    config = transformers.LxmertConfig()
+    model = transformers.LxmertForPreTraining(config)
+    inputs = dict(
+        input_ids=input_ids, attention_mask=torch.ones(b, t, dtype=torch.long),
+        visual_feats=torch.rand(b, r, 2048), visual_pos=torch.rand(b, r, 4),
+        masked_lm_labels=mlm_labels, matched_label=matched,
+        obj_labels={
+            'obj': (torch.randint(0, 1600, (b, r)), torch.rand(b, r)),
+            'attr': (torch.randint(0, 400, (b, r)), torch.rand(b, r)),
+            'feat': (torch.rand(b, r, 2048), torch.rand(b, r))},
+        ans=torch.randint(0, config.num_qa_labels, (b,)))
+  elif design == 'visualbert':
+    model = transformers.VisualBertForPreTraining(
+        transformers.VisualBertConfig(visual_embedding_dim=2048))
+    inputs = dict(
+        input_ids=input_ids, attention_mask=torch.ones(b, t, dtype=torch.long),
+        visual_embeds=torch.rand(b, r, 2048),
+        visual_attention_mask=torch.ones(b, r, dtype=torch.long),
+        labels=torch.cat([mlm_labels, torch.full((b, r), -100)], 1),
+        sentence_image_labels=matched)
+  else:
+    raise ValueError(f'no PyTorch reference for {design}')
+  model.train()
+  optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+  def step():
+    optimizer.zero_grad()
+    loss = model(**inputs).loss
+    loss.backward()
+    optimizer.step()
+    return loss
+
+  step()  # warm-up
+  start = time.perf_counter()
+  for _ in range(steps):
+    loss = step()
+  step_s = (time.perf_counter() - start) / steps
+  return dict(impl=f'torch {torch.__version__}', design=design, size='base', task='all',
+              dtype='float32', batch=batch_size, devices=1, device_kind='cpu',
+              compile_s=0.0, step_s=step_s, steps_per_s=1 / step_s,
+              examples_per_s=batch_size / step_s,
+              peak_memory_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+              model_tflops_per_step=None, mfu=None, loss=float(loss))
+
+
+def machine() -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
+  return dict(platform=platform.platform(), processor=platform.processor(),
+              cpu_count=os.cpu_count(), python=platform.python_version(),
+              jax=jax.__version__, backend=jax.default_backend(),
+              devices=[d.device_kind for d in jax.devices()],
+              load_average=os.getloadavg())
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--designs', default='visualbert,vilbert,lxmert,uniter')
+  parser.add_argument('--sizes', default='tiny,base')
+  parser.add_argument('--torch', default='lxmert,visualbert',
+                      help='designs to time in PyTorch too (base, fp32, CPU); "" for none')
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--steps', type=int, default=3)
+  parser.add_argument('--dtype', default='float32', help="compute dtype, e.g. 'bfloat16'")
+  parser.add_argument('--out', default=RESULTS)
+  parser.add_argument('--one', help=argparse.SUPPRESS)  # child process: one case
+  args = parser.parse_args()
+
+  if args.one:
+    kind, design, size = args.one.split(':')
+    result = (run_torch(design, args.batch, args.steps) if kind == 'torch' else
+              run_vlpjax(design, size, args.batch, args.steps, args.dtype))
+    print('RESULT ' + json.dumps(result))
+    return
+
+  cases = [f'jax:{d}:{s}' for s in args.sizes.split(',') for d in args.designs.split(',')]
+  cases += [f'torch:{d}:base' for d in filter(None, args.torch.split(','))]
+  results = []
+  for case in cases:
+    proc = subprocess.run(
+        [sys.executable, '-m', 'benchmarks.train_step', f'--one={case}',
+         f'--batch={args.batch}', f'--steps={args.steps}', f'--dtype={args.dtype}'],
+        capture_output=True, text=True, check=False)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
+    if proc.returncode or not lines:
+      print(f'{case}: failed\n{proc.stderr[-3000:]}', file=sys.stderr)
+      continue
+    result = json.loads(lines[-1][len('RESULT '):])
+    results.append(result)
+    mfu = f"{result['mfu']:.1%}" if result['mfu'] else '-'
+    print(f"{result['impl']:>16} {result['design']:>10} {result['size']:>5} "
+          f"{result['task']:>6} compile {result['compile_s']:6.1f}s  "
+          f"{result['steps_per_s']:7.3f} steps/s  {result['examples_per_s']:8.1f} ex/s  "
+          f"peak {result['peak_memory_gib']:.2f} GiB  MFU {mfu}", flush=True)
+
+  speedups = {}
+  for design in filter(None, args.torch.split(',')):
+    ours = [r for r in results if r['impl'] == 'vlpjax' and r['design'] == design
+            and r['size'] == 'base' and r['dtype'] == 'float32']
+    ref = [r for r in results if r['impl'].startswith('torch') and r['design'] == design]
+    if ours and ref:
+      speedups[design] = ours[0]['examples_per_s'] / ref[0]['examples_per_s']
+      print(f'{design}: vlpjax / PyTorch examples/s = {speedups[design]:.2f}x')
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, 'w', encoding='utf-8') as f:
+    json.dump(dict(machine=machine(), text_len=TEXT_LEN, regions=REGIONS,
+                   batch=args.batch, steps=args.steps, results=results,
+                   speedup_vs_torch=speedups), f, indent=2)
+  print(f'wrote {args.out}')
+
+
+if __name__ == '__main__':
+  main()
