@@ -195,7 +195,7 @@ def test_qa_task_needs_qa_data(data_dir, tmp_path):
   assert config.data.qa   # make_config turns QA data on for LXMERT's 'qa' task
   config.data.update(size='tiny', data_dir=data_dir, qa=False)
   info = pipeline.dataset_info(config.data)
-  config.model.update(vocab_size=info['vocab_size'], num_object_labels=8, num_attr_labels=11,
+  config.model.update(vocab_size=info['vocab_size'], num_object_labels=8, num_attr_labels=10,
                       num_answers=34)
   with pytest.raises(ValueError, match="'qa' but config.data.qa is False"):
     train.check_against_data(config, info)

@@ -1,7 +1,7 @@
 """Builds every table of the embedded world with TFDS.
 
-  python -m vlpjax.data.build --config=default --data_dir=~/tensorflow_datasets
-  python -m vlpjax.data.build --config=tiny --data_dir=/tmp/vlp_world
+  python -m vlpjax.data.build --size=default --data_dir=~/tensorflow_datasets
+  python -m vlpjax.data.build --size=tiny --data_dir=/tmp/vlp_world
 
 Tables already built under `data_dir` are kept. Prints each table's location,
 its size on disk and the wall and CPU time taken.
@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 
 from vlpjax.data import vlp_world
 
-_CONFIG = flags.DEFINE_enum('config', 'default', list(vlp_world.WORLD_SIZES),
+_SIZE = flags.DEFINE_enum('size', 'default', list(vlp_world.WORLD_SIZES),
                             'World size to build.')
 _DATA_DIR = flags.DEFINE_string('data_dir', '~/tensorflow_datasets', 'TFDS data directory.')
 
@@ -51,7 +51,7 @@ def build(size: str, data_dir: str) -> dict[str, str]:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  build(_CONFIG.value, _DATA_DIR.value)
+  build(_SIZE.value, _DATA_DIR.value)
 
 
 if __name__ == '__main__':
