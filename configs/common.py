@@ -60,8 +60,39 @@ def train_config(design: str) -> ml_collections.ConfigDict:
   return config
 
 
-def make_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The full run config around a design's model config."""
+# Label spaces of the embedded world (default size, `vlpjax/data/world.py`): the
+# 'small' models, which pretrain on it, size their inputs and heads to these.
+EMBEDDED_WORLD = dict(
+    vocab_size=148,          # its WordPiece vocabulary
+    feature_dim=2048,        # region features, as the BUTD detector's
+    num_region_classes=9,    # detector classes incl. background (class_probs)
+    num_object_labels=8,     # object labels less background (LXMERT)
+    num_attr_labels=10,      # attribute labels (LXMERT)
+    num_answers=34,          # VQA answers (LXMERT's QA head)
+)
+# Shapes shared by the 'small' models: a CPU-sized BERT.
+SMALL_SHAPES = dict(hidden_size=256, num_heads=4, intermediate_size=1024,
+                    max_position_embeddings=64, type_vocab_size=2)
+# The main job: a short run on the embedded world that shows the losses fall.
+SMALL_RUN = dict(global_batch_size=32, num_steps=1500, warmup_fraction=0.05,
+                 log_every_steps=25)
+
+
+def small_model(name: str, world_fields: tuple[str, ...], **fields
+                ) -> ml_collections.ConfigDict:
+  """A 'small' model config: SMALL_SHAPES, the `world_fields` of EMBEDDED_WORLD
+  the design has, and its own `fields` (layer counts, second-stream widths)."""
+  config = model_defaults()
+  config.name = name
+  config.update(SMALL_SHAPES)
+  config.update({k: EMBEDDED_WORLD[k] for k in world_fields})
+  config.update(fields)
+  return config
+
+
+def make_config(model: ml_collections.ConfigDict, size: str = '') -> ml_collections.ConfigDict:
+  """The full run config around a design's model config (of `size`: 'small'
+  runs get SMALL_RUN's training schedule and a checkpoint every 250 steps)."""
   # Imported here so that importing a config module stays light.
   from vlpjax import checkpointing, sharding  # pylint: disable=g-import-not-at-top
   from vlpjax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -72,7 +103,7 @@ def make_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for name, kind in OPTIONAL_DATA_FIELDS.items():
     if data.get(name) is None:   # a typed None, so the command line can set it
       data[name] = ml_collections.config_dict.placeholder(kind)
-  return ml_collections.ConfigDict(dict(
+  config = ml_collections.ConfigDict(dict(
       model=model,
       seed=0,                          # params init, masking, dropout and data order
       train=train_config(model.name),
@@ -86,3 +117,10 @@ def make_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       # when the workdir has no checkpoint to resume from.
       init={'from': ''},
   ))
+  if size == 'small':
+    config.train.update(SMALL_RUN)
+    config.checkpoint.every_steps = 250
+    # The world's vocabulary has no [unused] block to skip (UNITER's 106 does so
+    # in bert-base-cased): random words come from all of it.
+    config.pretrain.random_token_min = 0
+  return config

@@ -3,8 +3,9 @@
 Usage:
   python -m vlpjax.main --config=configs/lxmert.py:base --workdir=/tmp/lxmert
 
-Config args: 'base' (published shapes, as HF `LxmertForPreTraining`), 'tiny'
-(for tests; keeps two layers of each kind).
+Config args: 'base' (published shapes, as HF `LxmertForPreTraining`), 'small'
+(2/2/2 layers of width 256, heads sized for the embedded world), 'tiny' (for
+tests; keeps two layers of each kind).
 """
 import ml_collections
 
@@ -15,7 +16,12 @@ def model_config(size: str = 'base') -> ml_collections.ConfigDict:
   """Model fields (the dataclass fields of `vlpjax.models.lxmert.Lxmert`)."""
   config = common.model_defaults()
   config.name = 'lxmert'
-  if size == 'base':
+  if size == 'small':
+    config = common.small_model(
+        'lxmert', ('vocab_size', 'feature_dim', 'num_answers', 'num_object_labels',
+                   'num_attr_labels'),
+        num_language_layers=2, num_relation_layers=2, num_cross_layers=2)
+  elif size == 'base':
     config.update(dict(
         vocab_size=30522, hidden_size=768, num_heads=12, intermediate_size=3072,
         max_position_embeddings=512, type_vocab_size=2,
@@ -29,11 +35,11 @@ def model_config(size: str = 'base') -> ml_collections.ConfigDict:
         num_language_layers=2, num_relation_layers=2, num_cross_layers=2,
         feature_dim=40, num_answers=30, num_object_labels=16, num_attr_labels=8))
   else:
-    raise ValueError(f"configs/lxmert.py: unknown size {size!r}; want 'base' or 'tiny'")
+    raise ValueError(f"configs/lxmert.py: unknown size {size!r}; want 'base', 'small' or 'tiny'")
   config.visual_pos_dim = 4  # boxes (x1, y1, x2, y2) / (W, H)
   return config
 
 
 def get_config(arg: str = 'base') -> ml_collections.ConfigDict:
   """The run config for `--config=configs/lxmert.py:<arg>`."""
-  return common.make_config(model_config(arg))
+  return common.make_config(model_config(arg), arg)

@@ -3,7 +3,8 @@
 Usage:
   python -m vlpjax.main --config=configs/uniter.py:base --workdir=/tmp/uniter
 
-Sizes: 'base' (12 x 768, 12 heads), 'large' (24 x 1024, 16 heads, FFN 4096) and
+Sizes: 'base' (12 x 768, 12 heads), 'large' (24 x 1024, 16 heads, FFN 4096),
+'small' (4 x 256, heads sized for the embedded world: the README's main job) and
 'tiny' (the shapes of the parity fixture tests/data/reference/uniter_tiny.json).
 """
 import ml_collections
@@ -24,9 +25,12 @@ SIZES = dict(
 
 
 def model_config(size: str) -> ml_collections.ConfigDict:
-  """UNITER model config of `size` in {'base', 'large', 'tiny'}."""
+  """UNITER model config of `size` in {'base', 'large', 'small', 'tiny'}."""
+  if size == 'small':
+    return common.small_model('uniter', ('vocab_size', 'feature_dim', 'num_region_classes'),
+                              num_layers=4)
   if size not in SIZES:
-    raise ValueError(f'configs/uniter.py: unknown size {size!r}; choose one of {list(SIZES)}')
+    raise ValueError(f'configs/uniter.py: unknown size {size!r}; choose one of {[*SIZES, "small"]}')
   config = common.model_defaults()
   config.name = 'uniter'
   config.type_vocab_size = 2       # text type 0, regions type 1 (one shared table)
@@ -37,4 +41,4 @@ def model_config(size: str) -> ml_collections.ConfigDict:
 def get_config(arg: str = 'base') -> ml_collections.ConfigDict:
   """`--config=configs/uniter.py:<size>`."""
   # make_config adds the run sections (train, pretrain, data, mesh, checkpoint, init).
-  return common.make_config(model_config(arg))
+  return common.make_config(model_config(arg), arg)

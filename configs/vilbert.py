@@ -5,7 +5,9 @@ Usage:
 
 Sizes: 'base' (BERT-base text stream; image stream 6 x 1024, 8 heads, FFN 1024;
 6 Co-TRM layers of width 1024 after text layers 5..10 and image layers -1..4)
-and 'tiny' (the shapes of the parity fixture tests/data/reference/vilbert_tiny.json).
+'small' (text 4 x 256, image 2 x 256, 2 Co-TRM layers, heads sized for the
+embedded world) and 'tiny' (the shapes of the parity fixture
+tests/data/reference/vilbert_tiny.json).
 Other published placements (2-, 4-, 8-layer) only change `v_biattention_id` /
 `t_biattention_id` (and `v_num_layers`), e.g. 2-layer: [0, 1] / [10, 11].
 """
@@ -29,9 +31,14 @@ SIZES = dict(
 
 
 def model_config(size: str) -> ml_collections.ConfigDict:
-  """ViLBERT model config of `size` in {'base', 'tiny'}."""
+  """ViLBERT model config of `size` in {'base', 'small', 'tiny'}."""
+  if size == 'small':
+    return common.small_model(
+        'vilbert', ('vocab_size', 'feature_dim', 'num_region_classes'), num_layers=4,
+        v_hidden_size=256, v_num_layers=2, v_num_heads=4, v_intermediate_size=256,
+        bi_hidden_size=256, bi_num_heads=4, v_biattention_id=(0, 1), t_biattention_id=(2, 3))
   if size not in SIZES:
-    raise ValueError(f'configs/vilbert.py: unknown size {size!r}; choose one of {list(SIZES)}')
+    raise ValueError(f'configs/vilbert.py: unknown size {size!r}; choose one of {[*SIZES, "small"]}')
   config = common.model_defaults()
   config.name = 'vilbert'
   config.type_vocab_size = 2
@@ -42,4 +49,4 @@ def model_config(size: str) -> ml_collections.ConfigDict:
 def get_config(arg: str = 'base') -> ml_collections.ConfigDict:
   """`--config=configs/vilbert.py:<size>`."""
   # make_config adds the run sections (train, pretrain, data, mesh, checkpoint, init).
-  return common.make_config(model_config(arg))
+  return common.make_config(model_config(arg), arg)

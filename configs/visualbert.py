@@ -4,7 +4,8 @@ Usage:
   python -m vlpjax.main --config=configs/visualbert.py:base --workdir=/tmp/visualbert
 
 Config args: 'base' (BERT-base, 2048-d BUTD features as VQA/COCO), 'base_nlvr2'
-(1024-d features), 'base_vcr' (512-d features), 'tiny' (for tests).
+(1024-d features), 'base_vcr' (512-d features), 'small' (4 x 256, sized for the
+embedded world), 'tiny' (for tests).
 """
 import ml_collections
 
@@ -23,6 +24,8 @@ def model_config(size: str = 'base') -> ml_collections.ConfigDict:
         vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12,
         intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2,
         feature_dim=FEATURE_DIMS[size]))
+  elif size == 'small':
+    config = common.small_model('visualbert', ('vocab_size', 'feature_dim'), num_layers=4)
   elif size == 'tiny':
     config.update(dict(
         vocab_size=120, hidden_size=64, num_layers=2, num_heads=4,
@@ -30,7 +33,7 @@ def model_config(size: str = 'base') -> ml_collections.ConfigDict:
         feature_dim=40))
   else:
     raise ValueError(f'configs/visualbert.py: unknown size {size!r}; '
-                     f'want one of {[*FEATURE_DIMS, "tiny"]}')
+                     f'want one of {[*FEATURE_DIMS, "small", "tiny"]}')
   # Token type of every region: 1 as in HF checkpoints; the original code uses 0.
   config.visual_token_type = 1
   # Visual position/type tables start as copies of the text tables (HF default).
@@ -40,4 +43,4 @@ def model_config(size: str = 'base') -> ml_collections.ConfigDict:
 
 def get_config(arg: str = 'base') -> ml_collections.ConfigDict:
   """The run config for `--config=configs/visualbert.py:<arg>`."""
-  return common.make_config(model_config(arg))
+  return common.make_config(model_config(arg), arg)

@@ -13,6 +13,7 @@ init, attention that ignores padded keys exactly as an additive -10000 mask does
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
@@ -306,6 +307,24 @@ class Pooler(nn.Module):
     h = Dense(self.features, ('embed', 'embed_out'), dtype=self.dtype,
               param_dtype=self.param_dtype, name='dense')(x[:, 0])
     return self.activation(h)
+
+
+def backbone_fields(module: nn.Module, backbone_cls: type[nn.Module]) -> dict[str, Any]:
+  """The values on `module` of `backbone_cls`'s dataclass fields: a pretraining
+  module (which has the backbone's fields) builds its `backbone` from these."""
+  return {f.name: getattr(module, f.name) for f in dataclasses.fields(backbone_cls)
+          if f.name not in ('parent', 'name')}
+
+
+def check_inputs(input_ids: jax.Array, region_feats: jax.Array, *, feature_dim: int,
+                 max_position_embeddings: int) -> None:
+  """Errors naming the config field when inputs do not fit the model config."""
+  if region_feats.shape[-1] != feature_dim:
+    raise ValueError(f'region_feats has feature dim {region_feats.shape[-1]} but the model '
+                     f'config says feature_dim={feature_dim}')
+  if input_ids.shape[1] > max_position_embeddings:
+    raise ValueError(f'input_ids has length {input_ids.shape[1]} > '
+                     f'max_position_embeddings={max_position_embeddings}')
 
 
 def maybe_remat(layer_cls: type[nn.Module], remat: bool) -> type[nn.Module]:

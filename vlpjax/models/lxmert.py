@@ -24,7 +24,6 @@ import ml_collections
 
 from vlpjax.models import heads
 from vlpjax.models import layers
-from vlpjax.models.visualbert import backbone_of
 
 TEXT_AXES = ('batch', 'length', 'embed')
 VISION_AXES = ('batch', 'regions', 'embed')
@@ -136,15 +135,11 @@ class Lxmert(nn.Module):
 
   def check_inputs(self, input_ids: jax.Array, region_feats: jax.Array,
                    region_loc: jax.Array) -> None:
-    if region_feats.shape[-1] != self.feature_dim:
-      raise ValueError(f'region_feats has feature dim {region_feats.shape[-1]} but the model '
-                       f'config says feature_dim={self.feature_dim}')
+    layers.check_inputs(input_ids, region_feats, feature_dim=self.feature_dim,
+                        max_position_embeddings=self.max_position_embeddings)
     if region_loc.shape[-1] != self.visual_pos_dim:
       raise ValueError(f'region_loc has {region_loc.shape[-1]} coordinates but the model '
                        f'config says visual_pos_dim={self.visual_pos_dim} (x1, y1, x2, y2)')
-    if input_ids.shape[1] > self.max_position_embeddings:
-      raise ValueError(f'input_ids has length {input_ids.shape[1]} > '
-                       f'max_position_embeddings={self.max_position_embeddings}')
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, text_mask: jax.Array, region_feats: jax.Array,
@@ -250,7 +245,7 @@ class LxmertForPreTraining(Lxmert):
     [B, R, num_attr_labels], 'feat_pred' [B, R, F], 'qa_logits' [B, num_answers].
     """
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    outputs = backbone_of(self, Lxmert)(
+    outputs = Lxmert(**layers.backbone_fields(self, Lxmert), name='backbone')(
         input_ids, text_mask, region_feats, region_loc, region_mask, token_type_ids,
         deterministic, return_attention)
     outputs['mlm_logits'] = heads.MaskedLMHead(dtype=dtype, param_dtype=param_dtype,

@@ -15,7 +15,6 @@ tokens sit. Padded positions hold values nobody should read.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import flax.linen as nn
@@ -90,10 +89,6 @@ class UniterFields(nn.Module):
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
   remat: bool = False
-
-  def field_values(self) -> dict:
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(UniterFields)
-            if f.name not in ('parent', 'name')}
 
 
 class Uniter(UniterFields):
@@ -175,7 +170,7 @@ class UniterPreTraining(UniterFields):
   """
 
   def setup(self):
-    self.backbone = Uniter(**self.field_values())
+    self.backbone = Uniter(**layers.backbone_fields(self, UniterFields))
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
     self.mlm = heads.MaskedLMHead(dtype=dtype, param_dtype=param_dtype)
     self.itm = layers.Dense(2, ('embed', None), dtype=dtype, param_dtype=param_dtype)

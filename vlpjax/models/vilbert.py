@@ -23,7 +23,6 @@ unused `q_dense` weights of the original checkpoints do not exist here.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Sequence
 
@@ -159,10 +158,6 @@ class VilbertFields(nn.Module):
   attention_dropout_rate: float = 0.1
   remat: bool = False
 
-  def field_values(self) -> dict:
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(VilbertFields)
-            if f.name not in ('parent', 'name')}
-
 
 class Vilbert(VilbertFields):
   """ViLBERT backbone (the original `BertModel`). See the module docstring.
@@ -253,7 +248,7 @@ class VilbertPreTraining(VilbertFields):
   """
 
   def setup(self):
-    self.backbone = Vilbert(**self.field_values())
+    self.backbone = Vilbert(**layers.backbone_fields(self, VilbertFields))
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
     self.mlm = heads.MaskedLMHead(dtype=dtype, param_dtype=param_dtype)
     self.pooled_dropout = nn.Dropout(self.dropout_rate)

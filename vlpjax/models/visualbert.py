@@ -12,7 +12,6 @@ checkpoints map one to one (see `vlpjax.checkpoints.hf`). Not supported: HF's
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -108,13 +107,6 @@ class VisualBert(nn.Module):
   attention_dropout_rate: float = 0.1
   remat: bool = False
 
-  def check_inputs(self, input_ids: jax.Array, region_feats: jax.Array) -> None:
-    if region_feats.shape[-1] != self.feature_dim:
-      raise ValueError(f'region_feats has feature dim {region_feats.shape[-1]} but the model '
-                       f'config says feature_dim={self.feature_dim}')
-    if input_ids.shape[1] > self.max_position_embeddings:
-      raise ValueError(f'input_ids has length {input_ids.shape[1]} > '
-                       f'max_position_embeddings={self.max_position_embeddings}')
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, text_mask: jax.Array, region_feats: jax.Array,
@@ -137,7 +129,8 @@ class VisualBert(nn.Module):
       [V, H] and, if `return_attention`, 'attention': {'layers_i': [B, N, T+R, T+R]}.
     """
     del region_loc
-    self.check_inputs(input_ids, region_feats)
+    layers.check_inputs(input_ids, region_feats, feature_dim=self.feature_dim,
+                        max_position_embeddings=self.max_position_embeddings)
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
     num_text = input_ids.shape[1]
     if token_type_ids is None:
@@ -189,7 +182,7 @@ class VisualBertForPreTraining(VisualBert):
     'sentence_image_logits' [B, 2].
     """
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    outputs = backbone_of(self, VisualBert)(
+    outputs = VisualBert(**layers.backbone_fields(self, VisualBert), name='backbone')(
         input_ids, text_mask, region_feats, region_loc, region_mask, token_type_ids,
         deterministic, return_attention, visual_token_type_ids=visual_token_type_ids)
     outputs['mlm_logits'] = heads.MaskedLMHead(dtype=dtype, param_dtype=param_dtype,
@@ -199,14 +192,6 @@ class VisualBertForPreTraining(VisualBert):
         2, ('embed', None), dtype=dtype, param_dtype=param_dtype,
         name='sentence_image_head')(outputs['pooled'])
     return outputs
-
-
-def backbone_of(module: nn.Module, backbone_cls: type[nn.Module]) -> nn.Module:
-  """The backbone submodule `backbone` of a pretraining module, built from the
-  fields the two share (the pretraining class subclasses the backbone)."""
-  fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(backbone_cls)
-            if f.name not in ('parent', 'name')}
-  return backbone_cls(**fields, name='backbone')
 
 
 def bert_text_paths(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
