@@ -74,7 +74,7 @@ EMBEDDED_WORLD = dict(
 SMALL_SHAPES = dict(hidden_size=256, num_heads=4, intermediate_size=1024,
                     max_position_embeddings=64, type_vocab_size=2)
 # The main job: a short run on the embedded world that shows the losses fall.
-SMALL_RUN = dict(global_batch_size=32, num_steps=1500, warmup_fraction=0.05,
+SMALL_RUN = dict(global_batch_size=32, num_steps=1000, warmup_fraction=0.05,
                  log_every_steps=25)
 
 
