@@ -449,7 +449,8 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
     nonlocal host_metrics
     host_metrics = metrics_lib.to_host(step_metrics)
     _check_finite(step, host_metrics)
-    if step % train.log_every_steps == 0 or step == last:
+    # The run's first step is logged too: the starting loss.
+    if step % train.log_every_steps == 0 or step in (start + 1, last):
       writer.write(step, host_metrics)
 
   try:
