@@ -12,24 +12,12 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlpjax import checkpointing, train
 
 
-@pytest.fixture(scope='module', autouse=True)
-def compile_cache(tmp_path_factory):
-  """A persistent compilation cache shared with the training subprocess."""
-  previous = (jax.config.jax_compilation_cache_dir,
-              jax.config.jax_persistent_cache_min_compile_time_secs)
-  compilation_cache.reset_cache()
-  compilation_cache.set_cache_dir(str(tmp_path_factory.getbasetemp() / 'jax_cache'))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  yield
-  compilation_cache.reset_cache()
-  jax.config.update('jax_compilation_cache_dir', previous[0])
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', previous[1])
+pytestmark = pytest.mark.usefixtures('compile_cache')
 
 
 class CountingIterator:

@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from configs import lxmert as lxmert_config
+from hf_reference import perturb_
 from vlpjax.checkpoints import hf
 from vlpjax.checkpoints import state_dict as sd
 from vlpjax.models import get_model
@@ -52,16 +53,6 @@ def make_inputs(cfg, seed=0):
 
 
 MLM_POSITIONS = np.array([[1, 3, 6], [0, 2, 3]], np.int32)
-
-
-def perturb_(model):
-  """Random values everywhere (HF inits LayerNorms to 1/0 and biases to 0,
-  which would hide swapped or missing mappings)."""
-  torch.manual_seed(0)
-  with torch.no_grad():
-    for param in model.parameters():
-      param.add_(0.1 * torch.randn_like(param))
-  return model.eval()
 
 
 @pytest.fixture(scope='module')

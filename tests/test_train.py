@@ -13,7 +13,6 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from configs import common, visualbert
 from vlpjax import metrics as metrics_lib, sharding, train
@@ -26,18 +25,7 @@ NUM_STEPS = 4
 SCHEDULE_STEPS = 1000
 
 
-@pytest.fixture(scope='module', autouse=True)
-def compile_cache(tmp_path_factory):
-  """A persistent compilation cache for this module (restored afterwards)."""
-  previous = (jax.config.jax_compilation_cache_dir,
-              jax.config.jax_persistent_cache_min_compile_time_secs)
-  compilation_cache.reset_cache()
-  compilation_cache.set_cache_dir(str(tmp_path_factory.getbasetemp() / 'jax_cache'))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  yield
-  compilation_cache.reset_cache()
-  jax.config.update('jax_compilation_cache_dir', previous[0])
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', previous[1])
+pytestmark = pytest.mark.usefixtures('compile_cache')
 
 
 @pytest.fixture(scope='module')

@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from configs import visualbert as visualbert_config
+from hf_reference import perturb_
 from vlpjax.checkpoints import hf
 from vlpjax.checkpoints import state_dict as sd
 from vlpjax.models import get_model
@@ -48,16 +49,6 @@ def make_inputs(cfg, seed=0):
       region_loc=rng.uniform(size=(B, R, 4)).astype(np.float32),  # ignored by VisualBERT
       region_mask=region_mask,
       token_type_ids=rng.integers(0, 2, (B, T)).astype(np.int32) * text_mask)
-
-
-def perturb_(model):
-  """Random values everywhere (HF inits LayerNorms to 1/0 and biases to 0,
-  which would hide swapped or missing mappings)."""
-  torch.manual_seed(0)
-  with torch.no_grad():
-    for param in model.parameters():
-      param.add_(0.1 * torch.randn_like(param))
-  return model.eval()
 
 
 @pytest.fixture(scope='module')
