@@ -26,7 +26,8 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vlpjax.data import pipeline
+from vlpjax.data import pipeline, vlp_world
+from vlpjax.data.features_builder import images_features
 
 BATCH_SIZE = 256
 NUM_REGIONS = 36
@@ -46,17 +47,8 @@ class BenchmarkImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   VERSION = tfds.core.Version('1.0.0')
 
   def _info(self):
-    tensor = tfds.features.Tensor
-    return tfds.core.DatasetInfo(builder=self, disable_shuffling=True, features=(
-        tfds.features.FeaturesDict(dict(
-            index=np.int64, image_id=tfds.features.Text(), image_h=np.int32,
-            image_w=np.int32, num_boxes=np.int32,
-            boxes=tensor(shape=(None, 4), dtype=np.float32),
-            features=tensor(shape=(None, FEATURE_DIM), dtype=np.float16, encoding='bytes'),
-            object_ids=tensor(shape=(None,), dtype=np.int32),
-            object_conf=tensor(shape=(None,), dtype=np.float32),
-            attr_ids=tensor(shape=(None,), dtype=np.int32),
-            attr_conf=tensor(shape=(None,), dtype=np.float32)))))
+    return tfds.core.DatasetInfo(builder=self, disable_shuffling=True,
+                                 features=images_features(FEATURE_DIM, num_classes=None))
 
   def _split_generators(self, dl_manager):
     return {'train': self._generate_examples()}
@@ -82,9 +74,8 @@ class BenchmarkCaptions(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   VERSION = tfds.core.Version('1.0.0')
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(dict(
-        caption_id=np.int64, text=tfds.features.Text(), image_index=np.int64,
-        image_id=tfds.features.Text())))
+    return tfds.core.DatasetInfo(builder=self,
+                                 features=vlp_world.table_features('captions', FEATURE_DIM))
 
   def _split_generators(self, dl_manager):
     return {'train': self._generate_examples()}

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from vlpjax.data import pipeline
 from vlpjax.data import vlp_world
 from vlpjax.data import world as world_lib
+from vlpjax.data.features_builder import images_features
 from vlpjax.data.tokenizer import BertTokenizer
 
 DIGITS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
@@ -64,20 +65,10 @@ class PipelineTestImages(tfds.core.GeneratorBasedBuilder):
                      for n in ('full', 'no_class_probs', 'misordered')]
 
   def _info(self):
-    features = dict(
-        index=np.int64, image_id=tfds.features.Text(), image_h=np.int32, image_w=np.int32,
-        num_boxes=np.int32, boxes=tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
-        features=tfds.features.Tensor(shape=(None, FEATURE_DIM), dtype=np.float16,
-                                      encoding='bytes'),
-        object_ids=tfds.features.Tensor(shape=(None,), dtype=np.int32),
-        object_conf=tfds.features.Tensor(shape=(None,), dtype=np.float32),
-        attr_ids=tfds.features.Tensor(shape=(None,), dtype=np.int32),
-        attr_conf=tfds.features.Tensor(shape=(None,), dtype=np.float32))
-    if self.builder_config.name != 'no_class_probs':
-      features['class_probs'] = tfds.features.Tensor(shape=(None, NUM_CLASSES),
-                                                     dtype=np.float16, encoding='bytes')
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features),
-                                 disable_shuffling=True)
+    with_probs = self.builder_config.name != 'no_class_probs'
+    return tfds.core.DatasetInfo(
+        builder=self, features=images_features(FEATURE_DIM, NUM_CLASSES if with_probs else None),
+        disable_shuffling=True)
 
   def _split_generators(self, dl_manager):
     return {'train': self._generate_examples()}
@@ -110,9 +101,8 @@ class PipelineTestCaptions(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(dict(
-        caption_id=np.int64, text=tfds.features.Text(), image_index=np.int64,
-        image_id=tfds.features.Text())))
+    return tfds.core.DatasetInfo(builder=self,
+                                 features=vlp_world.table_features('captions', FEATURE_DIM))
 
   def _split_generators(self, dl_manager):
     return {'train': self._generate_examples()}

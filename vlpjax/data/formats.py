@@ -415,7 +415,31 @@ def load_image_sizes(path: str | os.PathLike[str], match: str) -> dict[str | int
   return sizes
 
 
-class UniterLmdbReader:
+class _LmdbReader:
+  """Shared by the LMDB readers: read-only environment, raw iteration, lookup."""
+  path: str
+  skip_keys: frozenset[bytes] = frozenset()
+
+  def _open(self) -> None:
+    import lmdb  # pylint: disable=g-import-not-at-top
+    self.env = lmdb.open(self.path, readonly=True, lock=False, readahead=False,
+                         create=False, subdir=os.path.isdir(self.path))
+
+  def iter_raw(self) -> Iterator[tuple[bytes, bytes]]:
+    with self.env.begin() as txn:
+      for key, value in txn.cursor():
+        if key not in self.skip_keys:
+          yield key, bytes(value)
+
+  def describe(self, key: bytes) -> str:
+    return f'{self.path}[{key.decode(errors="replace")}]'
+
+  def fetch(self, key: bytes) -> bytes:
+    with self.env.begin() as txn:
+      return bytes(txn.get(key))
+
+
+class UniterLmdbReader(_LmdbReader):
   """UNITER's region-feature LMDB plus its box-count JSON.
 
   Values hold fp16 `features` [N, F], `norm_bb` [N, 6 or 7] (x1, y1, x2, y2, w,
@@ -429,7 +453,6 @@ class UniterLmdbReader:
                feature_dim: int = 2048, num_classes: int | None = 1601,
                image_sizes: Mapping[str | int, tuple[int, int]] | None = None,
                match: str = 'number'):
-    import lmdb  # pylint: disable=g-import-not-at-top
     self.path = os.fspath(lmdb_path)
     self.feature_dim = feature_dim
     self.num_classes = num_classes
@@ -437,8 +460,7 @@ class UniterLmdbReader:
     self.match = match
     with open(box_counts_path) as f:
       self.box_counts = json.load(f)
-    self.env = lmdb.open(self.path, readonly=True, lock=False, readahead=False,
-                         create=False, subdir=os.path.isdir(self.path))
+    self._open()
     with self.env.begin() as txn:
       lmdb_keys = {key.decode() for key, _ in txn.cursor()}
     missing_in_json = sorted(lmdb_keys - self.box_counts.keys())
@@ -448,18 +470,6 @@ class UniterLmdbReader:
           f'{box_counts_path} and {self.path} disagree: {len(missing_in_json)} LMDB keys '
           f'have no box count (e.g. {missing_in_json[:3]}), {len(missing_in_lmdb)} counted '
           f'images are not in the LMDB (e.g. {missing_in_lmdb[:3]})')
-
-  def iter_raw(self) -> Iterator[tuple[bytes, bytes]]:
-    with self.env.begin() as txn:
-      for key, value in txn.cursor():
-        yield key, bytes(value)
-
-  def describe(self, key: bytes) -> str:
-    return f'{self.path}[{key.decode(errors="replace")}]'
-
-  def fetch(self, key: bytes) -> bytes:
-    with self.env.begin() as txn:
-      return bytes(txn.get(key))
 
   def decode(self, key: bytes, raw: bytes) -> ImageRecord:
     image_id = key.decode()
@@ -574,37 +584,23 @@ class NpyFolderReader:
     return info
 
 
-class VilbertLmdbReader:
+class VilbertLmdbReader(_LmdbReader):
   """ViLBERT's LMDB: values are pickled dicts (image_id, image_h, image_w,
   num_boxes, boxes, features[, cls_prob]); arrays are float32, raw or as base64.
 
   Pickle runs code stored in the file when loaded, so this reader refuses to
   open the LMDB unless `trust_pickle=True`.
   """
+  skip_keys = frozenset({b'keys'})  # ViLBERT's pickled list of all keys
 
   def __init__(self, lmdb_path: str | os.PathLike[str], feature_dim: int = 2048,
                num_classes: int | None = None, trust_pickle: bool = False):
     self.path = os.fspath(lmdb_path)
     if not trust_pickle:
       raise pickle_refusal(f'ViLBERT LMDB {self.path}')
-    import lmdb  # pylint: disable=g-import-not-at-top
     self.feature_dim = feature_dim
     self.num_classes = num_classes
-    self.env = lmdb.open(self.path, readonly=True, lock=False, readahead=False,
-                         create=False, subdir=os.path.isdir(self.path))
-
-  def iter_raw(self) -> Iterator[tuple[bytes, bytes]]:
-    with self.env.begin() as txn:
-      for key, value in txn.cursor():
-        if key != b'keys':  # ViLBERT's pickled list of all keys
-          yield key, bytes(value)
-
-  def describe(self, key: bytes) -> str:
-    return f'{self.path}[{key.decode(errors="replace")}]'
-
-  def fetch(self, key: bytes) -> bytes:
-    with self.env.begin() as txn:
-      return bytes(txn.get(key))
+    self._open()
 
   def decode(self, key: bytes, raw: bytes) -> ImageRecord:
     where = self.describe(key)
