@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -206,6 +207,19 @@ def test_schedule_and_weight_decay_mask():
       'layer': {'dense': {'kernel': True, 'bias': False},
                 'norm': {'scale': False, 'bias': False}},
       'word_embeddings': {'embedding': True}}
+
+
+@pytest.mark.parametrize('scale', [0.1, 10.0])
+def test_clip_by_global_norm_matches_optax(scale):
+  grads = {'a': jax.random.normal(jax.random.key(0), (5, 7)) * scale,
+           'b': {'c': jax.random.normal(jax.random.key(1), (11,)) * scale}}
+  ours, _ = train.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+  want, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+  assert jax.tree.structure(ours) == jax.tree.structure(want)
+  for got, expected in zip(jax.tree.leaves(ours), jax.tree.leaves(want)):
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+  assert float(optax.global_norm(ours)) == pytest.approx(min(1.0, float(optax.global_norm(grads))),
+                                                        rel=1e-6)
 
 
 def test_design_optimizer_defaults():

@@ -78,6 +78,21 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """`optax.clip_by_global_norm` as one scalar factor: g * min(1, max_norm / |g|).
+
+  The same clip (to rounding); a scalar multiply fuses into AdamW's update, while
+  optax's per-element divide makes XLA write a clipped copy of every gradient
+  first (a sixth of the LXMERT-base step on CPU).
+  """
+  def update(updates, state, params=None):
+    del params
+    factor = jnp.minimum(1.0, max_norm / optax.global_norm(updates))
+    return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def make_optimizer(train_config: ml_collections.ConfigDict
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Global-norm clipping (if `grad_clip_norm` > 0) then AdamW on the schedule."""
@@ -86,7 +101,7 @@ def make_optimizer(train_config: ml_collections.ConfigDict
                       eps=train_config.adam_eps, weight_decay=train_config.weight_decay,
                       mask=decay_mask)
   if train_config.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(train_config.grad_clip_norm), adamw), schedule
+    return optax.chain(clip_by_global_norm(train_config.grad_clip_norm), adamw), schedule
   return adamw, schedule
 
 
