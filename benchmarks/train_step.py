@@ -1,15 +1,24 @@
 r"""Pretraining step speed of each design, beside the PyTorch references.
 
-  python -m benchmarks.train_step [--sizes=tiny,base] [--batch=8] [--steps=3]
-      [--dtype=float32] [--designs=...] [--torch=lxmert,visualbert]
+  python -m benchmarks.train_step [--sizes=tiny,base] [--batch=8] [--steps=5]
+      [--rounds=2] [--hugepages] [--dtype=float32] [--designs=...]
+      [--torch=lxmert,visualbert]
 
 For each design and size: compile time, steps/s, examples/s, peak memory and, on
 accelerators, MFU (analytic FLOPs, `vlpjax.flops`), on synthetic batches of text
 length 20 and 36 regions on whatever devices exist (the step is the real jitted,
 sharded `train.make_train_step`). The transformers `LxmertForPreTraining` and
 `VisualBertForPreTraining` run the same shapes (forward, backward, AdamW) in
-fp32 on the CPU. Each case runs in its own process so that peak memory is its
-own. Figures go to stdout and to benchmarks/results/train_step.json.
+fp32 on the CPU.
+
+Each case runs in its own process (so that peak memory is its own), `--rounds`
+times, the cases taking turns so that a busy spell of a shared machine falls on
+all of them; a case's step time is the median over its rounds of the median of
+its timed steps. Repeat rounds load the step from a persistent compilation cache.
+`--hugepages` runs every case, PyTorch's too, with glibc's malloc asking for
+transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1): on CPU, page
+faults on freshly allocated buffers are a large share of a step. Figures go to
+stdout and to benchmarks/results/train_step.json.
 """
 from __future__ import annotations
 
@@ -19,11 +28,14 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 TEXT_LEN, REGIONS = 20, 36
+HUGEPAGES_ENV = {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
 RESULTS = os.path.join(os.path.dirname(__file__), 'results', 'train_step.json')
 
 
@@ -68,11 +80,13 @@ def run_vlpjax(design: str, size: str, batch_size: int, steps: int, dtype: str) 
     compile_s = time.perf_counter() - start
     state, metrics = compiled(state, batch)  # warm-up
     jax.block_until_ready(metrics)
-    start = time.perf_counter()
+    times = []
     for _ in range(steps):
+      start = time.perf_counter()
       state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    step_s = (time.perf_counter() - start) / steps
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
   device = jax.devices()[0]
   flops_per_step = batch_size * flops.model_flops_per_example(
       config.model, TEXT_LEN, regions, input_specs['mlm_positions'].shape[1])
@@ -130,10 +144,12 @@ def run_torch(design: str, batch_size: int, steps: int) -> dict:
     return loss
 
   step()  # warm-up
-  start = time.perf_counter()
+  times = []
   for _ in range(steps):
+    start = time.perf_counter()
     loss = step()
-  step_s = (time.perf_counter() - start) / steps
+    times.append(time.perf_counter() - start)
+  step_s = statistics.median(times)
   return dict(impl=f'torch {torch.__version__}', design=design, size='base', task='all',
               dtype='float32', batch=batch_size, devices=1, device_kind='cpu',
               compile_s=0.0, step_s=step_s, steps_per_s=1 / step_s,
@@ -151,6 +167,32 @@ def machine() -> dict:
               load_average=os.getloadavg())
 
 
+def run_case(case: str, args: argparse.Namespace, env: dict[str, str]) -> dict | None:
+  """One case in a child process; its result dict, or None (reported) if it failed."""
+  proc = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.train_step', f'--one={case}',
+       f'--batch={args.batch}', f'--steps={args.steps}', f'--dtype={args.dtype}'],
+      capture_output=True, text=True, check=False, env=env)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
+  if proc.returncode or not lines:
+    print(f'{case}: failed\n{proc.stderr[-3000:]}', file=sys.stderr)
+    return None
+  return json.loads(lines[-1][len('RESULT '):])
+
+
+def combine_rounds(rounds: list[dict]) -> dict:
+  """A case's result over its rounds: the median step time; compile time and
+  peak memory from the first round (later rounds load the compiled step)."""
+  result = dict(rounds[0])
+  step_s = statistics.median(r['step_s'] for r in rounds)
+  result.update(step_s=step_s, steps_per_s=1 / step_s,
+                examples_per_s=result['batch'] / step_s,
+                round_step_s=[r['step_s'] for r in rounds])
+  if result['mfu'] is not None:
+    result['mfu'] = rounds[0]['mfu'] * rounds[0]['step_s'] / step_s
+  return result
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--designs', default='visualbert,vilbert,lxmert,uniter')
@@ -158,7 +200,10 @@ def main() -> None:
   parser.add_argument('--torch', default='lxmert,visualbert',
                       help='designs to time in PyTorch too (base, fp32, CPU); "" for none')
   parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--steps', type=int, default=3)
+  parser.add_argument('--steps', type=int, default=5, help='timed steps per round')
+  parser.add_argument('--rounds', type=int, default=2, help='turns each case takes')
+  parser.add_argument('--hugepages', action='store_true',
+                      help='GLIBC_TUNABLES=glibc.malloc.hugetlb=1 for every case')
   parser.add_argument('--dtype', default='float32', help="compute dtype, e.g. 'bfloat16'")
   parser.add_argument('--out', default=RESULTS)
   parser.add_argument('--one', help=argparse.SUPPRESS)  # child process: one case
@@ -173,18 +218,25 @@ def main() -> None:
 
   cases = [f'jax:{d}:{s}' for s in args.sizes.split(',') for d in args.designs.split(',')]
   cases += [f'torch:{d}:base' for d in filter(None, args.torch.split(','))]
-  results = []
-  for case in cases:
-    proc = subprocess.run(
-        [sys.executable, '-m', 'benchmarks.train_step', f'--one={case}',
-         f'--batch={args.batch}', f'--steps={args.steps}', f'--dtype={args.dtype}'],
-        capture_output=True, text=True, check=False)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
-    if proc.returncode or not lines:
-      print(f'{case}: failed\n{proc.stderr[-3000:]}', file=sys.stderr)
-      continue
-    result = json.loads(lines[-1][len('RESULT '):])
-    results.append(result)
+  rounds = {case: [] for case in cases}
+  with tempfile.TemporaryDirectory() as cache_dir:
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+               **(HUGEPAGES_ENV if args.hugepages else {}))
+    for round_number in range(args.rounds):
+      for case in cases:
+        result = run_case(case, args, env)
+        if result is None:
+          continue
+        rounds[case].append(result)
+        print(f"round {round_number + 1}/{args.rounds} {result['impl']:>16} "
+              f"{result['design']:>10} {result['size']:>5} {result['task']:>6} "
+              f"compile {result['compile_s']:6.1f}s  {result['step_s']:7.3f} s/step", flush=True)
+  results = [combine_rounds(r) for r in rounds.values() if r]
+  print(f'\nmedian over rounds (batch {args.batch}, {args.steps} steps per round, '
+        f'hugepages {"on" if args.hugepages else "off"}):')
+  for result in results:
     mfu = f"{result['mfu']:.1%}" if result['mfu'] else '-'
     print(f"{result['impl']:>16} {result['design']:>10} {result['size']:>5} "
           f"{result['task']:>6} compile {result['compile_s']:6.1f}s  "
@@ -202,7 +254,8 @@ def main() -> None:
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, 'w', encoding='utf-8') as f:
     json.dump(dict(machine=machine(), text_len=TEXT_LEN, regions=REGIONS,
-                   batch=args.batch, steps=args.steps, results=results,
+                   batch=args.batch, steps=args.steps, rounds=args.rounds,
+                   hugepages=args.hugepages, results=results,
                    speedup_vs_torch=speedups), f, indent=2)
   print(f'wrote {args.out}')
 

@@ -302,7 +302,7 @@ def test_batches_join_and_follow_conventions(data_config, design):
     b = 8
     assert batch['input_ids'].shape == (b, 8) and batch['input_ids'].dtype == np.int32
     assert batch['region_feats'].shape == (b, MAX_REGIONS + extra, FEATURE_DIM)
-    assert batch['region_feats'].dtype == np.float32
+    assert batch['region_feats'].dtype == np.float16  # as stored; widened on device
     assert batch['region_loc'].shape == (b, MAX_REGIONS + extra, pipeline.LOC_DIMS[design])
     assert ('class_probs' in batch) == (design in pipeline.NEEDS_CLASS_PROBS)
     image = _region_images(batch, design)
@@ -358,13 +358,41 @@ def test_examples_independent_of_batch_size(data_config):
 
 @pytest.mark.parametrize('design', ['vilbert', 'lxmert'])
 def test_cached_images_give_the_same_batches(data_config, design):
-  config = data_config.copy_and_resolve_references()
-  config.cache_images = True
-  for want, got in zip(_take(_iterator(data_config, design), 2),
-                       _take(_iterator(config, design), 2)):
+  from_disk, cached = (data_config.copy_and_resolve_references() for _ in range(2))
+  from_disk.cache_images, cached.cache_images = False, True
+  for want, got in zip(_take(_iterator(from_disk, design), 2),
+                       _take(_iterator(cached, design), 2)):
     assert want.keys() == got.keys()
     for key in want:
       np.testing.assert_array_equal(want[key], got[key], err_msg=key)
+
+
+@pytest.mark.parametrize('design', ['vilbert', 'uniter'])
+def test_widened_features_are_the_stored_values_in_float32(data_config, design):
+  config = data_config.copy_and_resolve_references()
+  config.widen_features = True
+  for stored, widened in zip(_take(_iterator(data_config, design), 2),
+                             _take(_iterator(config, design), 2)):
+    assert stored.keys() == widened.keys()
+    for key in stored:
+      if key in ('region_feats', 'class_probs'):
+        assert (stored[key].dtype, widened[key].dtype) == (np.float16, np.float32), key
+        if design == 'vilbert' and key == 'region_feats':
+          # [IMG] (slot 0): the float32 mean, rounded to float16 when not widened.
+          np.testing.assert_allclose(stored[key][:, 0], widened[key][:, 0], rtol=1e-3)
+          stored[key], widened[key] = stored[key][:, 1:], widened[key][:, 1:]
+        np.testing.assert_array_equal(stored[key].astype(np.float32), widened[key], err_msg=key)
+      else:
+        np.testing.assert_array_equal(stored[key], widened[key], err_msg=key)
+
+
+def test_images_are_cached_by_default_when_they_fit(data_config):
+  source = tfds.data_source('pipeline_test_images/full', split='train',
+                            data_dir=data_config.data_dir)
+  table = lambda **kw: pipeline.ImageTable(source, MAX_REGIONS, name='t',
+                                           with_class_probs=True, **kw)
+  assert table(cache=None).cache and not table(cache=None, cache_max_gib=1e-9).cache
+  assert not table(cache=False).cache and table(cache=True, cache_max_gib=1e-9).cache
 
 
 def test_resume_is_exact(data_config, tmp_path):

@@ -14,10 +14,14 @@ and works with grain's orbax checkpoint handler. Batches become global
 `jax.Array`s with the batch axis over the mesh's data axes.
 
 Cost (benchmarks/input_pipeline.py, batches of 256 x 36 regions x 2048-d): most
-of it is reading the ~90 KB zstd-compressed image records and widening float16
-features to float32. Records are decoded straight from the proto
-(`RecordDecoder`), float16 is widened by table lookup, and `cache_images` keeps
-the images table in memory (about 2.3x fewer CPU-seconds per batch).
+of it is reading the image records and copying the features into the batch.
+Records are decoded straight from the proto (`RecordDecoder`); region features
+and class distributions leave the host in their stored float16 (half the bytes
+to copy and to send to the devices; the train step widens them to float32 on
+the device, exactly), unless `data.widen_features`; `cache_images` keeps the
+images table in memory (by default when it takes at most
+`cache_images_max_gib`), and batches are then gathered with one vectorised copy
+per array.
 
 Pair sampling. Every random choice for an example is a hash of (seed, epoch,
 sentence index, stream): deterministic per example, independent of batch size,
@@ -93,8 +97,13 @@ def default_data_config() -> ml_collections.ConfigDict:
       mismatch_prob=0.5,
       qa=False,               # LXMERT image-QA targets from the vqa table
       # Hold the images table in memory, in each process that reads it (LXMERT's
-      # loader does): images x max_regions x (feature_dim x 2 + 24) bytes.
-      cache_images=False,
+      # loader does): images x max_regions x (feature_dim x 2 + 24) bytes, about 4x
+      # faster batches. None: cache when that is at most cache_images_max_gib.
+      cache_images=None,
+      cache_images_max_gib=4.0,
+      # False: region_feats/class_probs in the table's dtype (float16), widened on the
+      # device by the train step; True: widened to float32 on the host.
+      widen_features=False,
       worker_count=0,         # grain worker processes; 0: a prefetch thread in-process
       worker_buffer_size=2,   # batches buffered per worker
       prefetch_batches=2,     # batches prefetched in-process (worker_count=0)
@@ -339,13 +348,15 @@ class ImageTable:
   """Gathers the images of a batch: regions padded/truncated to `max_regions`.
 
   Reads each distinct image of a batch once, in one batched ArrayRecord read, and
-  writes it straight into the float32 batch arrays. With `cache=True` the table is
-  read once (in each process that gathers) and held in memory in its stored
-  dtypes, as LXMERT's loader holds its features.
+  writes it straight into the batch arrays. With `cache=True` (or `cache=None` and
+  the table taking at most `cache_max_gib`) the table is read once (in each
+  process that gathers) and held in memory in its stored dtypes, as LXMERT's
+  loader holds its features.
   """
 
   def __init__(self, source, max_regions: int, *, name: str, with_class_probs: bool,
-               cache: bool = False):
+               cache: bool | None = False, cache_max_gib: float = 4.0,
+               widen_features: bool = False):
     if with_class_probs and 'class_probs' not in source.dataset_info.features:
       raise ValueError(f'images table {name} has no class_probs (detector class '
                        'distributions), which the ViLBERT/UNITER region objectives need')
@@ -359,29 +370,41 @@ class ImageTable:
     self.num_images = len(source)
     self.region_keys = ('feats', 'boxes') + tuple(
         k for k in REGION_LABEL_KEYS if with_class_probs or k != 'class_probs')
-    self.cache = cache
+    self.stored_dtypes = {k: features[k if k != 'feats' else 'features'].np_dtype
+                          for k in self.region_keys}
+    cache_gib = self.num_images * self.max_regions * sum(
+        np.dtype(self.stored_dtypes[k]).itemsize * int(np.prod(shape))
+        for k, shape in self._region_shapes().items()) / 2**30
+    # None: cache when it fits the budget.
+    self.cache = cache_gib <= cache_max_gib if cache is None else cache
+    stored = lambda key: np.float32 if widen_features else features[key].np_dtype
+    self.batch_dtypes = dict(feats=stored('features'), boxes=np.float32, object_ids=np.int32,
+                             object_conf=np.float32, attr_ids=np.int32, attr_conf=np.float32)
+    if with_class_probs:
+      self.batch_dtypes['class_probs'] = stored('class_probs')
     self._cached = None  # filled on first use, so worker processes are sent no arrays
 
   def __getstate__(self) -> dict[str, Any]:
     return dict(self.__dict__, _cached=None)
 
-  def _allocate(self, n: int, slots: int, dtypes: dict[str, Any]) -> dict[str, np.ndarray]:
+  def _region_shapes(self) -> dict[str, tuple[int, ...]]:
+    """Per-region shape of each region array."""
     shapes = dict(feats=(self.feature_dim,), boxes=(4,), object_ids=(), object_conf=(),
                   attr_ids=(), attr_conf=())
     if self.num_classes is not None:
       shapes['class_probs'] = (self.num_classes,)
-    arrays = {k: np.zeros((n, slots) + shape, dtypes[k]) for k, shape in shapes.items()}
+    return shapes
+
+  def _allocate(self, n: int, slots: int, dtypes: dict[str, Any]) -> dict[str, np.ndarray]:
+    arrays = {k: np.zeros((n, slots) + shape, dtypes[k])
+              for k, shape in self._region_shapes().items()}
     arrays.update(count=np.zeros((n,), np.int32), image_w=np.zeros((n,), np.float32),
                   image_h=np.zeros((n,), np.float32))
     return arrays
 
   def _regions(self, indices: np.ndarray) -> list[dict[str, Any]]:
-    """Per image of `indices`: size, count k and its first k regions per key."""
-    if self._cached is not None:
-      c = self._cached
-      return [dict(image_w=c['image_w'][i], image_h=c['image_h'][i], count=c['count'][i],
-                   **{k: c[k][i, :c['count'][i]] for k in self.region_keys})
-              for i in indices]
+    """Per image of `indices` (read from the table): size, count k and its first k
+    regions per key."""
     regions = []
     for index, record in zip(indices, self.table.read(indices)):
       self._check(index, record)
@@ -403,10 +426,7 @@ class ImageTable:
           _convert_into(out[key][row, first_slot:first_slot + k], image[key])
 
   def _load_cache(self) -> None:
-    features = self.table.features
-    dtypes = {k: features[k if k != 'feats' else 'features'].np_dtype
-              for k in self.region_keys}
-    cached = self._allocate(self.num_images, self.max_regions, dtypes)
+    cached = self._allocate(self.num_images, self.max_regions, self.stored_dtypes)
     logging.info('Caching images table %s in memory (%.1f GiB)', self.name,
                  sum(a.nbytes for a in cached.values()) / 2**30)
     chunk = 256
@@ -419,22 +439,40 @@ class ImageTable:
     """Region arrays of images `indices` [B], regions from slot `first_slot` on.
 
     Returns:
-      feats float32 [B, S, F]; boxes float32 [B, S, 4] (pixels); count int32 [B]
-      (real regions); image_w, image_h float32 [B]; object_ids, attr_ids int32
-      [B, S]; object_conf, attr_conf float32 [B, S]; class_probs float32
-      [B, S, C] if the table was opened with them; S = first_slot + max_regions,
-      and slots before `first_slot` are zero.
+      feats [B, S, F] (stored dtype, or float32 with widen_features); boxes
+      float32 [B, S, 4] (pixels); count int32 [B] (real regions); image_w,
+      image_h float32 [B]; object_ids, attr_ids int32 [B, S]; object_conf,
+      attr_conf float32 [B, S]; class_probs [B, S, C] (dtype as feats) if the
+      table was opened with them; S = first_slot + max_regions, and slots before
+      `first_slot` are zero.
     """
     if self.cache and self._cached is None:
       self._load_cache()
+    if self._cached is not None:
+      return self._gather_cached(indices, first_slot)
     unique, inverse = np.unique(indices, return_inverse=True)
     rows_of_image = np.split(np.argsort(inverse, kind='stable'),
                              np.cumsum(np.bincount(inverse))[:-1])
-    out = self._allocate(len(indices), first_slot + self.max_regions,
-                         dict(feats=np.float32, boxes=np.float32, object_ids=np.int32,
-                              object_conf=np.float32, attr_ids=np.int32,
-                              attr_conf=np.float32, class_probs=np.float32))
+    out = self._allocate(len(indices), first_slot + self.max_regions, self.batch_dtypes)
     self._write(out, self._regions(unique), rows_of_image, first_slot)
+    return out
+
+  def _gather_cached(self, indices: np.ndarray, first_slot: int) -> dict[str, np.ndarray]:
+    """`gather` from the in-memory table: one vectorised copy per array (the
+    cached regions are zero past each image's count, as a batch's are)."""
+    cached = self._cached
+    out = {key: cached[key][indices] for key in ('count', 'image_w', 'image_h')}
+    for key in self.region_keys:
+      taken = cached[key][indices]  # [B, max_regions, ...]
+      dtype = self.batch_dtypes[key]
+      if taken.dtype != dtype:
+        widened = np.empty(taken.shape, dtype)
+        _convert_into(widened, taken)
+        taken = widened
+      if first_slot:
+        leading = np.zeros((len(indices), first_slot) + taken.shape[2:], dtype)
+        taken = np.concatenate([leading, taken], axis=1)
+      out[key] = taken
     return out
 
   def _check(self, index: int, record: dict[str, Any]) -> None:
@@ -461,8 +499,9 @@ def region_inputs(design: str, images: dict[str, np.ndarray]) -> dict[str, np.nd
     images: `ImageTable.gather(indices, first_slot=LEADING_SLOTS.get(design, 0))`.
 
   Returns:
-    region_feats float32 [B, S, F], region_loc float32 [B, S, L], region_mask
-    int32 [B, S] and the per-region labels; S = max_regions (+1 for ViLBERT).
+    region_feats [B, S, F] (as gathered), region_loc float32 [B, S, L],
+    region_mask int32 [B, S] and the per-region labels; S = max_regions (+1 for
+    ViLBERT).
   """
   if design not in LOC_DIMS:
     raise ValueError(f'unknown design {design!r}; expected one of {DESIGNS}')
@@ -479,7 +518,9 @@ def region_inputs(design: str, images: dict[str, np.ndarray]) -> dict[str, np.nd
   loc = np.concatenate(loc, -1) * mask[..., None]
   if design == 'vilbert':
     # The [IMG] slot: mean of the real regions, location [0, 0, 1, 1, 1], no labels.
-    feats[:, 0] = feats[:, 1:].sum(1) / np.maximum(count, 1)[:, None]
+    # Summed in float32 (then stored in feats' dtype); the ViLBERT region masking
+    # recomputes it on the device in float32 whenever it masks.
+    feats[:, 0] = feats[:, 1:].sum(1, dtype=np.float32) / np.maximum(count, 1)[:, None]
     loc[:, 0] = [0, 0, 1, 1, 1]
     mask[:, 0] = True
   labels = {k: images[k] for k in REGION_LABEL_KEYS if k in images}
@@ -711,10 +752,11 @@ def make_pretraining_iterator(data_config: ml_collections.ConfigDict, model_name
 
   Returns:
     An iterator of dicts (see the data contract): input_ids, text_mask,
-    token_type_ids int32 [B, T]; region_feats float32 [B, R, F]; region_loc
-    float32 [B, R, L]; region_mask int32 [B, R]; object_ids, attr_ids int32
-    [B, R]; object_conf, attr_conf float32 [B, R]; class_probs float32 [B, R, C]
-    (ViLBERT, UNITER); match_label int32 [B]; answer_scores float32 [B, A] and
+    token_type_ids int32 [B, T]; region_feats [B, R, F] (the table's float16;
+    float32 with `data.widen_features`); region_loc float32 [B, R, L];
+    region_mask int32 [B, R]; object_ids, attr_ids int32 [B, R]; object_conf,
+    attr_conf float32 [B, R]; class_probs [B, R, C] (ViLBERT, UNITER; dtype as
+    region_feats); match_label int32 [B]; answer_scores float32 [B, A] and
     qa_valid float32 [B] when `data.qa`.
   """
   if model_name not in DESIGNS:
@@ -740,7 +782,9 @@ def make_pretraining_iterator(data_config: ml_collections.ConfigDict, model_name
   images = ImageTable(_open(data_config, 'images', data_config.images_split),
                       data_config.max_regions, name=table_name(data_config, 'images'),
                       with_class_probs=model_name in NEEDS_CLASS_PROBS,
-                      cache=data_config.cache_images)
+                      cache=data_config.cache_images,
+                      cache_max_gib=data_config.cache_images_max_gib,
+                      widen_features=data_config.widen_features)
   sentences = [Table(_open(data_config, 'captions', split), ('text', 'image_index'),
                      name=table_name(data_config, 'captions'))]
   num_answers = None
@@ -786,5 +830,6 @@ def make_pretraining_iterator(data_config: ml_collections.ConfigDict, model_name
                                             ('images', 'captions', 'vqa')[:1 + len(sentences)]],
       max_text_len=data_config.max_text_len, max_regions=data_config.max_regions,
       mismatch_prob=data_config.mismatch_prob, worker_count=data_config.worker_count)
-  # cache_images changes nothing in the batches, so it is not part of the fingerprint.
+  # cache_images and widen_features change no value in the batches (widening is
+  # exact), so they are not part of the fingerprint.
   return PretrainingIterator(iter(stream), fingerprint, sharding)

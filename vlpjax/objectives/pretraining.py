@@ -133,7 +133,8 @@ def make_inputs(design: str, batch: Batch, rng: jax.Array, task: str,
       token_type_ids [B, T]; region_feats [B, R, F]; region_loc [B, R, L];
       region_mask [B, R]; match_label [B]; plus, as the task needs, object_ids,
       object_conf, attr_ids, attr_conf [B, R], class_probs [B, R, C],
-      answer_scores [B, A] and qa_valid [B].
+      answer_scores [B, A] and qa_valid [B]. region_feats and class_probs may
+      be float16 (widened here).
     rng: masking rng, a function of (seed, step) (`masking.step_rng`).
     task: one of `tasks_for(design, config)` (static).
     config: run config (`config.model.vocab_size`, `config.pretrain`).
@@ -149,7 +150,10 @@ def make_inputs(design: str, batch: Batch, rng: jax.Array, task: str,
            f'{design} task {task!r} (losses {components})')
   text_rng, region_rng, feature_rng, answer_rng = jax.random.split(rng, 4)
   input_ids, text_mask = batch['input_ids'], batch['text_mask']
-  region_feats, region_mask = batch['region_feats'], batch['region_mask']
+  # Features may arrive in their stored float16 (half the host-to-device bytes);
+  # widening is exact, and masking, targets and models work in float32.
+  region_feats = batch['region_feats'].astype(jnp.float32)
+  region_mask = batch['region_mask']
   matched = matching.is_matched(design, batch['match_label'])
   # UNITER trains everything but ITM on positive pairs only.
   example_weight = (matched.astype(jnp.float32) if design == 'uniter'
@@ -196,12 +200,12 @@ def make_inputs(design: str, batch: Batch, rng: jax.Array, task: str,
     kwargs['masked_regions'] = picked
 
   if 'region_kl' in components or 'mrckl' in components:
-    targets['class_probs'] = batch['class_probs']
+    targets['class_probs'] = batch['class_probs'].astype(jnp.float32)
   if 'mrc' in components:
     # The argmax over non-background detector classes; `object_ids` + 1 is the
     # same class when the source stores no distribution (see region.py).
     if 'class_probs' in batch:
-      targets['mrc_labels'] = region.mrc_labels(batch['class_probs'])
+      targets['mrc_labels'] = region.mrc_labels(batch['class_probs'].astype(jnp.float32))
     else:
       targets['mrc_labels'] = batch['object_ids'].astype(jnp.int32) + 1
   for name, keys in (('obj', ('object_ids', 'object_conf')), ('attr', ('attr_ids', 'attr_conf'))):
