@@ -1,7 +1,7 @@
 r"""Pretraining step speed of each design, beside the PyTorch references.
 
   python -m benchmarks.train_step [--sizes=tiny,base] [--batch=8] [--steps=5]
-      [--rounds=2] [--hugepages] [--dtype=float32] [--designs=...]
+      [--rounds=3] [--hugepages] [--dtype=float32] [--designs=...]
       [--torch=lxmert,visualbert]
 
 For each design and size: compile time, steps/s, examples/s, peak memory and, on
@@ -201,7 +201,7 @@ def main() -> None:
                       help='designs to time in PyTorch too (base, fp32, CPU); "" for none')
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--steps', type=int, default=5, help='timed steps per round')
-  parser.add_argument('--rounds', type=int, default=2, help='turns each case takes')
+  parser.add_argument('--rounds', type=int, default=3, help='turns each case takes')
   parser.add_argument('--hugepages', action='store_true',
                       help='GLIBC_TUNABLES=glibc.malloc.hugetlb=1 for every case')
   parser.add_argument('--dtype', default='float32', help="compute dtype, e.g. 'bfloat16'")

@@ -578,17 +578,21 @@ def test_embedded_world_join(world_config, design):
   assert np.mean(agree) < 0.9  # mismatched pairs are (mostly) about other images
 
 
-def test_embedded_world_workers(world_config):
-  """Worker processes give the in-process batches, and resume exactly."""
+@pytest.mark.parametrize('design, cache_images', [('uniter', True), ('vilbert', False)])
+def test_embedded_world_workers(world_config, design, cache_images):
+  """Worker processes (which hand region arrays over in shared memory) give the
+  in-process batches, and resume exactly."""
+  world_config = world_config.copy_and_resolve_references()
+  world_config.cache_images = cache_images
   config = world_config.copy_and_resolve_references()
   config.worker_count = 1
-  in_process = _take(_iterator(world_config, 'uniter'), 4)
-  iterator = _iterator(config, 'uniter')
+  in_process = _take(_iterator(world_config, design), 4)
+  iterator = _iterator(config, design)
   with_worker = _take(iterator, 2)
   state = json.loads(json.dumps(iterator.get_state()))
   with_worker += _take(iterator, 2)
   iterator.close()
-  restored = _iterator(config, 'uniter')
+  restored = _iterator(config, design)
   restored.set_state(state)
   resumed = _take(restored, 2)
   restored.close()

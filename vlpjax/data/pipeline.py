@@ -54,7 +54,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import flags
 import grain
@@ -63,6 +63,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from grain.multiprocessing import SharedMemoryArray
 from tensorflow_datasets.proto import tf_example_pb2
 
 from vlpjax.data.tokenizer import BertTokenizer, read_vocab
@@ -337,9 +338,11 @@ _FLOAT16_TO_FLOAT32 = np.arange(2**16, dtype=np.uint16).view(np.float16).astype(
 
 
 def _convert_into(destination: np.ndarray, source: np.ndarray) -> None:
-  """destination[...] = source (contiguous destination), fast for float16 -> float32."""
+  """destination[...] = source, fast for float16 -> float32."""
   if source.dtype == np.float16 and destination.dtype == np.float32:
-    np.take(_FLOAT16_TO_FLOAT32, source.view(np.uint16), out=destination)
+    # mode='clip' (a no-op: every uint16 indexes the table) writes `out` directly;
+    # the default mode buffers it, at twice the cost.
+    np.take(_FLOAT16_TO_FLOAT32, source.view(np.uint16), out=destination, mode='clip')
   else:
     destination[...] = source
 
@@ -356,7 +359,7 @@ class ImageTable:
 
   def __init__(self, source, max_regions: int, *, name: str, with_class_probs: bool,
                cache: bool | None = False, cache_max_gib: float = 4.0,
-               widen_features: bool = False):
+               widen_features: bool = False, shared_memory: bool = False):
     if with_class_probs and 'class_probs' not in source.dataset_info.features:
       raise ValueError(f'images table {name} has no class_probs (detector class '
                        'distributions), which the ViLBERT/UNITER region objectives need')
@@ -382,6 +385,9 @@ class ImageTable:
                              object_conf=np.float32, attr_ids=np.int32, attr_conf=np.float32)
     if with_class_probs:
       self.batch_dtypes['class_probs'] = stored('class_probs')
+    # In grain worker processes: region features are made in shared memory, which
+    # grain hands to the main process without copying them.
+    self.shared_memory = shared_memory
     self._cached = None  # filled on first use, so worker processes are sent no arrays
 
   def __getstate__(self) -> dict[str, Any]:
@@ -395,8 +401,16 @@ class ImageTable:
       shapes['class_probs'] = (self.num_classes,)
     return shapes
 
-  def _allocate(self, n: int, slots: int, dtypes: dict[str, Any]) -> dict[str, np.ndarray]:
-    arrays = {k: np.zeros((n, slots) + shape, dtypes[k])
+  def _batch_zeros(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """Zeros for a batch array; per-region vectors (features, class distributions)
+    in shared memory with `shared_memory` (a new segment reads as zeros)."""
+    if self.shared_memory and len(shape) == 3:
+      return SharedMemoryArray(shape, dtype)
+    return np.zeros(shape, dtype)
+
+  def _allocate(self, n: int, slots: int, dtypes: dict[str, Any],
+                zeros: Callable[..., np.ndarray] = np.zeros) -> dict[str, np.ndarray]:
+    arrays = {k: zeros((n, slots) + shape, dtypes[k])
               for k, shape in self._region_shapes().items()}
     arrays.update(count=np.zeros((n,), np.int32), image_w=np.zeros((n,), np.float32),
                   image_h=np.zeros((n,), np.float32))
@@ -446,6 +460,10 @@ class ImageTable:
       table was opened with them; S = first_slot + max_regions, and slots before
       `first_slot` are zero.
     """
+    indices = np.asarray(indices)
+    if indices.size and (indices.min() < 0 or indices.max() >= self.num_images):
+      raise IndexError(f'images table {self.name} has {self.num_images} images; asked for '
+                       f'{indices[(indices < 0) | (indices >= self.num_images)].tolist()}')
     if self.cache and self._cached is None:
       self._load_cache()
     if self._cached is not None:
@@ -453,7 +471,8 @@ class ImageTable:
     unique, inverse = np.unique(indices, return_inverse=True)
     rows_of_image = np.split(np.argsort(inverse, kind='stable'),
                              np.cumsum(np.bincount(inverse))[:-1])
-    out = self._allocate(len(indices), first_slot + self.max_regions, self.batch_dtypes)
+    out = self._allocate(len(indices), first_slot + self.max_regions, self.batch_dtypes,
+                         self._batch_zeros)
     self._write(out, self._regions(unique), rows_of_image, first_slot)
     return out
 
@@ -463,16 +482,16 @@ class ImageTable:
     cached = self._cached
     out = {key: cached[key][indices] for key in ('count', 'image_w', 'image_h')}
     for key in self.region_keys:
-      taken = cached[key][indices]  # [B, max_regions, ...]
+      source = cached[key]  # [num_images, max_regions, ...]
       dtype = self.batch_dtypes[key]
-      if taken.dtype != dtype:
-        widened = np.empty(taken.shape, dtype)
-        _convert_into(widened, taken)
-        taken = widened
-      if first_slot:
-        leading = np.zeros((len(indices), first_slot) + taken.shape[2:], dtype)
-        taken = np.concatenate([leading, taken], axis=1)
-      out[key] = taken
+      if first_slot == 0 and source.dtype == dtype:
+        # `indices` were checked above; see _convert_into for mode='clip'.
+        out[key] = np.take(source, indices, axis=0, mode='clip',
+                           out=self._batch_zeros((len(indices),) + source.shape[1:], dtype))
+        continue
+      out[key] = self._batch_zeros(
+          (len(indices), first_slot + source.shape[1]) + source.shape[2:], dtype)
+      _convert_into(out[key][:, first_slot:], source[indices])
     return out
 
   def _check(self, index: int, record: dict[str, Any]) -> None:
@@ -784,7 +803,8 @@ def make_pretraining_iterator(data_config: ml_collections.ConfigDict, model_name
                       with_class_probs=model_name in NEEDS_CLASS_PROBS,
                       cache=data_config.cache_images,
                       cache_max_gib=data_config.cache_images_max_gib,
-                      widen_features=data_config.widen_features)
+                      widen_features=data_config.widen_features,
+                      shared_memory=data_config.worker_count > 0)
   sentences = [Table(_open(data_config, 'captions', split), ('text', 'image_index'),
                      name=table_name(data_config, 'captions'))]
   num_answers = None
