@@ -220,10 +220,10 @@ def main() -> None:
   cases += [f'torch:{d}:base' for d in filter(None, args.torch.split(','))]
   rounds = {case: [] for case in cases}
   with tempfile.TemporaryDirectory() as cache_dir:
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
-               **(HUGEPAGES_ENV if args.hugepages else {}))
+    env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': cache_dir,
+           'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+           'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
+           **(HUGEPAGES_ENV if args.hugepages else {})}
     for round_number in range(args.rounds):
       for case in cases:
         result = run_case(case, args, env)

@@ -380,13 +380,13 @@ class ImageTable:
         for k, shape in self._region_shapes().items()) / 2**30
     # None: cache when it fits the budget.
     self.cache = cache_gib <= cache_max_gib if cache is None else cache
-    stored = lambda key: np.float32 if widen_features else features[key].np_dtype
-    self.batch_dtypes = dict(feats=stored('features'), boxes=np.float32, object_ids=np.int32,
+    stored = lambda key: np.float32 if widen_features else self.stored_dtypes[key]
+    self.batch_dtypes = dict(feats=stored('feats'), boxes=np.float32, object_ids=np.int32,
                              object_conf=np.float32, attr_ids=np.int32, attr_conf=np.float32)
     if with_class_probs:
       self.batch_dtypes['class_probs'] = stored('class_probs')
-    # In grain worker processes: region features are made in shared memory, which
-    # grain hands to the main process without copying them.
+    # In grain worker processes: the per-region vectors are made in shared memory,
+    # which grain hands to the main process without copying them.
     self.shared_memory = shared_memory
     self._cached = None  # filled on first use, so worker processes are sent no arrays
 
@@ -402,8 +402,9 @@ class ImageTable:
     return shapes
 
   def _batch_zeros(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """Zeros for a batch array; per-region vectors (features, class distributions)
-    in shared memory with `shared_memory` (a new segment reads as zeros)."""
+    """Zeros for a batch array; the per-region vectors [B, S, D] (features, boxes,
+    class distributions) in shared memory with `shared_memory` (a new segment
+    reads as zeros)."""
     if self.shared_memory and len(shape) == 3:
       return SharedMemoryArray(shape, dtype)
     return np.zeros(shape, dtype)
