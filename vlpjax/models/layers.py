@@ -46,17 +46,6 @@ def ones_init(axes: Axes) -> Callable:
   return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
 
 
-def dense_general_init(init: Callable, axes: Axes) -> Callable:
-  """Logical partitioning for `nn.DenseGeneral` params (kernel [in, N, D] etc.).
-
-  DenseGeneral creates these flat and reshapes them; under an active mesh, flax
-  0.12 unboxes the flat value with the N-d constraint (in init and in apply's
-  shape check) and fails on the rank. Empty rules make the unbox unconstrained;
-  the names still place the param through the train state's shardings.
-  """
-  return nn.with_logical_partitioning(init, axes, rules=())
-
-
 def constrain(x: jax.Array, axes: Axes) -> jax.Array:
   """Names an activation's axes; a no-op outside a mesh with logical rules."""
   return nn.with_logical_constraint(x, axes)
@@ -95,6 +84,41 @@ class Embed(nn.Module):
     table = self.param('embedding', normal_init(self.axes),
                        (self.num_embeddings, self.features), self.param_dtype)
     return jnp.take(table, ids, axis=0).astype(self.dtype), table
+
+
+class HeadsDense(nn.Module):
+  """Dense layer into attention heads, [B, T, E] -> [B, T, N, D] with kernel
+  [E, N, D], or, given `out_features` F, out of them, [B, T, N, D] -> [B, T, F]
+  with kernel [N, D, F].
+
+  The kernel keeps the per-head layout of the checkpoints (logical axes embed,
+  heads, kv) but is multiplied as one [E, N*D] or [N*D, F] matrix: a dot that
+  contracts two axes makes XLA copy the kernel into a transposed layout for the
+  backward pass (and the gradient back), while reshaping a row-major array is free.
+  """
+  num_heads: int
+  head_dim: int
+  out_features: int | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    heads = (self.num_heads, self.head_dim)
+    width = self.num_heads * self.head_dim
+    if self.out_features is None:
+      kernel_shape, kernel_axes = (x.shape[-1],) + heads, ('embed', 'heads', 'kv')
+      bias_shape, bias_axes = heads, ('heads', 'kv')
+    else:
+      kernel_shape, kernel_axes = heads + (self.out_features,), ('heads', 'kv', 'embed')
+      bias_shape, bias_axes = (self.out_features,), ('embed',)
+    kernel = self.param('kernel', normal_init(kernel_axes), kernel_shape, self.param_dtype)
+    bias = self.param('bias', zeros_init(bias_axes), bias_shape, self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    if self.out_features is None:
+      y = x @ kernel.reshape(x.shape[-1], width)
+      return y.reshape(x.shape[:-1] + heads) + bias
+    return x.reshape(x.shape[:-2] + (width,)) @ kernel.reshape(width, -1) + bias
 
 
 def resolve_attention_impl(impl: str, dtype: Dtype) -> str | None:
@@ -178,14 +202,8 @@ class Attention(nn.Module):
 
   def project(self, x: jax.Array, name: str) -> jax.Array:
     """[B, T, E] -> [B, T, N, D]."""
-    head_dim = self.hidden // self.num_heads
-    proj = nn.DenseGeneral(
-        (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=dense_general_init(nn.initializers.normal(INIT_STD),
-                                       ('embed', 'heads', 'kv')),
-        bias_init=dense_general_init(nn.initializers.zeros_init(), ('heads', 'kv')),
-        name=name)
-    return proj(x)
+    return HeadsDense(self.num_heads, self.hidden // self.num_heads, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name=name)(x)
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array, context_mask: jax.Array | None,
@@ -203,12 +221,9 @@ class Attention(nn.Module):
                           deterministic=deterministic, dropout_rng=dropout_rng,
                           return_probs=return_probs)
     heads = constrain(heads, ('batch', 'length', 'heads', 'kv'))
-    out = nn.DenseGeneral(
-        self.out_features or x.shape[-1], axis=(-2, -1), dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=dense_general_init(nn.initializers.normal(INIT_STD),
-                                       ('heads', 'kv', 'embed')),
-        bias_init=zeros_init(('embed',)), name='output')(heads)
+    out = HeadsDense(self.num_heads, self.hidden // self.num_heads,
+                     self.out_features or x.shape[-1], dtype=self.dtype,
+                     param_dtype=self.param_dtype, name='output')(heads)
     out = nn.Dropout(self.dropout_rate)(out, deterministic=deterministic)
     if self.residual:
       out = out + x
