@@ -72,6 +72,8 @@ def run_vlpjax(design: str, size: str, batch_size: int, steps: int, dtype: str) 
   input_specs = train.model_input_specs(config, task, batch_spec)
   _, shardings = train.abstract_train_state(model, tx, input_specs, mesh, rules)
   state = train.init_train_state(model, tx, input_specs, config.seed, shardings)
+  if train.keeps_grad_buffers(config.train):   # as train_and_evaluate does
+    state, shardings = train.with_grad_buffers(state, shardings)
   batch = jax.device_put(host_batch, sharding.batch_sharding(mesh, config.mesh.data_axes))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     step = train.make_train_step(config, model, tx, schedule, mesh, shardings, task)

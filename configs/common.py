@@ -26,10 +26,12 @@ OPTIMIZER_DEFAULTS = dict(
 )
 
 
-# Data fields whose default is None ("use the dataset's own"), with the type a
-# command-line override (`--config.data.data_dir=...`) must parse to.
+# Data fields whose default is None ("use the dataset's own", or "decide from the
+# data"), with the type a command-line override (`--config.data.data_dir=...`)
+# must parse to.
 OPTIONAL_DATA_FIELDS = dict(data_dir=str, images_dataset=str, captions_dataset=str,
-                            vqa_dataset=str, vocab_file=str, lowercase=bool, seed=int)
+                            vqa_dataset=str, vocab_file=str, lowercase=bool, seed=int,
+                            cache_images=bool)
 
 
 def model_defaults() -> ml_collections.ConfigDict:
@@ -55,6 +57,9 @@ def train_config(design: str) -> ml_collections.ConfigDict:
       end_learning_rate=0.0,     # linear decay from the peak after warmup to this
       max_steps_this_run=-1,     # stop (with a checkpoint) after this many steps; -1: no limit
       log_every_steps=50,
+      # Keep the gradients' memory between steps (vlpjax.train.keeps_grad_buffers);
+      # None: on the CPU only, where fresh memory costs page faults every step.
+      keep_grad_buffers=ml_collections.config_dict.placeholder(bool),
   ))
   config.update(OPTIMIZER_DEFAULTS[design])
   return config

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from vlpjax import sharding
@@ -71,3 +72,21 @@ def test_design_configs_give_full_run_configs(design):
   config = module.get_config('tiny')
   assert {'model', 'train', 'pretrain', 'data', 'mesh', 'checkpoint', 'init'} <= set(config)
   assert config.model.name == design
+
+
+def config_field_types(config: ml_collections.ConfigDict, prefix: str = 'config.'):
+  """(dotted name, type) of every leaf field."""
+  for name in config.keys():
+    if isinstance(config[name], ml_collections.ConfigDict):
+      yield from config_field_types(config[name], f'{prefix}{name}.')
+    else:
+      yield prefix + name, config.get_type(name)
+
+
+@pytest.mark.parametrize('design', DESIGNS)
+def test_every_field_can_be_set_on_the_command_line(design):
+  """config_flags cannot parse a value for a field typed NoneType: optional fields
+  must be typed placeholders."""
+  config = importlib.import_module(f'configs.{design}').get_config('small')
+  untyped = [name for name, kind in config_field_types(config) if kind is type(None)]
+  assert not untyped

@@ -219,3 +219,34 @@ def test_batch_must_divide_data_axes():
   config.train.grad_accum_steps = 2
   with pytest.raises(ValueError, match='global_batch_size=8 must be a multiple of 16'):
     train.validate_config(config, mesh)
+
+
+def test_gradient_buffers_are_donated_and_change_no_value():
+  """`train.with_grad_buffers`: the compiled step aliases the buffers to its
+  gradient outputs (written in place, no fresh memory) and the update is the
+  single-device one."""
+  config = tiny_config_for('visualbert', dropout=False)
+  initial, ref_metrics, ref_state = single_device_reference('visualbert', False)
+  batch = synthetic_batch(config)
+  config, mesh, rules, model, tx, schedule, task, _, shardings = setup(
+      config, MESHES['fsdp4_data2'], batch)
+  state = jax.device_put(initial, shardings)
+  buffered, buffered_shardings = train.with_grad_buffers(state, shardings)
+  assert buffered_shardings.grads == shardings.params
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    global_batch = jax.device_put(batch, sharding.batch_sharding(mesh, config.mesh.data_axes))
+    aliased = {}
+    for name, (st, sh) in dict(plain=(state, shardings),
+                               buffered=(buffered, buffered_shardings)).items():
+      step = train.make_train_step(config, model, tx, schedule, mesh, sh, task)
+      aliased[name] = step.lower(st, global_batch).compile().memory_analysis().alias_size_in_bytes
+    new_state, metrics = step(buffered, global_batch)
+  param_shard_bytes = sum(
+      np.prod(s.shard_shape(p.shape)) * p.dtype.itemsize for p, s in
+      zip(jax.tree_util.tree_leaves(initial.params), jax.tree_util.tree_leaves(shardings.params)))
+  assert aliased['buffered'] - aliased['plain'] == param_shard_bytes
+  for name, value in jax.device_get(metrics).items():
+    np.testing.assert_allclose(value, ref_metrics[name], rtol=2e-5, atol=1e-6, err_msg=name)
+  assert_trees_close(new_state.params, ref_state.params, rtol=1e-4, atol=2e-6)
+  grads = jax.tree_util.tree_leaves(new_state.grads)
+  assert all(np.isfinite(g).all() for g in grads) and any(np.abs(g).max() > 0 for g in grads)

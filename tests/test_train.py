@@ -104,6 +104,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path)
   assert steps == [1]
   restored = ocp.StandardCheckpointer().restore(tmp_path / 'checkpoints' / '1' / 'state')
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(restored))
+  # The gradient buffers a CPU run keeps are not checkpointed.
+  assert train.keeps_grad_buffers(config.train)
+  assert restored.get('grads') is None
 
 
 def one_step_on_one_device(config, batch):

@@ -8,7 +8,8 @@ Sharding: the mesh and logical-axis rules come from `config.mesh`
 (`vlpjax.sharding`). The state is initialised under `jit` with `out_shardings`
 computed from `jax.eval_shape` of the init, so no array is ever materialised
 whole on one device; the step is jitted with `in_shardings`/`out_shardings` and
-donates the state.
+donates the state. On the CPU the state also carries gradient buffers, which
+each step overwrites in place (`keeps_grad_buffers`).
 
 Randomness: every step's masking and dropout keys are `fold_in(key(seed), step)`,
 so restoring the step restores the RNG exactly.
@@ -51,6 +52,9 @@ class TrainState:
   step: jax.Array      # int32 scalar: updates applied so far
   params: Any
   opt_state: Any
+  # The last step's gradients, kept only to be overwritten in place by the next
+  # (`train.keep_grad_buffers`); never checkpointed.
+  grads: Any = None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -224,6 +228,28 @@ def init_train_state(model: nn.Module, tx: optax.GradientTransformation,
   return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
 
+def keeps_grad_buffers(train_config: ml_collections.ConfigDict) -> bool:
+  """`train.keep_grad_buffers`, where None means: on the CPU only.
+
+  XLA gives each step's gradients fresh memory; on the CPU that memory comes from
+  the OS page by page, and the page faults cost a tenth of an LXMERT-base step.
+  Kept in the state, the gradients are written over the last step's buffers.
+  Accelerators' allocators reuse memory already, and there the buffers would only
+  raise the peak (they live through the forward pass).
+  """
+  keep = train_config.keep_grad_buffers
+  return jax.default_backend() == 'cpu' if keep is None else bool(keep)
+
+
+def with_grad_buffers(state: TrainState, shardings: TrainState
+                      ) -> tuple[TrainState, TrainState]:
+  """`state` and `shardings` with zero gradient buffers laid out like the params."""
+  shardings = shardings.replace(grads=shardings.params)
+  grads = jax.jit(lambda p: jax.tree.map(jnp.zeros_like, p),
+                  out_shardings=shardings.params)(state.params)
+  return state.replace(grads=grads), shardings
+
+
 def _to_host(tree: Any) -> Any:
   """Global arrays -> numpy on every process (gathers across processes)."""
   if jax.process_count() > 1:
@@ -331,7 +357,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   params = optax.apply_updates(state.params, updates)
   metrics = {'loss': loss, **losses, 'grad_norm': optax.global_norm(grads),
              'learning_rate': schedule(state.step)}
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                    grads=None if state.grads is None else grads), metrics
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
@@ -339,14 +366,18 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
                     mesh: jax.sharding.Mesh, state_shardings: TrainState, task: str
                     ) -> Callable[[TrainState, Mapping[str, jax.Array]],
                                   tuple[TrainState, dict[str, jax.Array]]]:
-  """`train_step` for `task`, jitted over the mesh; the state argument is donated."""
+  """`train_step` for `task`, jitted over the mesh; the state argument is donated.
+
+  `keep_unused`: the gradient buffers are never read, and an input that jit
+  pruned could not be donated.
+  """
   step = functools.partial(train_step, config=config, model=model, tx=tx,
                            schedule=schedule, task=task)
   return jax.jit(step,
                  in_shardings=(state_shardings,
                                sharding.batch_sharding(mesh, config.mesh.data_axes)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
-                 donate_argnums=0)
+                 donate_argnums=0, keep_unused=True)
 
 
 def model_input_specs(config: ml_collections.ConfigDict, task: str,
@@ -427,6 +458,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state = init_train_state(model, tx, input_specs, config.seed, shardings)
       if config.init['from']:
         state = init_from(config.init['from'], config.model, state, abstract)
+    if keeps_grad_buffers(config.train):
+      state, shardings = with_grad_buffers(state, shardings)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       return _loop(config, workdir, model, tx, schedule, mesh, shardings, tasks, state,
                    iterator, checkpointer, input_specs)
@@ -482,7 +515,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
         if preempted or step == last or checkpointer.should_save(step):
           finish(*pending)
           pending = None
-          checkpointer.save(step, state, iterator, force=True)
+          checkpointer.save(step, state.replace(grads=None), iterator, force=True)
         if preempted:
           logging.warning('preempted: saved step %d, exiting', step)
           break
