@@ -369,8 +369,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
                                   tuple[TrainState, dict[str, jax.Array]]]:
   """`train_step` for `task`, jitted over the mesh; the state argument is donated.
 
-  `keep_unused`: the gradient buffers are never read, and an input that jit
-  pruned could not be donated.
+  With gradient buffers in the state, `keep_unused`: the buffers are never read,
+  and an input that jit pruned could not be donated.
   """
   step = functools.partial(train_step, config=config, model=model, tx=tx,
                            schedule=schedule, task=task)
@@ -378,7 +378,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
                  in_shardings=(state_shardings,
                                sharding.batch_sharding(mesh, config.mesh.data_axes)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
-                 donate_argnums=0, keep_unused=True)
+                 donate_argnums=0, keep_unused=state_shardings.grads is not None)
 
 
 def model_input_specs(config: ml_collections.ConfigDict, task: str,
