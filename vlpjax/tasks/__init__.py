@@ -1,0 +1,1 @@
+"""Downstream tasks: heads, metrics and prediction files (VQA, GQA, NLVR2, ...)."""
