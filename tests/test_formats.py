@@ -96,7 +96,8 @@ def test_scan_skips_and_counts_malformed_rows(tmp_path):
   assert summary['num_skipped'] == 4
   assert [s['where'].split(' ')[0] for s in summary['skipped']] == [
       f'{path}:{line}' for line in (2, 3, 4, 5)]
-  assert summary['by_reason'] == {'truncated or malformed row': 1, 'features': 2, 'boxes': 1}
+  assert summary['by_reason'] == {'truncated row': 1, 'wrong features length': 1,
+                                 'non-finite features': 1, 'box outside image': 1}
   report.write(tmp_path / 'report.json')
   assert json.loads((tmp_path / 'report.json').read_text())['num_skipped'] == 4
 

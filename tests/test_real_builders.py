@@ -1,15 +1,20 @@
 """TFDS builders for real-format files, on tiny fixtures written in those formats."""
 import json
 import os
+import shutil
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 import real_format_fixtures as fx
+from configs import lxmert
+from vlpjax import train
 from vlpjax.data import annotations_builder as ab
 from vlpjax.data import features_builder as fb
 from vlpjax.data import formats
+from vlpjax.data import pipeline
 
 # COCO ids -> their feature-file names, as in LXMERT's mscoco TSVs.
 COCO = {9: 'train2014', 25: 'train2014', 30: 'train2014', 42: 'val2014', 73: 'val2014'}
@@ -86,7 +91,7 @@ def test_malformed_tsv_raises_or_is_skipped_and_reported(tmp_path):
   assert [(r['index'], r['image_id']) for r in rows] == [(0, b'a'), (1, b'd')]
   report = json.loads(side_file(builder, fb.REPORT_FILE))
   assert report['num_skipped'] == 2 and report['on_error'] == 'skip'
-  assert report['by_reason'] == {'truncated or malformed row': 1, 'features': 1}
+  assert report['by_reason'] == {'truncated row': 1, 'non-finite features': 1}
   assert report['skipped'][1]['where'].endswith('bad.tsv:3 (image c)')
 
 
@@ -234,3 +239,202 @@ def test_vqa_question_without_annotation(coco_table, tmp_path):
   config = text_config(root, name='vqa_train', splits=('train',), min_answer_count=1)
   with pytest.raises(formats.FormatError, match='question 2: missing annotation'):
     build(ab.VqaV2, config, tmp_path / 'data', tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# Through the command lines, as a user builds tables.
+
+
+def build_images(root, name, *args):
+  """`python -m vlpjax.data.features_builder lxmert_tsv` of files in `root`."""
+  fb.main(['lxmert_tsv', '--name', name, '--data_dir', str(root / 'data'), '--manual_dir',
+           str(root), '--feature_dim', str(fx.FEATURE_DIM), '--sources', *args])
+
+
+def build_captions(root, name, *args):
+  """`python -m vlpjax.data.annotations_builder coco_captions` (Karpathy) against
+  the images table lxmert_tsv/tiny_coco."""
+  ab.main(['coco_captions', '--config', name, '--images', 'lxmert_tsv/tiny_coco', '--data_dir',
+           str(root / 'data'), '--manual_dir', str(root), *args])
+
+
+def table_dir(root, dataset, name):
+  return root / 'data' / dataset / name / '1.0.0'
+
+
+def write_coco_images(root, images):
+  """The five COCO images in LXMERT's two TSVs (train2014: 3, val2014: 2)."""
+  fx.write_lxmert_tsv(root / 'train2014_obj36.tsv', images[:3])
+  fx.write_lxmert_tsv(root / 'val2014_obj36.tsv', images[3:])
+
+
+def write_karpathy_train(path, coco_ids):
+  """A Karpathy file with one training caption per image."""
+  return fx.write_karpathy(str(path), [(COCO[i], i, 'train', [f'Image {i}.'])
+                                       for i in coco_ids])
+
+
+def test_rebuilding_an_images_table_under_its_name_is_refused_unless_overwritten(
+    tmp_path, capsys):
+  images = fx.random_images(11, IDS)
+  fx.write_lxmert_tsv(tmp_path / 'old.tsv', images[:2])
+  fx.write_lxmert_tsv(tmp_path / 'new.tsv', images[2:])
+  build_images(tmp_path, 'tiny_coco', 'old.tsv')
+  build_images(tmp_path, 'tiny_coco', 'old.tsv')  # the same build again reuses the table
+  with pytest.raises(fb.TableExistsError) as error:
+    build_images(tmp_path, 'tiny_coco', 'new.tsv')
+  message = str(error.value)
+  for part in (str(table_dir(tmp_path, 'lxmert_tsv', 'tiny_coco')), str(tmp_path / 'old.tsv'),
+               "sources: ['old.tsv'] -> ['new.tsv']", '--overwrite'):
+    assert part in message
+  assert fb.read_image_ids('lxmert_tsv/tiny_coco', tmp_path / 'data') == IDS[:2]
+  capsys.readouterr()
+  build_images(tmp_path, 'tiny_coco', 'new.tsv', '--overwrite')
+  assert 'lxmert_tsv/tiny_coco/1.0.0: 3 images' in capsys.readouterr().out
+  assert fb.read_image_ids('lxmert_tsv/tiny_coco', tmp_path / 'data') == IDS[2:]
+  rows = read_all('lxmert_tsv/tiny_coco', tmp_path / 'data')
+  assert [r['image_id'].decode() for r in rows] == IDS[2:]
+  metadata_file = table_dir(tmp_path, 'lxmert_tsv', 'tiny_coco') / 'metadata.json'
+  metadata = json.loads(metadata_file.read_text())
+  assert metadata[fb.SOURCES_KEY] == [str(tmp_path / 'new.tsv')]
+
+
+def test_rebuilding_a_text_table_under_its_name_is_refused_unless_overwritten(tmp_path):
+  write_coco_images(tmp_path, fx.random_images(12, IDS))
+  build_images(tmp_path, 'tiny_coco', 'train2014_obj36.tsv', 'val2014_obj36.tsv')
+  write_karpathy_train(tmp_path / 'dataset_coco.json', [9, 25])
+  write_karpathy_train(tmp_path / 'more.json', [9, 25, 30, 42])
+  build_captions(tmp_path, 'caps')
+  with pytest.raises(fb.TableExistsError) as error:
+    build_captions(tmp_path, 'caps', '--file', 'karpathy=more.json')
+  assert str(table_dir(tmp_path, 'coco_captions', 'caps')) in str(error.value)
+  assert str(tmp_path / 'dataset_coco.json') in str(error.value)
+  assert len(read_all('coco_captions/caps', tmp_path / 'data')) == 2
+  build_captions(tmp_path, 'caps', '--file', 'karpathy=more.json', '--overwrite')
+  assert len(read_all('coco_captions/caps', tmp_path / 'data')) == 4
+
+
+def test_pipeline_refuses_text_built_against_an_images_table_rebuilt_since(tmp_path):
+  write_coco_images(tmp_path, fx.random_images(13, IDS))
+  build_images(tmp_path, 'tiny_coco', 'train2014_obj36.tsv', 'val2014_obj36.tsv')
+  write_karpathy_train(tmp_path / 'dataset_coco.json', list(COCO))
+  build_captions(tmp_path, 'caps')
+  vocab = tmp_path / 'vocab.txt'
+  vocab.write_text('[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nimage\n')
+  config = pipeline.default_data_config()
+  config.update(name='coco', data_dir=str(tmp_path / 'data'), vocab_file=str(vocab),
+                images_dataset='lxmert_tsv/tiny_coco', captions_dataset='coco_captions/caps',
+                max_text_len=8, max_regions=4, prefetch_batches=0)
+  batches = lambda: pipeline.make_pretraining_iterator(config, 'lxmert', global_batch_size=2,
+                                                       seed=0)
+  next(batches())
+  # The images table rebuilt under its name, its files in the other order: the
+  # captions' image rows now hold other images.
+  shutil.rmtree(table_dir(tmp_path, 'lxmert_tsv', 'tiny_coco'))
+  build_images(tmp_path, 'tiny_coco', 'val2014_obj36.tsv', 'train2014_obj36.tsv')
+  with pytest.raises(ValueError, match=r'coco_captions/caps was built against other images '
+                     r'than the images table lxmert_tsv/tiny_coco .* rebuild coco_captions/caps'):
+    batches()
+  # A text table built before fingerprints were stored: its rows' image ids are compared.
+  metadata_file = table_dir(tmp_path, 'coco_captions', 'caps') / 'metadata.json'
+  metadata = json.loads(metadata_file.read_text())
+  del metadata[fb.IMAGES_FINGERPRINT]
+  metadata_file.write_text(json.dumps(metadata))
+  with pytest.raises(ValueError, match=r'coco_captions/caps does not match the images table '
+                     rf"lxmert_tsv/tiny_coco: 5 of 5 rows .* row 0: image '{IDS[0]}', but row 0 of "
+                     rf"lxmert_tsv/tiny_coco is '{IDS[3]}'"):
+    batches()
+  build_captions(tmp_path, 'caps', '--overwrite')
+  next(batches())
+
+
+def test_label_ids_past_the_model_heads_fail_before_compiling(tmp_path):
+  images = fx.random_images(14, IDS)
+  images[1]['objects_id'][0] = 1599  # LXMERT's TSVs: 1600 object and 400 attribute labels
+  images[3]['attrs_id'][1] = 399
+  write_coco_images(tmp_path, images)
+  build_images(tmp_path, 'tiny_coco', 'train2014_obj36.tsv', 'val2014_obj36.tsv')
+  write_karpathy_train(tmp_path / 'dataset_coco.json', list(COCO))
+  build_captions(tmp_path, 'caps')
+  vocab = tmp_path / 'vocab.txt'
+  vocab.write_text('[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nimage\n')
+  config = lxmert.get_config('tiny')  # 16 object and 8 attribute labels
+  config.data.update(name='coco', data_dir=str(tmp_path / 'data'), vocab_file=str(vocab),
+                     images_dataset='lxmert_tsv/tiny_coco', captions_dataset='coco_captions/caps',
+                     qa=False, max_text_len=8, max_regions=4)
+  config.pretrain.tasks = ('mlm', 'matched', 'obj', 'attr', 'feat')
+  config.model.feature_dim = fx.FEATURE_DIM
+  config.train.update(global_batch_size=8, num_steps=1)
+  compiled = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if 'compile' in event:
+      compiled.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    with pytest.raises(ValueError, match=r'config\.model\.num_object_labels=16 is too small: .*'
+                       r'lxmert_tsv/tiny_coco.* object ids up to 1599'):
+      train.train_and_evaluate(config, str(tmp_path / 'run'))
+    config.model.num_object_labels = 1600
+    with pytest.raises(ValueError, match=r'config\.model\.num_attr_labels=8 is too small: .*'
+                       r'attribute ids up to 399'):
+      train.train_and_evaluate(config, str(tmp_path / 'run'))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not compiled
+
+
+def test_ingest_report_in_both_modes_grouped_by_reason(tmp_path):
+  images = fx.random_images(15, ['a', 'b', 'c', 'd', 'e'])
+  for image in images[2:4]:
+    image['features'] = image['features'].copy()
+    image['features'][0, 0] = np.nan
+  rows = [fx.lxmert_tsv_row(image) for image in images + images[:2]]  # a, b again
+  fx.write_lxmert_tsv(tmp_path / 'mixed.tsv', [], rows=rows)
+  report_file = table_dir(tmp_path, 'lxmert_tsv', 'mixed') / fb.REPORT_FILE
+  failed_report_file = report_file.parent.parent / fb.REPORT_FILE
+  # on_error raise: the build stops at the first bad row; the report names it.
+  with pytest.raises(formats.FormatError, match=r'mixed\.tsv:3 \(image c\): features: non-finite'):
+    build_images(tmp_path, 'mixed', 'mixed.tsv')
+  report = json.loads(failed_report_file.read_text())
+  assert report['on_error'] == 'raise' and report['num_skipped'] == 0
+  assert report['error']['kind'] == 'non-finite features'
+  assert report['error']['where'].endswith('mixed.tsv:3 (image c)')
+  # on_error skip: every bad row counted, by the kind of problem (not by message).
+  build_images(tmp_path, 'mixed', 'mixed.tsv', '--on_error', 'skip')
+  report = json.loads(report_file.read_text())
+  assert report['num_skipped'] == 4
+  assert report['by_reason'] == {'non-finite features': 2, 'duplicate image id': 2}
+  assert not failed_report_file.exists()  # the failed build's report is gone
+  assert fb.read_image_ids('lxmert_tsv/mixed', tmp_path / 'data') == ['a', 'b', 'e']
+  # on_error raise with good rows only: a report with nothing in it.
+  fx.write_lxmert_tsv(tmp_path / 'good.tsv', images[:2])
+  build_images(tmp_path, 'good', 'good.tsv')
+  report = json.loads((table_dir(tmp_path, 'lxmert_tsv', 'good') / fb.REPORT_FILE).read_text())
+  assert (report['on_error'], report['num_skipped'], report['error']) == ('raise', 0, None)
+
+
+def test_ingest_report_when_every_row_is_bad(tmp_path):
+  images = fx.random_images(16, ['a', 'b'])
+  rows = [fx.lxmert_tsv_row(image)[:50] for image in images]  # both truncated
+  fx.write_lxmert_tsv(tmp_path / 'bad.tsv', [], rows=rows)
+  with pytest.raises(ValueError, match=r"no valid images .*2 skipped.*'truncated row': 2") as error:
+    build_images(tmp_path, 'bad', 'bad.tsv', '--on_error', 'skip')
+  report_file = tmp_path / 'data' / 'lxmert_tsv' / 'bad' / fb.REPORT_FILE
+  assert f'ingest report: {report_file}' in error.value.__notes__
+  report = json.loads(report_file.read_text())
+  assert report['num_skipped'] == 2 and report['by_reason'] == {'truncated row': 2}
+  assert not table_dir(tmp_path, 'lxmert_tsv', 'bad').exists()
+  # A text table none of whose captions has its image in the images table.
+  write_coco_images(tmp_path, fx.random_images(17, IDS))
+  build_images(tmp_path, 'tiny_coco', 'train2014_obj36.tsv', 'val2014_obj36.tsv')
+  fx.write_karpathy(str(tmp_path / 'dataset_coco.json'),
+                    [('train2014', 7, 'train', ['No features.']),
+                     ('train2014', 8, 'train', ['None either.'])])
+  with pytest.raises(ValueError, match=r"split 'train' has no examples .*'missing image': 2"):
+    build_captions(tmp_path, 'orphans', '--on_error', 'skip')
+  report = json.loads((tmp_path / 'data' / 'coco_captions' / 'orphans' /
+                       fb.REPORT_FILE).read_text())
+  assert report['by_reason'] == {'missing image': 2}

@@ -7,6 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from vlpjax.data import build
+from vlpjax.data import features_builder
 from vlpjax.data import vlp_world
 from vlpjax.data import vocab as vocab_lib
 from vlpjax.data import world as world_lib
@@ -136,6 +137,17 @@ def test_metadata_and_label_files(data_dir):
     assert f.read().splitlines() == list(world_lib.OBJECT_CLASSES)
   with pytest.raises(FileNotFoundError, match='build the table first'):
     vlp_world.vocab_path(data_dir, 'default')
+
+
+def test_tables_store_the_fingerprint_of_their_images(data_dir, images):
+  """What the pipeline checks a text table against (the images' ordered ids)."""
+  fingerprint = features_builder.image_ids_fingerprint([r['image_id'].decode() for r in images])
+  for table in vlp_world.TABLES:
+    metadata = features_builder.stored_metadata(
+        tfds.builder(f'vlp_world/{SIZE}_{table}', data_dir=data_dir))
+    key = (features_builder.IMAGE_IDS_FINGERPRINT if table == 'images'
+           else features_builder.IMAGES_FINGERPRINT)
+    assert metadata[key] == fingerprint, table
 
 
 def test_rebuild_gives_identical_bytes(data_dir, tmp_path):

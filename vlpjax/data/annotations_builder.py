@@ -15,6 +15,12 @@ by `formats.image_key` (default: the trailing number, so COCO id 9 matches
 'COCO_train2014_000000000009'). A caption or question whose image is not in the
 table raises an error naming the id, or with on_error='skip' is skipped and
 counted in `ingest_report.json` beside the dataset.
+
+A text table's metadata stores the fingerprint of the images table's ordered ids
+it was built against (`features_builder.image_ids_fingerprint`): the pipeline
+refuses to join it to an images table rebuilt since (other ids or order). Like
+an images table, it is reused only when built again with the same settings, and
+rebuilt with `--overwrite`.
 """
 from __future__ import annotations
 
@@ -35,7 +41,6 @@ from vlpjax.data import features_builder
 from vlpjax.data import formats
 
 ANSWERS_FILE = 'answers.txt'
-REPORT_FILE = features_builder.REPORT_FILE
 
 # ---------------------------------------------------------------------------
 # VQA answer normalisation, following the rules of the official VQA evaluation:
@@ -144,7 +149,7 @@ class ImageIndex:
     row = self.rows.get(formats.image_key(image_id, self.match))
     if row is None:
       raise formats.FormatError(where, f'missing image: {image_id!r} is not in the images '
-                                f'table {self.images}')
+                                f'table {self.images}', kind='missing image')
     return row, self.image_ids[row]
 
 
@@ -199,7 +204,10 @@ names, or name them in the config's `files`; build the images table first."""
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
                                  features=tfds.features.FeaturesDict(self.FEATURES),
-                                 disable_shuffling=True)
+                                 metadata=tfds.core.MetadataDict(), disable_shuffling=True)
+
+  def build_settings(self) -> dict[str, Any]:
+    return features_builder.config_settings(self.builder_config, ('examples_per_shard',))
 
   @abc.abstractmethod
   def _split_examples(self, path: Callable[[str], str], images: ImageIndex,
@@ -215,19 +223,29 @@ names, or name them in the config's `files`; build the images table first."""
       raise ValueError(f'{self.name}: unknown file roles {unknown}; known: '
                        f'{sorted(self.DEFAULT_FILES)}')
     manual_dir = self._manual_dir(dl_manager)
-    path = lambda role: features_builder.resolve_paths([files[role]], manual_dir)[0]
+    paths = {}
+
+    def path(role: str) -> str:
+      paths[role] = features_builder.resolve_paths([files[role]], manual_dir)[0]
+      return paths[role]
+
     images = ImageIndex(config.images, config.images_data_dir or self.data_dir_root,
                         config.match)
-    report = formats.ErrorReport(config.on_error, source=f'{self.name}/{config.name}')
+    self.report = report = formats.ErrorReport(config.on_error,
+                                               source=f'{self.name}/{config.name}')
     splits = self._split_examples(path, images, report)
     report.log()
-    self.side_files[REPORT_FILE] = json.dumps(report.to_dict(), indent=1)
+    self.info.metadata.update({
+        features_builder.SOURCES_KEY: paths,
+        features_builder.IMAGES_FINGERPRINT:
+            features_builder.image_ids_fingerprint(images.image_ids)})
     step = config.examples_per_shard
     shards = {}
     for split, examples in splits.items():
       if not examples:
         raise ValueError(f'{self.name}/{config.name}: split {split!r} has no examples '
-                         f'({len(report.skipped)} skipped in all)')
+                         f'({len(report.skipped)} skipped in all, by reason: '
+                         f'{report.to_dict()["by_reason"]})')
       shards[split] = [functools.partial(_keyed, examples[start:start + step], start)
                        for start in range(0, len(examples), step)]
     return shards
@@ -237,7 +255,7 @@ names, or name them in the config's `files`; build the images table first."""
     """Appends one example with its image row, or hands the error to `report`."""
     try:
       if not isinstance(text, str) or not text.strip():
-        raise formats.FormatError(where, f'empty text: {text!r}')
+        raise formats.FormatError(where, f'empty text: {text!r}', kind='empty text')
       image_index, table_id = images.lookup(image_id, where)
     except formats.FormatError as e:
       report.handle(e)
@@ -260,7 +278,8 @@ def _load_json(path: str) -> Any:
 
 def _field(path: str, entry: Mapping[str, Any], name: str, what: str) -> Any:
   if name not in entry:
-    raise formats.FormatError(path, f'{what}: missing field {name!r} (has {sorted(entry)})')
+    raise formats.FormatError(path, f'{what}: missing field {name!r} (has {sorted(entry)})',
+                              kind='missing field')
   return entry[name]
 
 
@@ -312,7 +331,7 @@ class CocoCaptions(TextTableBuilder):
       split = _field(where, entry, 'split', 'image')
       if split not in self.KARPATHY_SPLITS:
         raise formats.FormatError(where, f'unknown split {split!r}; expected one of '
-                                  f'{sorted(self.KARPATHY_SPLITS)}')
+                                  f'{sorted(self.KARPATHY_SPLITS)}', kind='unknown split')
       if split == 'restval' and not self.builder_config.restval_to_train:
         split_name = 'restval'
       else:
@@ -405,7 +424,7 @@ class VqaV2(TextTableBuilder):
       if annotations is not None:
         if question_id not in annotations:
           report.handle(formats.FormatError(where, 'missing annotation: no answers for it in '
-                                            'the annotations file'))
+                                            'the annotations file', kind='missing annotation'))
           continue
         raw_answers = [_field(where, a, 'answer', 'answer')
                        for a in annotations[question_id]['answers']]
@@ -418,7 +437,7 @@ class VqaV2(TextTableBuilder):
       for question_id in sorted(annotations.keys() - asked):
         report.handle(formats.FormatError(
             f'{path}: question {question_id}', 'missing question: the annotations file '
-            'answers a question the questions file does not have'))
+            'answers a question the questions file does not have', kind='missing question'))
     return examples
 
 
@@ -444,6 +463,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--splits', nargs='+', default=['train', 'validation'])
   parser.add_argument('--min_answer_count', type=int, default=9)
   parser.add_argument('--answer_vocab_splits', nargs='+', default=['train'])
+  parser.add_argument('--overwrite', action='store_true',
+                      help='rebuild the table if one is built under this config name '
+                      '(without it, one built from other settings is an error)')
   args = parser.parse_args(argv)
   config = TextConfig(
       name=args.config, images=args.images, images_data_dir=args.images_data_dir,
@@ -453,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       answer_vocab_splits=tuple(args.answer_vocab_splits))
   builder = BUILDERS[args.dataset](config=config, data_dir=args.data_dir)
   builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
+      download_config=features_builder.download_config(args.manual_dir, args.overwrite))
   sizes = {split: info.num_examples for split, info in builder.info.splits.items()}
   print(f'{builder.info.full_name}: {sizes} in {builder.data_dir}')
 

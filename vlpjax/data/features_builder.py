@@ -15,8 +15,16 @@ record (see `formats.make_record`) and decides the index of each good one; the
 second re-reads the good records and writes them shard by shard. Malformed
 records raise (`on_error='raise'`, default) or are skipped and counted
 (`on_error='skip'`); either way `ingest_report.json` is written next to the
-dataset, with `image_ids.txt` (one id per line, in index order) that text
-builders use to map image ids to rows.
+dataset (when the build fails, beside where it would be: see
+`SideFilesBuilder`), with `image_ids.txt` (one id per line, in index order) that
+text builders use to map image ids to rows.
+
+The table's metadata (`metadata.json`) records what it was built from (its
+settings and source paths), a fingerprint of its ordered image ids, which text
+tables store to be checked against by the pipeline, and the largest object and
+attribute ids, which the label heads of a model config must cover. A table is
+reused only when built again with the same settings; other settings are refused
+unless told to overwrite (`--overwrite`).
 
 Example (Python):
   config = ImagesConfig(name='coco', sources=('train2014_obj36.tsv',))
@@ -31,6 +39,7 @@ import argparse
 import dataclasses
 import functools
 import glob
+import hashlib
 import json
 import os
 from typing import Any, Callable, Iterator, Sequence
@@ -44,6 +53,13 @@ IMAGES_SPLIT = 'train'
 IMAGE_IDS_FILE = 'image_ids.txt'
 REPORT_FILE = 'ingest_report.json'
 DEFAULT_NUM_CLASSES = 'format'  # the format's own: 1601 for UNITER, none otherwise
+# Keys of a table's metadata.
+SETTINGS_KEY = 'build_settings'  # the config fields its content follows
+SOURCES_KEY = 'source_paths'  # the files it was read from
+IMAGE_IDS_FINGERPRINT = 'image_ids_fingerprint'  # images tables: of their own ids
+IMAGES_FINGERPRINT = 'images_fingerprint'  # text tables: of their images table's ids
+MAX_OBJECT_ID = 'max_object_id'  # images tables: the largest object/attribute ids
+MAX_ATTR_ID = 'max_attr_id'
 
 
 def images_features(feature_dim: int, num_classes: int | None) -> tfds.features.FeaturesDict:
@@ -108,22 +124,107 @@ def resolve_paths(patterns: Sequence[str], manual_dir: Callable[[], os.PathLike[
   return paths
 
 
+def image_ids_fingerprint(image_ids: Sequence[str]) -> str:
+  """'<count>:<sha256 of the ids in index order>', of an images table: text
+  tables refer to its images by row, so they hold only for these ids in this order."""
+  digest = hashlib.sha256(''.join(f'{image_id}\n' for image_id in image_ids).encode('utf-8'))
+  return f'{len(image_ids)}:{digest.hexdigest()}'
+
+
+def stored_metadata(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
+  """A built table's metadata (its `metadata.json`); {} if it has none."""
+  metadata = builder.info.metadata
+  # items() makes TFDS's LazyMetadataDict read the file; its get() would not.
+  return dict(metadata.items()) if metadata is not None else {}
+
+
+def config_settings(config: tfds.core.BuilderConfig, layout_fields: Sequence[str]
+                    ) -> dict[str, Any]:
+  """A builder config's own fields, less `layout_fields` (those that change only
+  how the table is sharded), as JSON values: what a built table's content follows."""
+  common = {field.name for field in dataclasses.fields(tfds.core.BuilderConfig)}
+  settings = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)
+              if field.name not in common and field.name not in layout_fields}
+  return json.loads(json.dumps(settings))
+
+
+class TableExistsError(FileExistsError):
+  """A table is already built under the name asked for, from other settings."""
+
+
 class SideFilesBuilder(tfds.core.ShardBasedBuilder):
   """A ShardBasedBuilder that writes extra files (reports, vocabularies) next to
-  the generated dataset, from `self.side_files` filled during generation.
+  the generated dataset, from `self.side_files` filled during generation, and
+  the ingest report `self.report` of builders that read records.
+
+  The report is written also when the build fails, where no table is made: then
+  beside where it would be, `<data_dir>/<dataset>/<config>/ingest_report.json`
+  (the error names it). TFDS would reuse any table built under the builder's
+  name whatever the config asks for now; these builders store `build_settings()`
+  in the table's metadata and refuse (`TableExistsError`) a table built from
+  other settings, unless the download mode overwrites it (`--overwrite`:
+  `tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS`).
 
   ShardBasedBuilder writes shards in the order given without TFDS's shuffler,
   which needs TensorFlow once a split passes 1 GB.
   """
   side_files: dict[str, str]
+  report: formats.ErrorReport | None
 
   def __init__(self, *, file_format: str = 'array_record', **kwargs: Any):
     super().__init__(file_format=file_format, **kwargs)
 
+  def build_settings(self) -> dict[str, Any] | None:
+    """What the table's content follows (JSON values), compared when it is built
+    again; None: only the code decides it."""
+    return None
+
+  def download_and_prepare(self, *, download_config: tfds.download.DownloadConfig | None = None,
+                           **kwargs: Any) -> None:
+    """TFDS's, refusing a table built from other settings (see the class
+    docstring) and writing the ingest report of a failed build."""
+    download_config = download_config or tfds.download.DownloadConfig()
+    if self.is_prepared() and not download_config.download_mode.overwrite_dataset:
+      self._check_settings()
+    failed_report = os.path.join(os.fspath(self.data_path.parent), REPORT_FILE)
+    if os.path.exists(failed_report):
+      os.remove(failed_report)  # an earlier failed build's
+    self.side_files, self.report = {}, None
+    try:
+      super().download_and_prepare(download_config=download_config, **kwargs)
+    except Exception as e:
+      if self.report is not None:
+        self.report.write(failed_report)
+        e.add_note(f'ingest report: {failed_report}')
+      raise
+
+  def _check_settings(self) -> None:
+    """Raises TableExistsError if the built table was built from other settings."""
+    wanted = self.build_settings()
+    stored = stored_metadata(self)
+    built = stored.get(SETTINGS_KEY)
+    if wanted is None or built == wanted:
+      return
+    if built is None:
+      changes = 'it was built before vlpjax recorded the settings of a table'
+    else:
+      changes = ', '.join(f'{key}: {built.get(key)!r} -> {value!r}'
+                          for key, value in wanted.items() if built.get(key) != value)
+    raise TableExistsError(
+        f'{self.info.full_name} is already built, in {self.data_dir}, from '
+        f'{stored.get(SOURCES_KEY, "sources it did not record")}, with other settings '
+        f'than asked for now ({changes}). Pass --overwrite to rebuild it (in Python: '
+        'download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS), or build it '
+        'under another config name.')
+
   def _download_and_prepare(self, dl_manager: tfds.download.DownloadManager,
                             download_config: tfds.download.DownloadConfig | None = None) -> None:
-    self.side_files = {}
     super()._download_and_prepare(dl_manager, download_config)
+    settings = self.build_settings()
+    if settings is not None:
+      self.info.metadata[SETTINGS_KEY] = settings
+    if self.report is not None:
+      self.side_files[REPORT_FILE] = json.dumps(self.report.to_dict(), indent=1)
     for name, text in self.side_files.items():
       (self.data_path / name).write_text(text)  # the incomplete dir until it is renamed
 
@@ -150,7 +251,10 @@ class ImagesTableBuilder(SideFilesBuilder, abc.ABC):
     return tfds.core.DatasetInfo(
         builder=self, description=self.__doc__,
         features=images_features(self.builder_config.feature_dim, self.num_classes),
-        disable_shuffling=True)
+        metadata=tfds.core.MetadataDict(), disable_shuffling=True)
+
+  def build_settings(self) -> dict[str, Any]:
+    return config_settings(self.builder_config, ('images_per_shard',))
 
   @abc.abstractmethod
   def _readers(self, paths: Sequence[str], dl_manager: tfds.download.DownloadManager
@@ -160,17 +264,28 @@ class ImagesTableBuilder(SideFilesBuilder, abc.ABC):
   def _shard_iterators_per_split(self, dl_manager: tfds.download.DownloadManager
                                  ) -> dict[str, list[Callable[[], Iterator[Any]]]]:
     config = self.builder_config
-    readers = self._readers(resolve_paths(config.sources, self._manual_dir(dl_manager)),
-                            dl_manager)
-    report = formats.ErrorReport(config.on_error, source=f'{self.name}/{config.name}')
-    image_ids = []
-    kept = formats.scan(readers, report, on_record=lambda r: image_ids.append(r.image_id))
+    paths = resolve_paths(config.sources, self._manual_dir(dl_manager))
+    readers = self._readers(paths, dl_manager)
+    self.report = report = formats.ErrorReport(config.on_error,
+                                               source=f'{self.name}/{config.name}')
+    image_ids, max_object_ids, max_attr_ids = [], [], []
+
+    def on_record(record: formats.ImageRecord) -> None:
+      image_ids.append(record.image_id)
+      max_object_ids.append(int(record.object_ids.max()))
+      max_attr_ids.append(int(record.attr_ids.max()))
+
+    kept = formats.scan(readers, report, on_record)
     report.log()
-    self.side_files[REPORT_FILE] = json.dumps(report.to_dict(), indent=1)
-    self.side_files[IMAGE_IDS_FILE] = ''.join(f'{image_id}\n' for image_id in image_ids)
     if not kept:
       raise ValueError(f'{self.name}/{config.name}: no valid images in {config.sources} '
-                       f'({len(report.skipped)} skipped)')
+                       f'({len(report.skipped)} skipped, by reason: '
+                       f'{report.to_dict()["by_reason"]})')
+    self.side_files[IMAGE_IDS_FILE] = ''.join(f'{image_id}\n' for image_id in image_ids)
+    # The largest ids, so that a model's label heads are checked without a scan.
+    self.info.metadata.update({
+        SOURCES_KEY: paths, IMAGE_IDS_FINGERPRINT: image_ids_fingerprint(image_ids),
+        MAX_OBJECT_ID: max(max_object_ids), MAX_ATTR_ID: max(max_attr_ids)})
     step = config.images_per_shard
     return {IMAGES_SPLIT: [functools.partial(_write_images, kept[start:start + step], start)
                            for start in range(0, len(kept), step)]}
@@ -266,11 +381,8 @@ BUILDERS = {'lxmert_tsv': LxmertTsv, 'uniter_lmdb': UniterLmdb, 'region_npy': Re
 
 
 def read_image_ids(images: str, data_dir: str | os.PathLike[str] | None = None) -> list[str]:
-  """Image ids of an images table (TFDS name, e.g. 'lxmert_tsv/coco'), in index order.
-
-  Reads `image_ids.txt` written beside the table; for tables without it (e.g.
-  the embedded world) reads the `image_id` of every record.
-  """
+  """Image ids of an images table (TFDS name, e.g. 'lxmert_tsv/coco'), in index
+  order (see `table_image_ids`)."""
   try:
     builder = tfds.builder(images, data_dir=data_dir)
   except ValueError as e:  # TFDS's "not found" errors
@@ -279,12 +391,35 @@ def read_image_ids(images: str, data_dir: str | os.PathLike[str] | None = None) 
   if not builder.is_prepared():
     raise FileNotFoundError(f'images table {images!r} is not built under {data_dir}; '
                             'build it first')
+  return table_image_ids(builder)
+
+
+def table_image_ids(builder: tfds.core.DatasetBuilder) -> list[str]:
+  """Image ids of a built images table, in index order.
+
+  Reads `image_ids.txt` written beside the table; for tables without it (e.g.
+  the embedded world) reads the `image_id` of every record.
+  """
   ids_file = os.path.join(builder.data_dir, IMAGE_IDS_FILE)
   if os.path.exists(ids_file):
     with open(ids_file) as f:
       return f.read().splitlines()
   source = builder.as_data_source(split=IMAGES_SPLIT)
   return [source[i]['image_id'].decode() for i in range(len(source))]
+
+
+def images_fingerprint(builder: tfds.core.DatasetBuilder) -> str:
+  """`image_ids_fingerprint` of a built images table: stored when it was built,
+  or, for older tables, computed from its image ids."""
+  stored = stored_metadata(builder).get(IMAGE_IDS_FINGERPRINT)
+  return stored or image_ids_fingerprint(table_image_ids(builder))
+
+
+def download_config(manual_dir: str | None, overwrite: bool) -> tfds.download.DownloadConfig:
+  """The builders' command lines' download config: `overwrite` rebuilds a built table."""
+  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
+          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  return tfds.download.DownloadConfig(manual_dir=manual_dir, download_mode=mode)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -303,6 +438,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--trust_pickle', action='store_true')
   parser.add_argument('--image_sizes', default=None)
   parser.add_argument('--match', choices=('number', 'exact'), default='number')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='rebuild the table if one is built under this name (without it, '
+                      'one built from other settings is an error)')
   args = parser.parse_args(argv)
   num_classes = {'none': None, DEFAULT_NUM_CLASSES: DEFAULT_NUM_CLASSES}.get(
       args.num_classes.lower(), args.num_classes)
@@ -312,8 +450,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       on_error=args.on_error, images_per_shard=args.images_per_shard,
       trust_pickle=args.trust_pickle, image_sizes=args.image_sizes, match=args.match)
   builder = BUILDERS[args.format](config=config, data_dir=args.data_dir)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
+  builder.download_and_prepare(download_config=download_config(args.manual_dir, args.overwrite))
   print(f'{builder.info.full_name}: {builder.info.splits[IMAGES_SPLIT].num_examples} '
         f'images in {builder.data_dir}')
 

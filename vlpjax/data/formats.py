@@ -56,12 +56,18 @@ BOX_TOLERANCE = 1e-3
 
 
 class FormatError(ValueError):
-  """A malformed record; `where` names the file and line, LMDB key or image id."""
+  """A malformed record; `where` names the file and line, LMDB key or image id.
 
-  def __init__(self, where: str, reason: str):
+  `kind` is the short class of the problem ('truncated row', 'non-finite
+  features', 'box outside image'), free of ids, which the ingest report counts
+  records by; `reason` is the full message.
+  """
+
+  def __init__(self, where: str, reason: str, *, kind: str):
     super().__init__(f'{where}: {reason}')
     self.where = where
     self.reason = reason
+    self.kind = kind
 
 
 class PickleRefusedError(ValueError):
@@ -79,8 +85,10 @@ def pickle_refusal(what: str) -> PickleRefusedError:
 class ErrorReport:
   """Malformed records met while reading: raised, or skipped and counted.
 
-  With `on_error='skip'` every skipped record is kept (where and why), logged as
-  a summary and written as JSON next to the dataset; nothing is dropped silently.
+  Builders write it as JSON (`to_dict`) next to the dataset in either mode, also
+  when the build fails: with on_error='skip' it keeps every skipped record (where
+  and why) and counts them by kind (`by_reason`); with 'raise' it names the
+  record that stopped the build (`error`). Nothing is dropped silently.
   """
 
   def __init__(self, on_error: str, source: str):
@@ -89,18 +97,21 @@ class ErrorReport:
     self.on_error = on_error
     self.source = source
     self.skipped: list[dict[str, str]] = []
+    self.error: dict[str, str] | None = None
 
   def handle(self, error: FormatError) -> None:
     """Raises `error` (on_error='raise') or records it as skipped."""
+    entry = {'where': error.where, 'kind': error.kind, 'reason': error.reason}
     if self.on_error == 'raise':
+      self.error = entry
       raise error
-    self.skipped.append({'where': error.where, 'reason': error.reason})
+    self.skipped.append(entry)
 
   def to_dict(self) -> dict[str, Any]:
-    reasons = collections.Counter(_reason_kind(s['reason']) for s in self.skipped)
+    reasons = collections.Counter(s['kind'] for s in self.skipped)
     return {'source': self.source, 'on_error': self.on_error,
             'num_skipped': len(self.skipped), 'by_reason': dict(reasons),
-            'skipped': self.skipped}
+            'error': self.error, 'skipped': self.skipped}
 
   def log(self) -> None:
     if self.skipped:
@@ -110,11 +121,6 @@ class ErrorReport:
   def write(self, path: str | os.PathLike[str]) -> None:
     with open(path, 'w') as f:
       json.dump(self.to_dict(), f, indent=1)
-
-
-def _reason_kind(reason: str) -> str:
-  """The reason up to its first colon, to group similar errors in the summary."""
-  return reason.split(':', 1)[0]
 
 
 @dataclasses.dataclass
@@ -169,23 +175,26 @@ def make_record(where: str, *, image_id: str, image_h: Any, image_w: Any,
   that are inverted or lie outside the image.
   """
   if not str(image_id) or '\n' in str(image_id):
-    raise FormatError(where, f'image_id: empty or multi-line id {str(image_id)!r}')
+    raise FormatError(where, f'image_id: empty or multi-line id {str(image_id)!r}',
+                      kind='bad image id')
   image_h = _positive_int(where, 'image_h', image_h)
   image_w = _positive_int(where, 'image_w', image_w)
   boxes = np.asarray(boxes, np.float32)
   features = np.asarray(features)
   if boxes.ndim != 2 or boxes.shape[1] != 4:
-    raise FormatError(where, f'boxes: expected shape [N, 4], got {boxes.shape}')
+    raise FormatError(where, f'boxes: expected shape [N, 4], got {boxes.shape}',
+                      kind='wrong boxes shape')
   num_boxes = boxes.shape[0]
   if num_boxes == 0:
-    raise FormatError(where, 'no regions: the image has 0 boxes')
+    raise FormatError(where, 'no regions: the image has 0 boxes', kind='no regions')
   if features.shape != (num_boxes, feature_dim):
     raise FormatError(where, f'features: expected shape [{num_boxes}, {feature_dim}] '
-                      f'(num boxes, feature_dim), got {features.shape}')
+                      f'(num boxes, feature_dim), got {features.shape}',
+                      kind='wrong features shape')
   _check_finite(where, 'features', features)
   if np.abs(features).max() > FLOAT16_MAX:
     raise FormatError(where, f'features: values up to {np.abs(features).max():.3g} '
-                      'overflow float16')
+                      'overflow float16', kind='features overflow float16')
   _check_finite(where, 'boxes', boxes)
   _check_boxes(where, boxes, image_h, image_w)
 
@@ -193,10 +202,10 @@ def make_record(where: str, *, image_id: str, image_h: Any, image_w: Any,
     class_probs = np.asarray(class_probs, np.float32)
     if num_classes is None:
       raise FormatError(where, 'class_probs: the source has a class distribution but '
-                        'the builder config sets num_classes=None')
+                        'the builder config sets num_classes=None', kind='unexpected class_probs')
     if class_probs.shape != (num_boxes, num_classes):
       raise FormatError(where, f'class_probs: expected shape [{num_boxes}, {num_classes}], '
-                        f'got {class_probs.shape}')
+                        f'got {class_probs.shape}', kind='wrong class_probs shape')
     _check_finite(where, 'class_probs', class_probs)
     if object_ids is None:
       object_ids = class_probs[:, 1:].argmax(axis=-1)
@@ -204,18 +213,20 @@ def make_record(where: str, *, image_id: str, image_h: Any, image_w: Any,
       object_conf = class_probs[:, 1:].max(axis=-1)
   elif num_classes is not None:
     raise FormatError(where, f'class_probs: missing, but the builder config expects '
-                      f'num_classes={num_classes}')
+                      f'num_classes={num_classes}', kind='missing class_probs')
 
   def per_box(name: str, values: np.ndarray | None, dtype: Any) -> np.ndarray:
     if values is None:
       return np.zeros([num_boxes], dtype)
     values = np.asarray(values)
     if values.shape != (num_boxes,):
-      raise FormatError(where, f'{name}: expected shape [{num_boxes}], got {values.shape}')
+      raise FormatError(where, f'{name}: expected shape [{num_boxes}], got {values.shape}',
+                        kind=f'wrong {name} shape')
     _check_finite(where, name, values)
     limit = np.iinfo(dtype).max if np.issubdtype(dtype, np.integer) else None
     if limit is not None and (values.min() < 0 or values.max() > limit):
-      raise FormatError(where, f'{name}: ids out of range [0, {limit}]')
+      raise FormatError(where, f'{name}: ids out of range [0, {limit}]',
+                        kind=f'{name} out of range')
     return values.astype(dtype)
 
   return ImageRecord(
@@ -232,29 +243,32 @@ def _positive_int(where: str, name: str, value: Any) -> int:
   try:
     number = float(np.asarray(value).reshape(()))
   except (TypeError, ValueError) as e:
-    raise FormatError(where, f'{name}: not a number ({value!r})') from e
+    raise FormatError(where, f'{name}: not a number ({value!r})', kind=f'bad {name}') from e
   if not np.isfinite(number) or number <= 0 or number != int(number):
-    raise FormatError(where, f'{name}: expected a positive integer, got {value!r}')
+    raise FormatError(where, f'{name}: expected a positive integer, got {value!r}',
+                      kind=f'bad {name}')
   return int(number)
 
 
 def _check_finite(where: str, name: str, values: np.ndarray) -> None:
   if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
     bad = np.argwhere(~np.isfinite(values))[0].tolist()
-    raise FormatError(where, f'{name}: non-finite value (NaN/inf) at {bad}')
+    raise FormatError(where, f'{name}: non-finite value (NaN/inf) at {bad}',
+                      kind=f'non-finite {name}')
 
 
 def _check_boxes(where: str, boxes: np.ndarray, image_h: int, image_w: int) -> None:
   x1, y1, x2, y2 = boxes.T
   if ((x2 < x1) | (y2 < y1)).any():
     row = int(np.argmax((x2 < x1) | (y2 < y1)))
-    raise FormatError(where, f'boxes: box {row} {boxes[row].tolist()} has x2 < x1 or y2 < y1')
+    raise FormatError(where, f'boxes: box {row} {boxes[row].tolist()} has x2 < x1 or y2 < y1',
+                      kind='inverted box')
   slack = BOX_TOLERANCE * max(image_h, image_w)
   outside = (x1 < -slack) | (y1 < -slack) | (x2 > image_w + slack) | (y2 > image_h + slack)
   if outside.any():
     row = int(np.argmax(outside))
     raise FormatError(where, f'boxes: box {row} {boxes[row].tolist()} lies outside the '
-                      f'{image_w}x{image_h} (w x h) image')
+                      f'{image_w}x{image_h} (w x h) image', kind='box outside image')
 
 
 def decode_base64_array(where: str, field: str, text: bytes | str, dtype: Any,
@@ -263,11 +277,12 @@ def decode_base64_array(where: str, field: str, text: bytes | str, dtype: Any,
   try:
     raw = base64.b64decode(text, validate=True)
   except (binascii.Error, ValueError) as e:
-    raise FormatError(where, f'{field}: invalid base64 ({e})') from e
+    raise FormatError(where, f'{field}: invalid base64 ({e})', kind='invalid base64') from e
   expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
   if len(raw) != expected:
     raise FormatError(where, f'{field}: base64 decodes to {len(raw)} bytes, expected '
-                      f'{expected} ({np.dtype(dtype).name} of shape {list(shape)})')
+                      f'{expected} ({np.dtype(dtype).name} of shape {list(shape)})',
+                      kind=f'wrong {field} length')
   return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
@@ -311,7 +326,8 @@ class LxmertTsvReader:
     if len(fields) != len(LXMERT_TSV_FIELDS):
       raise FormatError(where, f'truncated or malformed row: expected '
                         f'{len(LXMERT_TSV_FIELDS)} tab-separated fields '
-                        f'({", ".join(LXMERT_TSV_FIELDS)}), got {len(fields)}')
+                        f'({", ".join(LXMERT_TSV_FIELDS)}), got {len(fields)}',
+                        kind='truncated row')
     row = dict(zip(LXMERT_TSV_FIELDS, fields))
     image_id = row['img_id'].decode('utf-8', errors='replace')
     where = f'{where} (image {image_id})'
@@ -339,18 +355,20 @@ def load_numpy_dict(raw: bytes, where: str) -> Mapping[str, np.ndarray]:
       with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
         return {name: archive[name] for name in archive.files}
     except (ValueError, zipfile.BadZipFile, OSError) as e:
-      raise FormatError(where, f'unreadable .npz value ({e})') from e
+      raise FormatError(where, f'unreadable .npz value ({e})', kind='unreadable value') from e
   try:
     import msgpack  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise FormatError(where, 'value is not an .npz archive; reading msgpack values '
-                      'needs `pip install msgpack`') from e
+                      'needs `pip install msgpack`', kind='msgpack not installed') from e
   try:
     value = msgpack.unpackb(raw, raw=False, object_hook=_msgpack_numpy_array)
   except (ValueError, msgpack.UnpackException, TypeError) as e:
-    raise FormatError(where, f'value is neither an .npz archive nor msgpack ({e})') from e
+    raise FormatError(where, f'value is neither an .npz archive nor msgpack ({e})',
+                      kind='unreadable value') from e
   if not isinstance(value, dict):
-    raise FormatError(where, f'expected a dict of arrays, got {type(value).__name__}')
+    raise FormatError(where, f'expected a dict of arrays, got {type(value).__name__}',
+                      kind='not a dict')
   return value
 
 
@@ -366,7 +384,8 @@ def _required(where: str, arrays: Mapping[str, Any], names: Sequence[str]) -> An
   for name in names:
     if name in arrays:
       return arrays[name]
-  raise FormatError(where, f'missing field: none of {list(names)} (has {sorted(arrays)})')
+  raise FormatError(where, f'missing field: none of {list(names)} (has {sorted(arrays)})',
+                    kind='missing field')
 
 
 def _optional(arrays: Mapping[str, Any], names: Sequence[str]) -> Any:
@@ -479,13 +498,14 @@ class UniterLmdbReader(_LmdbReader):
     norm_bb = np.asarray(_required(where, arrays, ['norm_bb']), np.float32)
     if norm_bb.ndim != 2 or norm_bb.shape[1] not in (6, 7) or norm_bb.shape[0] < nbb:
       raise FormatError(where, f'norm_bb: expected shape [>= {nbb}, 6 or 7] (nbb from the '
-                        f'box-count JSON), got {norm_bb.shape}')
+                        f'box-count JSON), got {norm_bb.shape}', kind='wrong norm_bb shape')
     if self.image_sizes is None:
       image_h = image_w = 1
     else:
       size = self.image_sizes.get(image_key(image_id, self.match))
       if size is None:
-        raise FormatError(where, 'image size: the image is not in image_sizes')
+        raise FormatError(where, 'image size: the image is not in image_sizes',
+                          kind='unknown image size')
       image_h, image_w = size
     scale = np.array([image_w, image_h, image_w, image_h], np.float32)
     first = lambda name: _first_rows(where, name, _required(where, arrays, [name]), nbb)
@@ -500,7 +520,8 @@ class UniterLmdbReader(_LmdbReader):
 def _first_rows(where: str, name: str, values: np.ndarray, count: int) -> np.ndarray:
   values = np.asarray(values)
   if values.ndim == 0 or values.shape[0] < count:
-    raise FormatError(where, f'{name}: expected at least {count} rows, got shape {values.shape}')
+    raise FormatError(where, f'{name}: expected at least {count} rows, got shape {values.shape}',
+                      kind=f'too few {name} rows')
   return values[:count]
 
 
@@ -547,7 +568,7 @@ class NpyFolderReader:
     except (FormatError, PickleRefusedError):
       raise
     except (OSError, ValueError, zipfile.BadZipFile) as e:
-      raise FormatError(path, f'unreadable file ({e})') from e
+      raise FormatError(path, f'unreadable file ({e})', kind='unreadable file') from e
     return make_record(
         f'{path} (image {stem})', image_id=stem,
         image_h=_required(path, arrays, ['image_h', 'image_height']),
@@ -575,12 +596,12 @@ class NpyFolderReader:
   def _read_info(self, path: str) -> Mapping[str, Any]:
     if not os.path.exists(path):
       raise FormatError(path, 'missing: Pythia-style features need a <id>_info.npy '
-                        'beside <id>.npy')
+                        'beside <id>.npy', kind='missing info file')
     if not self.trust_pickle:
       raise pickle_refusal(path)
     info = np.load(path, allow_pickle=True).item()
     if not isinstance(info, dict):
-      raise FormatError(path, f'expected a dict, got {type(info).__name__}')
+      raise FormatError(path, f'expected a dict, got {type(info).__name__}', kind='not a dict')
     return info
 
 
@@ -607,9 +628,10 @@ class VilbertLmdbReader(_LmdbReader):
     try:
       item = pickle.loads(raw)  # trusted by the caller, see __init__
     except Exception as e:  # pylint: disable=broad-except
-      raise FormatError(where, f'unreadable pickle ({type(e).__name__}: {e})') from e
+      raise FormatError(where, f'unreadable pickle ({type(e).__name__}: {e})',
+                        kind='unreadable pickle') from e
     if not isinstance(item, dict):
-      raise FormatError(where, f'expected a dict, got {type(item).__name__}')
+      raise FormatError(where, f'expected a dict, got {type(item).__name__}', kind='not a dict')
     n = _positive_int(where, 'num_boxes', _required(where, item, ['num_boxes']))
 
     def array(names: Sequence[str], shape: tuple[int, ...], required: bool = True) -> Any:
@@ -653,7 +675,7 @@ def scan(readers: Sequence[Reader], report: ErrorReport,
         where = reader.describe(key)
         if record.image_id in first_seen:
           raise FormatError(where, f'duplicate image id {record.image_id!r} (first seen at '
-                            f'{first_seen[record.image_id]})')
+                            f'{first_seen[record.image_id]})', kind='duplicate image id')
       except FormatError as e:
         report.handle(e)
         continue

@@ -66,6 +66,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from grain.multiprocessing import SharedMemoryArray
 from tensorflow_datasets.proto import tf_example_pb2
 
+from vlpjax.data import features_builder
 from vlpjax.data.tokenizer import BertTokenizer, read_vocab
 
 DESIGNS = ('visualbert', 'vilbert', 'lxmert', 'uniter')
@@ -77,6 +78,9 @@ NEEDS_CLASS_PROBS = ('vilbert', 'uniter')
 LEADING_SLOTS = {'vilbert': 1}
 # Attempts at drawing a sentence about another image before giving up.
 MAX_NEGATIVE_DRAWS = 32
+# Rows of a text table whose image ids are compared with the images table's when
+# the text table stores no fingerprint of its images (built before it did).
+ID_CHECK_ROWS = 64
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -188,12 +192,14 @@ def dataset_info(data_config: ml_collections.ConfigDict) -> dict[str, Any]:
   Returns:
     feature_dim; num_object_classes (detector classes incl. background: the
     table's metadata, else the width of `class_probs`; None if neither);
-    num_attributes (metadata; None if absent); vocab_size; num_answers (None
-    without a vqa table); vocab_file; num_images.
+    num_attributes (metadata; None if absent); max_object_id, max_attr_id (the
+    largest ids in the table, from its metadata; None for tables built before
+    it recorded them); vocab_size; num_answers (None without a vqa table);
+    vocab_file; num_images.
   """
   images = _builder(data_config, 'images')
   features = images.info.features
-  metadata = images.info.metadata or {}
+  metadata = features_builder.stored_metadata(images)
   num_classes = metadata.get('num_object_classes')
   if num_classes is None and 'class_probs' in features:
     num_classes = features['class_probs'].shape[-1]
@@ -203,11 +209,61 @@ def dataset_info(data_config: ml_collections.ConfigDict) -> dict[str, Any]:
       feature_dim=features['features'].shape[-1],
       num_object_classes=num_classes,
       num_attributes=metadata.get('num_attributes'),
+      max_object_id=metadata.get(features_builder.MAX_OBJECT_ID),
+      max_attr_id=metadata.get(features_builder.MAX_ATTR_ID),
       vocab_size=len(read_vocab(vocab)),
       num_answers=len(answer_vocab(data_config)) if has_vqa else None,
       vocab_file=vocab,
       num_images=images.info.splits[data_config.images_split].num_examples,
   )
+
+
+def check_same_images(data_config: ml_collections.ConfigDict, table: str, split: str) -> None:
+  """Raises ValueError unless text `table` was built against the images table.
+
+  Text rows refer to images by row, so an images table rebuilt under the same
+  name (other images or another order) would silently pair text with the wrong
+  images. Compares the fingerprint of the images table's ids stored in the text
+  table when it was built with the images table's; a text table built before it
+  stored one has the image ids of ID_CHECK_ROWS of its rows (of `split`)
+  compared with the ids at their rows instead.
+  """
+  images = _builder(data_config, 'images')
+  images_name, text_name = table_name(data_config, 'images'), table_name(data_config, table)
+  fix = (f'rebuild {text_name} against the images table as it is now '
+         '(`python -m vlpjax.data.annotations_builder ... --overwrite`)')
+  stored = features_builder.stored_metadata(_builder(data_config, table)).get(
+      features_builder.IMAGES_FINGERPRINT)
+  if stored is not None:
+    current = features_builder.images_fingerprint(images)
+    if stored != current:
+      raise ValueError(
+          f'text table {text_name} was built against other images than the images table '
+          f'{images_name} holds now (image id fingerprints {stored} vs {current}: other '
+          'images, or the same in another order, as after a rebuild), so its rows would '
+          f'point at the wrong images; {fix}')
+    return
+  logging.warning('text table %s stores no fingerprint of its images table (it was built '
+                  'before text tables stored one); comparing the image ids of %d of its rows '
+                  'with %s', text_name, ID_CHECK_ROWS, images_name)
+  text = Table(_open(data_config, table, split), ('image_index', 'image_id'), name=text_name)
+  rows = np.unique(np.linspace(0, len(text) - 1, min(len(text), ID_CHECK_ROWS)).astype(int))
+  records = text.read(rows)
+  image_rows = np.array([r['image_index'] for r in records], np.int64)
+  image_table = Table(_open(data_config, 'images', data_config.images_split), ('image_id',),
+                      name=images_name)
+  in_table = image_rows[(image_rows >= 0) & (image_rows < len(image_table))]
+  table_ids = {int(i): _text(r['image_id']) for i, r in zip(in_table, image_table.read(in_table))}
+  wrong = [(int(row), int(image), _text(r['image_id']), table_ids.get(int(image)))
+           for row, image, r in zip(rows, image_rows, records)
+           if table_ids.get(int(image)) != _text(r['image_id'])]
+  if wrong:
+    row, image, want, got = wrong[0]
+    raise ValueError(
+        f'text table {text_name} does not match the images table {images_name}: '
+        f'{len(wrong)} of {len(rows)} rows checked refer to an image row whose id is not '
+        f'theirs (e.g. row {row}: image {want!r}, but row {image} of {images_name} is '
+        f'{got!r}); {fix}')
 
 
 # ----------------------------------------------------------------------------
@@ -808,11 +864,13 @@ def make_pretraining_iterator(data_config: ml_collections.ConfigDict, model_name
                       shared_memory=data_config.worker_count > 0)
   sentences = [Table(_open(data_config, 'captions', split), ('text', 'image_index'),
                      name=table_name(data_config, 'captions'))]
+  check_same_images(data_config, 'captions', split)
   num_answers = None
   if data_config.qa:
     sentences.append(Table(_open(data_config, 'vqa', split),
                            ('question', 'image_index', 'answer_labels', 'answer_scores'),
                            name=table_name(data_config, 'vqa')))
+    check_same_images(data_config, 'vqa', split)
     num_answers = len(answer_vocab(data_config))
   caption_groups = None
   if model_name == 'visualbert':

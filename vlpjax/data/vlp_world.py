@@ -20,6 +20,11 @@ tables have splits train/validation/test by image and point at images by
                   index them less background: id k is column k + 1)
   attributes.txt  images: attribute labels (`attr_ids`)
 
+Metadata: the label counts (num_object_classes incl. background, num_attributes,
+num_answers) and the fingerprint of the images' ordered ids
+(`features_builder.image_ids_fingerprint`): the images table's own, and, in each
+text table, that of the images it refers to, which the pipeline checks.
+
 Generation is written shard by shard in order (`SideFilesBuilder`, no TFDS
 shuffler, no TensorFlow). Region features and class distributions are stored
 as raw bytes (`encoding='bytes'`): TFDS's default float16 encoding goes through
@@ -39,7 +44,7 @@ import tensorflow_datasets as tfds
 
 from vlpjax.data import vocab as vocab_lib
 from vlpjax.data import world as world_lib
-from vlpjax.data.features_builder import SideFilesBuilder, images_features
+from vlpjax.data import features_builder
 
 TABLES = ('images', 'captions', 'vqa', 'refexp', 'nlvr2')
 IMAGES_SPLIT = 'train'
@@ -91,7 +96,8 @@ def table_features(table: str, feature_dim: int) -> tfds.features.FeaturesDict:
   image_ref = dict(image_index=np.int64, image_id=tfds.features.Text())
   text = tfds.features.Text()
   features = {
-      'images': lambda: images_features(feature_dim, len(world_lib.OBJECT_CLASSES)),
+      'images': lambda: features_builder.images_features(feature_dim,
+                                                         len(world_lib.OBJECT_CLASSES)),
       'captions': lambda: dict(caption_id=np.int64, text=text, **image_ref),
       'vqa': lambda: dict(
           question_id=np.int64, question=text, **image_ref,
@@ -112,7 +118,7 @@ def table_features(table: str, feature_dim: int) -> tfds.features.FeaturesDict:
 _ID_FIELDS = dict(captions='caption_id', vqa='question_id', refexp='ref_id', nlvr2='pair_id')
 
 
-class VlpWorld(SideFilesBuilder):
+class VlpWorld(features_builder.SideFilesBuilder):
   """The embedded vision-language world: images, captions, VQA, refexp, NLVR2."""
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First release.'}
@@ -136,6 +142,10 @@ class VlpWorld(SideFilesBuilder):
     config = self.builder_config
     world = world_lib.make_world(config.world)
     self.side_files[VOCAB_FILE] = _lines(vocab_lib.world_vocab(config.world))
+    fingerprint = features_builder.image_ids_fingerprint(
+        [scene.image_id for scene in world.scenes])
+    self.info.metadata[features_builder.IMAGE_IDS_FINGERPRINT if config.table == 'images'
+                       else features_builder.IMAGES_FINGERPRINT] = fingerprint
     if config.table == 'images':
       self.side_files[OBJECTS_FILE] = _lines(world_lib.OBJECT_CLASSES)
       self.side_files[ATTRIBUTES_FILE] = _lines(world_lib.COLOURS)
