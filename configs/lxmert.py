@@ -9,15 +9,15 @@ tests; keeps two layers of each kind).
 """
 import ml_collections
 
-from configs import common
+from vlpjax import config_lib
 
 
 def model_config(size: str = 'base') -> ml_collections.ConfigDict:
   """Model fields (the dataclass fields of `vlpjax.models.lxmert.Lxmert`)."""
-  config = common.model_defaults()
+  config = config_lib.model_defaults()
   config.name = 'lxmert'
   if size == 'small':
-    config = common.small_model(
+    config = config_lib.small_model(
         'lxmert', ('vocab_size', 'feature_dim', 'num_answers', 'num_object_labels',
                    'num_attr_labels'),
         num_language_layers=2, num_relation_layers=2, num_cross_layers=2)
@@ -42,4 +42,4 @@ def model_config(size: str = 'base') -> ml_collections.ConfigDict:
 
 def get_config(arg: str = 'base') -> ml_collections.ConfigDict:
   """The run config for `--config=configs/lxmert.py:<arg>`."""
-  return common.make_config(model_config(arg), arg)
+  return config_lib.make_config(model_config(arg), arg)

@@ -9,7 +9,7 @@ Sizes: 'base' (12 x 768, 12 heads), 'large' (24 x 1024, 16 heads, FFN 4096),
 """
 import ml_collections
 
-from configs import common
+from vlpjax import config_lib
 
 SIZES = dict(
     base=dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
@@ -27,11 +27,11 @@ SIZES = dict(
 def model_config(size: str) -> ml_collections.ConfigDict:
   """UNITER model config of `size` in {'base', 'large', 'small', 'tiny'}."""
   if size == 'small':
-    return common.small_model('uniter', ('vocab_size', 'feature_dim', 'num_region_classes'),
-                              num_layers=4)
+    return config_lib.small_model(
+        'uniter', ('vocab_size', 'feature_dim', 'num_region_classes'), num_layers=4)
   if size not in SIZES:
     raise ValueError(f'configs/uniter.py: unknown size {size!r}; choose one of {[*SIZES, "small"]}')
-  config = common.model_defaults()
+  config = config_lib.model_defaults()
   config.name = 'uniter'
   config.type_vocab_size = 2       # text type 0, regions type 1 (one shared table)
   config.update(SIZES[size])      # vocab: bert-base-cased; 1601 = VG classes + background
@@ -41,4 +41,4 @@ def model_config(size: str) -> ml_collections.ConfigDict:
 def get_config(arg: str = 'base') -> ml_collections.ConfigDict:
   """`--config=configs/uniter.py:<size>`."""
   # make_config adds the run sections (train, pretrain, data, mesh, checkpoint, init).
-  return common.make_config(model_config(arg), arg)
+  return config_lib.make_config(model_config(arg), arg)

@@ -13,7 +13,7 @@ Other published placements (2-, 4-, 8-layer) only change `v_biattention_id` /
 """
 import ml_collections
 
-from configs import common
+from vlpjax import config_lib
 
 SIZES = dict(
     base=dict(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12,
@@ -33,13 +33,13 @@ SIZES = dict(
 def model_config(size: str) -> ml_collections.ConfigDict:
   """ViLBERT model config of `size` in {'base', 'small', 'tiny'}."""
   if size == 'small':
-    return common.small_model(
+    return config_lib.small_model(
         'vilbert', ('vocab_size', 'feature_dim', 'num_region_classes'), num_layers=4,
         v_hidden_size=256, v_num_layers=2, v_num_heads=4, v_intermediate_size=256,
         bi_hidden_size=256, bi_num_heads=4, v_biattention_id=(0, 1), t_biattention_id=(2, 3))
   if size not in SIZES:
     raise ValueError(f'configs/vilbert.py: unknown size {size!r}; choose one of {[*SIZES, "small"]}')
-  config = common.model_defaults()
+  config = config_lib.model_defaults()
   config.name = 'vilbert'
   config.type_vocab_size = 2
   config.update(SIZES[size])  # vocab: bert-base-uncased; 1601 = VG classes + background
@@ -49,4 +49,4 @@ def model_config(size: str) -> ml_collections.ConfigDict:
 def get_config(arg: str = 'base') -> ml_collections.ConfigDict:
   """`--config=configs/vilbert.py:<size>`."""
   # make_config adds the run sections (train, pretrain, data, mesh, checkpoint, init).
-  return common.make_config(model_config(arg), arg)
+  return config_lib.make_config(model_config(arg), arg)

@@ -9,7 +9,7 @@ embedded world), 'tiny' (for tests).
 """
 import ml_collections
 
-from configs import common
+from vlpjax import config_lib
 
 # Region feature width of the detector each published checkpoint was trained on.
 FEATURE_DIMS = {'base': 2048, 'base_nlvr2': 1024, 'base_vcr': 512}
@@ -17,7 +17,7 @@ FEATURE_DIMS = {'base': 2048, 'base_nlvr2': 1024, 'base_vcr': 512}
 
 def model_config(size: str = 'base') -> ml_collections.ConfigDict:
   """Model fields (the dataclass fields of `vlpjax.models.visualbert.VisualBert`)."""
-  config = common.model_defaults()
+  config = config_lib.model_defaults()
   config.name = 'visualbert'
   if size in FEATURE_DIMS:
     config.update(dict(
@@ -25,7 +25,7 @@ def model_config(size: str = 'base') -> ml_collections.ConfigDict:
         intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2,
         feature_dim=FEATURE_DIMS[size]))
   elif size == 'small':
-    config = common.small_model('visualbert', ('vocab_size', 'feature_dim'), num_layers=4)
+    config = config_lib.small_model('visualbert', ('vocab_size', 'feature_dim'), num_layers=4)
   elif size == 'tiny':
     config.update(dict(
         vocab_size=120, hidden_size=64, num_layers=2, num_heads=4,
@@ -43,4 +43,4 @@ def model_config(size: str = 'base') -> ml_collections.ConfigDict:
 
 def get_config(arg: str = 'base') -> ml_collections.ConfigDict:
   """The run config for `--config=configs/visualbert.py:<arg>`."""
-  return common.make_config(model_config(arg), arg)
+  return config_lib.make_config(model_config(arg), arg)

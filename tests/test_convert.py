@@ -30,11 +30,24 @@ def _save_torch(weights, path):
   return str(path)
 
 
-def _run_cli(*args):
-  result = subprocess.run(
-      [sys.executable, '-m', 'vlpjax.convert', *args], cwd=ROOT, capture_output=True,
+def _cli(*args, cwd=ROOT):
+  """`python -m vlpjax.convert ARGS` run in `cwd` (with only the installed package
+  importable when that is outside the checkout)."""
+  return subprocess.run(
+      [sys.executable, '-m', 'vlpjax.convert', *args], cwd=cwd, capture_output=True,
       text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'), check=False)
+
+
+def _run_cli(*args, cwd=ROOT):
+  result = _cli(*args, cwd=cwd)
   assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _fails_with(message, *args, cwd=ROOT):
+  result = _cli(*args, cwd=cwd)
+  assert result.returncode != 0
+  assert message in result.stderr, result.stderr[-3000:]
+  return result
 
 
 def _assert_trees_equal(a, b):
@@ -132,3 +145,76 @@ def test_errors(tmp_path):
   (tmp_path / 'taken').mkdir()
   with pytest.raises(FileExistsError, match='exists'):
     convert.save_params({'w': np.zeros(2)}, str(tmp_path / 'taken'))
+
+
+@pytest.mark.parametrize('nesting', ['training_checkpoint', 'data_parallel'])
+def test_cli_reads_training_checkpoints_from_another_directory(tmp_path, nesting):
+  """A .pt that nests the state dict ({'model': sd, 'epoch': 3}, or 'state_dict'
+  with DataParallel's 'module.' keys), converted from outside the checkout with
+  relative paths; then exported back from the relative orbax directory."""
+  weights = _fixture_weights('uniter')
+  tensors = {k: torch.from_numpy(v) for k, v in weights.items()}
+  saved = ({'model': tensors, 'epoch': 3, 'optimizer': {'state': {}, 'lr': 1e-4}}
+           if nesting == 'training_checkpoint'
+           else {'state_dict': {f'module.{k}': v for k, v in tensors.items()}, 'step': 7})
+  (tmp_path / 'ckpt').mkdir()
+  torch.save(saved, tmp_path / 'ckpt' / 'train_state.pt')
+  config_arg = f'--config={ROOT}/configs/uniter.py:tiny'
+  _run_cli('--from=uniter', '--src=ckpt/train_state.pt', '--out=conv/uniter_tiny', config_arg,
+           cwd=tmp_path)
+  config = uniter_config.model_config('tiny')
+  abstract = convert.abstract_params(config, True)
+  _assert_trees_equal(
+      jax.device_get(checkpointing.restore_params(tmp_path / 'conv' / 'uniter_tiny', abstract)),
+      original.import_uniter(config, weights, abstract))
+  _run_cli('--to=torch', '--src=conv/uniter_tiny', '--out=back', config_arg, cwd=tmp_path)
+  exported = load_file(str(tmp_path / 'back' / 'model.safetensors'))
+  assert sorted(exported) == sorted(weights)
+
+
+def test_cli_errors_name_the_cause(tmp_path):
+  config_arg = f'--config={ROOT}/configs/uniter.py:tiny'
+  vilbert = _save_torch(_fixture_weights('vilbert'), tmp_path / 'pytorch_model.bin')
+  result = _fails_with("has no 'uniter.' keys", '--from=uniter', f'--src={vilbert}',
+                       f'--out={tmp_path}/out', config_arg)
+  assert "another model's file (check --from and --src)" in result.stderr
+  assert '--target=backbone' in result.stderr
+
+  (tmp_path / 'broken.safetensors').write_bytes(b'not a safetensors file')
+  _fails_with(f'{tmp_path}/broken.safetensors: cannot read it as a .safetensors weight file',
+              '--from=uniter', f'--src={tmp_path}/broken.safetensors',
+              f'--out={tmp_path}/out', config_arg)
+  (tmp_path / 'broken.pt').write_bytes(b'not a pickle')
+  _fails_with(f'{tmp_path}/broken.pt: cannot read it as a .pt weight file', '--from=uniter',
+              f'--src={tmp_path}/broken.pt', f'--out={tmp_path}/out', config_arg)
+  torch.save({'epoch': 3, 'optimizer': {'lr': torch.ones(())}}, tmp_path / 'no_weights.pt')
+  _fails_with(f"{tmp_path}/no_weights.pt holds no state dict: its entries {{'epoch': 'int', "
+              "'optimizer': 'dict'}", '--from=uniter', f'--src={tmp_path}/no_weights.pt',
+              f'--out={tmp_path}/out', config_arg)
+
+  # An existing --out fails before --src is read (here: before finding it missing).
+  (tmp_path / 'taken').mkdir()
+  _fails_with(f'--out=taken exists ({tmp_path}/taken)', '--from=uniter',
+              '--src=missing.pt', '--out=taken', config_arg, cwd=tmp_path)
+  _fails_with(f'missing.pt: not found ({tmp_path}/missing.pt)', '--from=bert', '--src=missing.pt',
+              '--out=new', config_arg, cwd=tmp_path)
+
+  # orbax directories: missing, or a training workdir rather than params.
+  _fails_with(f'params checkpoint missing: not found ({tmp_path}/missing)', '--to=torch',
+              '--src=missing', '--out=back.safetensors', config_arg, cwd=tmp_path)
+  (tmp_path / 'workdir' / 'checkpoints' / '2').mkdir(parents=True)
+  _fails_with('it looks like a vlpjax workdir (it has checkpoints/)', '--to=torch',
+              '--src=workdir', '--out=back.safetensors', config_arg, cwd=tmp_path)
+
+
+@pytest.mark.parametrize('override, message', [
+    ('--config.train.nope=1', "--config.train.nope: config.train has no field 'nope'"),
+    ('--config.model.param_dtype=float13', 'config.model.param_dtype must be one of'),
+    ('--config.mesh.shape=(2,a,1)', "config.mesh.shape: could not parse '(2,a,1)'"),
+])
+def test_cli_config_errors_are_one_line(tmp_path, override, message):
+  result = _fails_with(message, '--from=uniter', f'--src={tmp_path}/unused.pt',
+                       f'--out={tmp_path}/out', f'--config={ROOT}/configs/uniter.py:tiny',
+                       override)
+  assert 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith('FATAL Flags parsing error: ')

@@ -2,11 +2,16 @@
 with `--config.field=value` overrides, and what it prints."""
 import importlib
 import os
+import re
 import subprocess
 import sys
 
 import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+import torch
+import transformers
 
 from vlpjax import sharding
 
@@ -58,6 +63,97 @@ def test_unknown_override_is_an_error(tmp_path):
   assert 'no_such_field' in result.stderr
 
 
+# Overrides the command line rejects before anything runs, and what it says: one
+# line, naming the field.
+CONFIG_ERRORS = [
+    ('--config.train.nope=1', "--config.train.nope: config.train has no field 'nope'; "
+     'its fields: adam_b1, '),
+    ('--config.init.from=orbax:x', "config.init has no field 'from'; its fields: source"),
+    ('--config.model.dtpye=bfloat16', "no field 'dtpye'; nearest: config.model.dtype"),
+    ('--config.model.dtype=float13', "config.model.dtype must be one of ('float32', "
+     "'bfloat16', 'float16'), got 'float13'"),
+    ('--config.model.attention_impl=flash', 'config.model.attention_impl must be one of'),
+    ('--config.mesh.shape=(2,a,1)', "config.mesh.shape: could not parse '(2,a,1)' as a "
+     'tuple of integers'),
+]
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
+  assert result.returncode != 0
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('FATAL Flags parsing error: ') and message in last, last
+
+
+@pytest.mark.parametrize('override, message', CONFIG_ERRORS)
+def test_config_errors_are_one_line(tmp_path, tmp_path_factory, override, message):
+  result = subprocess.run(command(str(tmp_path / 'run'), *tiny_run_flags(str(tmp_path)),
+                                  override),
+                          cwd=REPO, env=cpu_env(tmp_path_factory), capture_output=True,
+                          text=True, timeout=300)
+  assert_one_line_error(result, message)
+
+
+def outside_checkout_env(tmp_path_factory) -> dict[str, str]:
+  """`cpu_env` as a job elsewhere sees it: the installed package, no checkout on
+  the path (a config file must import only installed modules)."""
+  env = cpu_env(tmp_path_factory)
+  del env['PYTHONPATH']
+  return dict(env, VLPJAX=REPO)
+
+
+def readme_block(marker: str) -> str:
+  """The README's ```bash block that contains `marker`."""
+  with open(os.path.join(REPO, 'README.md'), encoding='utf-8') as f:
+    blocks = re.findall(r'```bash\n(.*?)```', f.read(), re.S)
+  found = [b for b in blocks if marker in b]
+  assert len(found) == 1, marker
+  return found[0]
+
+
+def test_readme_starts_runs_from_weights(tmp_path, tmp_path_factory):
+  """The README's commands, as written, from a directory outside the checkout:
+  convert an HF checkpoint to orbax, then start a run from it (a relative
+  orbax:DIR) and one from a BERT directory (bert:DIR). The first update's
+  learning rate is 0 (warmup), so the step-1 checkpoints hold the loaded weights."""
+  shapes = dict(vocab_size=144, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=128, max_position_embeddings=64, type_vocab_size=2)
+  torch.manual_seed(0)
+  visualbert = transformers.VisualBertForPreTraining(
+      transformers.VisualBertConfig(**shapes, visual_embedding_dim=40))
+  visualbert.save_pretrained(tmp_path / 'visualbert_tiny')
+  bert = transformers.BertModel(transformers.BertConfig(**shapes))
+  bert.save_pretrained(tmp_path / 'bert_tiny')
+
+  result = subprocess.run(['bash', '-e', '-c', readme_block('init.source=orbax:conv/')],
+                          cwd=tmp_path, env=outside_checkout_env(tmp_path_factory),
+                          capture_output=True, text=True, timeout=1200)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for run, source in (('from_orbax', 'orbax:conv/visualbert_tiny'),
+                      ('from_bert', 'bert:bert_tiny')):
+    assert f'init: params from {source}' in result.stderr
+    with ocp.StandardCheckpointer() as checkpointer:
+      state = checkpointer.restore(tmp_path / 'runs' / run / 'checkpoints' / '1' / 'state')
+    embeddings = state['params']['backbone']['embeddings']
+    expected = (visualbert.visual_bert if run == 'from_orbax' else bert).embeddings
+    np.testing.assert_array_equal(embeddings['word_embeddings']['embedding'],
+                                  expected.word_embeddings.weight.detach().numpy())
+    np.testing.assert_array_equal(embeddings['norm']['scale'],
+                                  expected.LayerNorm.weight.detach().numpy())
+
+
+def test_missing_init_source_is_named(tmp_path, tmp_path_factory):
+  result = subprocess.run(
+      [sys.executable, '-m', 'vlpjax.main', f'--config={REPO}/configs/visualbert.py:tiny',
+       f'--workdir={tmp_path}/run', *tiny_run_flags(str(tmp_path / 'tfds')),
+       '--config.init.source=orbax:conv/nothing_here'],
+      cwd=tmp_path, env=outside_checkout_env(tmp_path_factory), capture_output=True,
+      text=True, timeout=900)
+  assert result.returncode != 0
+  assert (f'params checkpoint conv/nothing_here: not found ({tmp_path}/conv/nothing_here)'
+          in result.stderr), result.stderr[-3000:]
+
+
 def test_distributed_arguments_go_together():
   with pytest.raises(ValueError, match='go together'):
     sharding.maybe_initialize_distributed('localhost:1234', None, 0)
@@ -72,6 +168,7 @@ def test_design_configs_give_full_run_configs(design):
   config = module.get_config('tiny')
   assert {'model', 'train', 'pretrain', 'data', 'mesh', 'checkpoint', 'init'} <= set(config)
   assert config.model.name == design
+  assert config.init.source == ''   # `from`, a keyword, could not be set on the command line
 
 
 def config_field_types(config: ml_collections.ConfigDict, prefix: str = 'config.'):

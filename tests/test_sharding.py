@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import common
-from vlpjax import sharding, train
+from vlpjax import config_lib, sharding, train
 from vlpjax.data import synthetic
 from vlpjax.models import get_model
 
@@ -26,7 +25,8 @@ BATCH, TEXT_LEN, REGIONS = 16, 12, 6
 
 
 def tiny_config(design: str) -> ml_collections.ConfigDict:
-  config = common.make_config(importlib.import_module(f'configs.{design}').model_config('tiny'))
+  config = config_lib.make_config(
+      importlib.import_module(f'configs.{design}').model_config('tiny'))
   config.train.global_batch_size = BATCH
   config.train.warmup_fraction = 0.0   # a nonzero learning rate at step 0
   config.train.num_steps = 10

@@ -2,7 +2,7 @@ r"""Converts published checkpoints to vlpjax params (orbax) and back to PyTorch.
 
 Import: reads a checkpoint strictly (any missing, unexpected or misshapen weight
 is an error) and writes the params pytree with orbax's StandardCheckpointer, the
-form `--config.init.from=orbax:DIR` reads:
+form `--config.init.source=orbax:DIR` reads:
 
   python -m vlpjax.convert --from=uniter --src=uniter-base.pt --out=/tmp/uniter_base \
       --config=configs/uniter.py:base
@@ -21,15 +21,18 @@ UNITER/ViLBERT):
 
   python -m vlpjax.convert --to=torch --src=/tmp/uniter_base \
       --out=/tmp/uniter_base.safetensors --config=configs/uniter.py:base
+
+Paths are local (relative to the working directory) or gs://. `--out` must not
+exist yet; that is checked before `--src` is read.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -38,6 +41,7 @@ from ml_collections import config_flags
 import orbax.checkpoint as ocp
 
 from vlpjax import checkpointing
+from vlpjax import config_lib
 from vlpjax.checkpoints import hf
 from vlpjax.checkpoints import original
 from vlpjax.checkpoints import state_dict as sd
@@ -115,32 +119,45 @@ def import_checkpoint(model_config: ml_collections.ConfigDict, source: str, src:
   return IMPORTERS[source](model_config, src, abstract_params(model_config, pretraining))
 
 
+def new_output(out: str) -> epath.Path:
+  """`out` as an absolute path, checked not to exist (so nothing is overwritten).
+
+  Raises:
+    FileExistsError naming the path.
+  """
+  path = checkpointing.absolute_path(out)
+  if path.exists():
+    raise FileExistsError(f'--out={out} exists ({path}); choose a new path')
+  return path
+
+
 def save_params(params: Params, out: str) -> None:
   """Writes the params pytree with orbax's StandardCheckpointer (`out` must not exist)."""
-  out = os.path.abspath(out)
-  if os.path.exists(out):
-    raise FileExistsError(f'--out={out} exists; choose a new directory')
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(out, params)
-  checkpointer.wait_until_finished()
-  checkpointer.close()
+  path = new_output(out)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path, params)
+    checkpointer.wait_until_finished()
+
+
+def torch_output(out: str) -> epath.Path:
+  """The file an export to `out` writes, checked not to exist: `out` itself if it
+  ends in `.safetensors`, else `out/model.safetensors`."""
+  return new_output(out if out.endswith('.safetensors') else f'{out}/{sd.WEIGHT_FILES[0]}')
 
 
 def export_to_torch(model_config: ml_collections.ConfigDict, src: str, out: str) -> str:
   """Writes the orbax params at `src` as the design's PyTorch state dict.
 
-  `out` is a `.safetensors` path, or a directory that gets `model.safetensors`.
-  Returns the path written.
+  `out` is a `.safetensors` path, or a directory that gets `model.safetensors`;
+  that file must not exist. Returns the path written.
   """
-  src = os.path.abspath(src)
+  written = torch_output(out)
   pretraining = 'backbone' in checkpointing.stored_top_level_keys(src)
   params = checkpointing.restore_params(src, abstract_params(model_config, pretraining))
   state_dict = EXPORTERS[model_config.name](model_config, jax.device_get(params))
-  if not out.endswith('.safetensors'):
-    os.makedirs(out, exist_ok=True)
-    out = os.path.join(out, sd.WEIGHT_FILES[0])
-  sd.write_state_dict(state_dict, out)
-  return out
+  written.parent.mkdir(parents=True, exist_ok=True)
+  sd.write_state_dict(state_dict, written)
+  return str(written)
 
 
 def main(argv: list[str]) -> None:
@@ -159,6 +176,7 @@ def main(argv: list[str]) -> None:
     return
   if _FROM.value is None:
     raise app.UsageError(f'--from is required to import; one of {list(SOURCES)}')
+  new_output(_OUT.value)   # before the (possibly long) read of --src
   params = import_checkpoint(model_config, _FROM.value, _SRC.value,
                              pretraining=_TARGET.value == 'pretraining',
                              seed=_CONFIG.value.get('seed', 0))
@@ -168,4 +186,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_lib.flags_parser(_CONFIG))

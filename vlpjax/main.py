@@ -17,6 +17,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
+from vlpjax import config_lib
 from vlpjax import sharding
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -40,4 +41,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_lib.flags_parser(_CONFIG))

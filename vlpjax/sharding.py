@@ -89,6 +89,25 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
                jax.device_count())
 
 
+def mesh_shape(mesh_config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """`config.mesh.shape`, checked to be integers.
+
+  Raises:
+    ValueError naming the field if an entry is not an integer. An override that
+    is not a tuple of integers (`--config.mesh.shape='(2,a,1)'`) reaches the
+    config as one string, which is reported as the parse error it is.
+  """
+  shape = tuple(mesh_config.shape)
+  bad = [s for s in shape if isinstance(s, bool) or not isinstance(s, int)]
+  if bad:
+    what = (f'could not parse {bad[0]!r} as a tuple of integers' if isinstance(bad[0], str)
+            else f'{bad[0]!r} is not an integer')
+    raise ValueError(f'config.mesh.shape: {what}; give one size per axis of '
+                     f"config.mesh.axes={tuple(mesh_config.axes)}, e.g. "
+                     "--config.mesh.shape='(-1,2,1)' (one -1: the remaining devices)")
+  return shape
+
+
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
   """Replaces the single -1 in `shape` so that the product is `num_devices`.
 
@@ -118,15 +137,16 @@ def make_mesh(config: ml_collections.ConfigDict,
   partitioning needs.
   """
   axes = tuple(config.mesh.axes)
-  if len(axes) != len(config.mesh.shape):
-    raise ValueError(f'config.mesh.axes={axes} and config.mesh.shape='
-                     f'{tuple(config.mesh.shape)} differ in length')
+  shape = mesh_shape(config.mesh)
+  if len(axes) != len(shape):
+    raise ValueError(f'config.mesh.axes={axes} and config.mesh.shape={shape} differ in '
+                     'length')
   unknown = set(config.mesh.data_axes) - set(axes)
   if unknown:
     raise ValueError(f'config.mesh.data_axes names {sorted(unknown)}, not in '
                      f'config.mesh.axes={axes}')
   devices = list(jax.devices() if devices is None else devices)
-  shape = resolve_mesh_shape(config.mesh.shape, len(devices))
+  shape = resolve_mesh_shape(shape, len(devices))
   return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes),
                        devices=devices)
 

@@ -222,9 +222,7 @@ def import_hf(model_config: ml_collections.ConfigDict, path_or_dir: str | os.Pat
   checkpoint_pretraining = any(k.startswith(HF_PREFIX[name]) for k in state_dict)
   target_pretraining = _is_pretraining(target_params)
   if target_pretraining and not checkpoint_pretraining:
-    raise sd.CheckpointMismatchError(
-        f'{source} holds a backbone-only state dict (no {HF_PREFIX[name]!r} keys), which '
-        'lacks the pretraining heads; load it into get_model(config, pretraining=False).')
+    raise sd.not_a_pretraining_checkpoint(source, state_dict, HF_PREFIX[name])
   state_dict = drop_tied(state_dict, tied_keys(name, checkpoint_pretraining), source)
   if checkpoint_pretraining and not target_pretraining:
     # Fine-tuning from a pretraining (or QA) checkpoint: keep the backbone only.

@@ -139,9 +139,7 @@ def _import(model_config, path: str | os.PathLike | sd.StateDict, target: Params
     state_dict, source = sd.read_state_dict(path), os.fspath(path)
   checkpoint_pretraining = any(k.startswith(prefix) for k in state_dict)
   if target_pretraining and not checkpoint_pretraining:
-    raise sd.CheckpointMismatchError(
-        f'{source} holds a backbone-only state dict (no {prefix!r} keys), which lacks the '
-        'pretraining heads; load it into get_model(config, pretraining=False).')
+    raise sd.not_a_pretraining_checkpoint(source, state_dict, prefix)
   if checkpoint_pretraining:
     state_dict = hf.drop_tied(state_dict, tied, source)
   if checkpoint_pretraining and not target_pretraining:

@@ -7,7 +7,8 @@ error naming the keys and shapes, never a partial load. Exporting runs the
 rules backwards, so a round trip is exact.
 
 Reading never runs pickled code: safetensors, or `torch.load(weights_only=True)`
-for `.bin`/`.pt` files (torch is imported only then).
+for `.bin`/`.pt` files (torch is imported only then). Paths are local or gs://
+(etils.epath).
 """
 from __future__ import annotations
 
@@ -16,14 +17,23 @@ import os
 import re
 from typing import Any, Callable, Iterable, Mapping
 
+from absl import logging
+from etils import epath
 import flax
 import numpy as np
+
+from vlpjax import checkpointing
 
 Params = Any
 StateDict = dict[str, np.ndarray]
 Transform = Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
 
 WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
+# Where training scripts put the model's state dict in what they save
+# (`torch.save({'model': model.state_dict(), 'epoch': 3}, ...)`; DeepSpeed: 'module').
+NESTING_KEYS = ('state_dict', 'model', 'module', 'model_state_dict')
+# Key prefix of a model saved inside (Distributed)DataParallel.
+DATA_PARALLEL_PREFIX = 'module.'
 
 
 class CheckpointMismatchError(ValueError):
@@ -33,6 +43,18 @@ class CheckpointMismatchError(ValueError):
 def identity(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   del shape
   return x
+
+
+def not_a_pretraining_checkpoint(source: str, state_dict: Mapping[str, Any], prefix: str
+                                 ) -> CheckpointMismatchError:
+  """The error for a pretraining import from a state dict without the backbone's
+  key `prefix`, naming its likely causes in `vlpjax.convert`'s terms."""
+  return CheckpointMismatchError(
+      f'{source} has no {prefix!r} keys (its first keys: {sorted(state_dict)[:5]}), so it is '
+      "not this design's pretraining checkpoint: either it is another model's file (check "
+      '--from and --src), or a backbone-only state dict, which lacks the pretraining heads: '
+      'convert that with --target=backbone (in Python: load it into '
+      'get_model(config, pretraining=False)).')
 
 
 def linear(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -76,36 +98,93 @@ def embedding_rules(torch_prefix: str, path: str) -> list[Rule]:
 
 def read_state_dict(path: str | os.PathLike) -> StateDict:
   """Reads weights from a file (.safetensors, .bin, .pt, .pth, .npz) or from a
-  transformers checkpoint directory (model.safetensors or pytorch_model.bin)."""
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    found = [os.path.join(path, f) for f in WEIGHT_FILES
-             if os.path.exists(os.path.join(path, f))]
+  transformers checkpoint directory (model.safetensors or pytorch_model.bin).
+
+  A pickled training checkpoint's state dict nested under one of NESTING_KEYS,
+  and the keys' DataParallel prefix 'module.', are unwrapped.
+
+  Raises:
+    FileNotFoundError: nothing is at `path`, or its directory holds no WEIGHT_FILES.
+    ValueError naming the file: of an unknown type, unreadable as its type, or
+      holding no state dict.
+  """
+  path = epath.Path(path)
+  if path.is_dir():
+    found = [path / f for f in WEIGHT_FILES if (path / f).exists()]
     if not found:
-      raise FileNotFoundError(f'{path} holds none of {WEIGHT_FILES}')
+      raise FileNotFoundError(f'{path} holds none of {WEIGHT_FILES} (not a transformers '
+                              'save_pretrained directory)')
     path = found[0]
-  if not os.path.exists(path):
-    raise FileNotFoundError(path)
-  if path.endswith('.safetensors'):
-    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-    return dict(load_file(path))
-  if path.endswith('.npz'):
-    with np.load(path, allow_pickle=False) as data:
-      return {k: data[k] for k in data.files}
-  if path.endswith(('.bin', '.pt', '.pth')):
-    import torch  # pylint: disable=import-outside-toplevel
-    loaded = torch.load(path, map_location='cpu', weights_only=True)
-    if 'state_dict' in loaded and isinstance(loaded['state_dict'], Mapping):
-      loaded = loaded['state_dict']
-    return {k: v.float().numpy() if v.is_floating_point() else v.numpy()
-            for k, v in loaded.items()}
-  raise ValueError(f'{path}: unknown weight file type (want .safetensors, .bin, .pt, .npz)')
+  if not path.exists():
+    raise FileNotFoundError(f'{path}: not found ({checkpointing.absolute_path(path)})')
+  if path.suffix not in _LOADERS:
+    raise ValueError(f'{path}: unknown weight file type (want .safetensors, .bin, .pt, '
+                     '.pth, .npz)')
+  try:
+    loaded = _LOADERS[path.suffix](path)
+  except Exception as error:  # pylint: disable=broad-except
+    # Each library raises its own kinds (a corrupt .pt can give a KeyError); all
+    # mean that this file is unreadable, and the caller needs its name.
+    raise ValueError(f'{path}: cannot read it as a {path.suffix} weight file: '
+                     f'{type(error).__name__}: {error}') from error
+  state_dict = _state_dict_in(loaded, path)
+  if state_dict and all(k.startswith(DATA_PARALLEL_PREFIX) for k in state_dict):
+    state_dict = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in state_dict.items()}
+  return {k: _to_numpy(v) for k, v in state_dict.items()}
+
+
+def _load_safetensors(path: epath.Path) -> StateDict:
+  from safetensors.numpy import load  # pylint: disable=import-outside-toplevel
+  return load(path.read_bytes())
+
+
+def _load_npz(path: epath.Path) -> StateDict:
+  with path.open('rb') as f, np.load(f, allow_pickle=False) as data:
+    return {k: data[k] for k in data.files}
+
+
+def _load_torch(path: epath.Path) -> Any:
+  import torch  # pylint: disable=import-outside-toplevel
+  with path.open('rb') as f:
+    return torch.load(f, map_location='cpu', weights_only=True)
+
+
+_LOADERS = {'.safetensors': _load_safetensors, '.npz': _load_npz, '.bin': _load_torch,
+            '.pt': _load_torch, '.pth': _load_torch}
+
+
+def _is_array(value: Any) -> bool:
+  """A numpy array or torch tensor."""
+  return hasattr(value, 'shape') and hasattr(value, 'dtype')
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+  """A numpy array, or a torch tensor as numpy (floats as float32: numpy has no bf16)."""
+  if isinstance(value, np.ndarray):
+    return value
+  return (value.float() if value.is_floating_point() else value).numpy()
+
+
+def _state_dict_in(loaded: Any, path: epath.Path) -> Mapping[str, Any]:
+  """The state dict in what a weight file holds: itself, or nested under NESTING_KEYS."""
+  while isinstance(loaded, Mapping) and not all(_is_array(v) for v in loaded.values()):
+    key = next((k for k in NESTING_KEYS if isinstance(loaded.get(k), Mapping)), None)
+    if key is None:
+      entries = {k: type(v).__name__ for k, v in list(loaded.items())[:10]}
+      raise ValueError(f'{path} holds no state dict: its entries {entries} ({len(loaded)} '
+                       f'in all) are not all tensors, and none of {NESTING_KEYS} holds one')
+    logging.info('%s: reading the state dict under %r (beside %s)', path, key,
+                 [k for k in loaded if k != key])
+    loaded = loaded[key]
+  if not isinstance(loaded, Mapping):
+    raise ValueError(f'{path} holds a {type(loaded).__name__}, not a state dict')
+  return loaded
 
 
 def write_state_dict(state_dict: StateDict, path: str | os.PathLike) -> None:
   """Writes a state dict as safetensors (contiguous copies of every array)."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, os.fspath(path))
+  from safetensors.numpy import save  # pylint: disable=import-outside-toplevel
+  epath.Path(path).write_bytes(save({k: np.ascontiguousarray(v) for k, v in state_dict.items()}))
 
 
 def _flat_shapes(params: Params) -> dict[str, tuple[int, ...]]:

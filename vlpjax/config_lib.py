@@ -1,11 +1,25 @@
-"""Defaults shared by every design's config: the model's common fields and the run
-sections around it (train, pretrain, data, mesh, checkpoint, init).
+"""The run config: defaults shared by every design's config, checks of its fields,
+and the command line's reading of it.
 
 The design configs (`configs/<design>.py`) build the model section and call
-`make_config`, which fills in the design's published optimiser defaults
+`make_config`, which adds the run sections around it (train, pretrain, data,
+mesh, checkpoint, init) and fills in the design's published optimiser defaults
 (MODELS.md; `OPTIMIZER_DEFAULTS`). Override any field on the command line, e.g.
 `--config.train.global_batch_size=64 --config.mesh.shape='(-1,2,1)'`.
+
+This module lives in the package, not beside the config files, so that a config
+file imports only installed modules and loads from any working directory
+(`--config=/abs/path/configs/uniter.py:base`).
 """
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from typing import Callable, Iterator
+
+from absl import app
+from absl import flags
 import ml_collections
 
 # Published pretraining optimisers (MODELS.md; each original's BertAdam/AdamW
@@ -34,10 +48,14 @@ OPTIONAL_DATA_FIELDS = dict(data_dir=str, images_dataset=str, captions_dataset=s
                             cache_images=bool)
 
 
+# Compute and parameter dtypes the models take (`model.dtype`, `model.param_dtype`).
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
 def model_defaults() -> ml_collections.ConfigDict:
   """Fields every design's model config has."""
   return ml_collections.ConfigDict(dict(
-      dtype='float32',            # compute dtype; 'bfloat16' on accelerators
+      dtype='float32',            # compute dtype (DTYPES); 'bfloat16' on accelerators
       param_dtype='float32',      # master weights stay fp32
       attention_impl='auto',      # 'xla', 'cudnn' or 'auto' (cuDNN on GPU for bf16/fp16)
       dropout_rate=0.1,
@@ -49,7 +67,7 @@ def model_defaults() -> ml_collections.ConfigDict:
 def train_config(design: str) -> ml_collections.ConfigDict:
   """The `config.train` section with `design`'s published optimiser."""
   if design not in OPTIMIZER_DEFAULTS:
-    raise ValueError(f'configs/common.py: config.model.name must be one of '
+    raise ValueError(f'config.model.name must be one of '
                      f'{sorted(OPTIMIZER_DEFAULTS)}, got {design!r}')
   config = ml_collections.ConfigDict(dict(
       global_batch_size=256,
@@ -118,9 +136,10 @@ def make_config(model: ml_collections.ConfigDict, size: str = '') -> ml_collecti
       mesh=sharding.mesh_config(),
       checkpoint=checkpointing.checkpoint_config(),
       # 'orbax:DIR' (params saved by vlpjax.convert) or 'bert:DIR' (a transformers
-      # BertModel directory, into the text side); '' for random init. Used only
-      # when the workdir has no checkpoint to resume from.
-      init={'from': ''},
+      # BertModel directory, into the text side); '' for random init. DIR is local
+      # (relative to the working directory) or gs://. Used only when the workdir
+      # has no checkpoint to resume from.
+      init=dict(source=''),
   ))
   if size == 'small':
     config.train.update(SMALL_RUN)
@@ -129,3 +148,99 @@ def make_config(model: ml_collections.ConfigDict, size: str = '') -> ml_collecti
     # in bert-base-cased): random words come from all of it.
     config.pretrain.random_token_min = 0
   return config
+
+
+def check_fields(config: ml_collections.ConfigDict) -> None:
+  """Checks the fields that take one of a few values, and that `mesh.shape` parsed.
+
+  Device-free and cheap, so the command line runs it before anything else: a bad
+  dtype would otherwise fail deep inside the model.
+
+  Raises:
+    ValueError naming the field, its value and the choices.
+  """
+  # Imported here so that importing a config module stays light.
+  from vlpjax import sharding  # pylint: disable=g-import-not-at-top
+  from vlpjax.models import layers  # pylint: disable=g-import-not-at-top
+  from vlpjax.objectives import pretraining  # pylint: disable=g-import-not-at-top
+  choices = {('model', 'dtype'): DTYPES, ('model', 'param_dtype'): DTYPES,
+             ('model', 'attention_impl'): layers.ATTENTION_IMPLS,
+             ('pretrain', 'mix'): pretraining.MIXES}
+  for (section, name), allowed in choices.items():
+    value = config[section][name]
+    if value not in allowed:
+      raise ValueError(f'config.{section}.{name} must be one of {allowed}, got {value!r}')
+  sharding.mesh_shape(config.mesh)
+
+
+# ----------------------------------------------------------------------------
+# The command line (`vlpjax.main`, `vlpjax.convert`).
+
+def flags_parser(config_flag: flags.FlagHolder) -> Callable[[list[str]], list[str]]:
+  """absl's flag parsing for a command with a config file flag, for
+  `app.run(main, flags_parser=...)`: an override of a field the config lacks, or
+  a value `check_fields` rejects, ends the program with a one-line error (the
+  override's full path and the nearest fields) instead of a traceback."""
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      remaining = app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError, ValueError):
+      # config_flags' errors for a missing field: AttributeError("'nope'"), or a
+      # ValueError for a name it cannot parse (a keyword such as `from`).
+      problem = _unknown_override(argv, config_flag.name)
+      if problem is None:
+        raise
+      sys.exit(f'FATAL Flags parsing error: {problem}')
+    try:
+      check_fields(config_flag.value)
+    except ValueError as error:
+      sys.exit(f'FATAL Flags parsing error: {error}')
+    return remaining
+  return parse
+
+
+def _unknown_override(argv: list[str], flag_name: str) -> str | None:
+  """Describes the first `--<flag_name>.a.b` override in `argv` that names no
+  field of the config; None if every override names one."""
+  overrides = [m.group(1) for m in (re.match(rf'--?(?:no)?{flag_name}\.([^=]+)', arg)
+                                     for arg in argv[1:]) if m]
+  config = _load_config_file(argv, flag_name) if overrides else None
+  if config is None:
+    return None
+  for override in overrides:
+    names = override.split('.')
+    node = config
+    for depth, name in enumerate(names):
+      if not isinstance(node, ml_collections.ConfigDict) or '[' in name:
+        break  # into a value (an index): config_flags' own error stands
+      if name not in node:
+        section = '.'.join([flag_name, *names[:depth]])
+        # Among the fields of the section that exists (a name near one in another
+        # section is rarely meant), or among all for a misspelt section.
+        nearest = difflib.get_close_matches('.'.join(names[depth:]), list(_leaf_paths(node)),
+                                            n=3)
+        hint = (f'nearest: {", ".join(f"{section}.{p}" for p in nearest)}' if nearest
+                else f'its fields: {", ".join(node)}')
+        return f'--{flag_name}.{".".join(names)}: {section} has no field {name!r}; {hint}'
+      node = node[name]
+  return None
+
+
+def _load_config_file(argv: list[str], flag_name: str) -> ml_collections.ConfigDict | None:
+  """The config of `--<flag_name>=FILE[:ARG]` (or `--<flag_name> FILE`) in `argv`,
+  without overrides; None if `argv` does not name one."""
+  for arg, following in zip(argv, argv[1:] + [None]):
+    match = re.fullmatch(rf'--?{flag_name}(?:=(.*))?', arg)
+    if match:
+      value = following if match.group(1) is None else match.group(1)
+      return None if value is None else flags.FLAGS[flag_name].parser.parse(value)
+  return None
+
+
+def _leaf_paths(config: ml_collections.ConfigDict, prefix: str = '') -> Iterator[str]:
+  """Dotted paths of every leaf field of `config`."""
+  for name in config.keys():
+    if isinstance(config[name], ml_collections.ConfigDict):
+      yield from _leaf_paths(config[name], f'{prefix}{name}.')
+    else:
+      yield prefix + name
