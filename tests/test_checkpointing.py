@@ -1,6 +1,8 @@
-"""Orbax checkpoints (state + data iterator), retention, params import, preemption."""
+"""Orbax checkpoints (state + data iterator), retention, params import, preemption,
+a full disk."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -102,9 +104,11 @@ def test_interval_and_retention(tmp_path, mesh):
   assert sorted(checkpointer.all_steps()) == [4, 8, 10, 11]
 
 
-def test_bad_checkpoint_config(tmp_path):
+@pytest.mark.parametrize('overrides', [dict(keep_last=1), dict(every_steps=0),
+                                       dict(on_corrupt='ignore')])
+def test_bad_checkpoint_config(tmp_path, overrides):
   with pytest.raises(ValueError, match='config.checkpoint'):
-    checkpointing.Checkpointer(str(tmp_path), checkpoint_config(keep_last=0))
+    checkpointing.Checkpointer(str(tmp_path), checkpoint_config(**overrides))
 
 
 def test_restore_with_other_process_count_is_an_error(tmp_path, mesh):
@@ -119,6 +123,27 @@ def test_restore_with_other_process_count_is_an_error(tmp_path, mesh):
   with pytest.raises(ValueError, match='different number of processes'):
     restorer.restore(1, abstract, CountingIterator())
   restorer.close()
+
+
+def test_restore_latest_names_every_unreadable_checkpoint_and_moves_none(tmp_path, mesh):
+  checkpointer = checkpointing.Checkpointer(str(tmp_path), checkpoint_config())
+  for step in (1, 2):
+    checkpointer.save(step, make_state(mesh, 1.0), CountingIterator(), force=True)
+  checkpointer.close()
+  files = [tmp_path / 'checkpoints' / str(step) / 'data_iterator' / 'process_0-of-1.json'
+           for step in (2, 1)]
+  for path in files:
+    path.write_text('{"kind": "json", "sta')
+  restorer = checkpointing.Checkpointer(str(tmp_path), checkpoint_config())
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                          make_state(mesh, 1.0))
+  with pytest.raises(checkpointing.CheckpointCorruptError) as error:
+    restorer.restore_latest(abstract, CountingIterator())
+  restorer.close()
+  assert re.fullmatch(re.escape(f'no checkpoint in {tmp_path}/checkpoints reads back: ') +
+                      '; '.join(re.escape(f'{path}: JSONDecodeError: Unterminated string') +
+                                '[^;]*' for path in files), str(error.value))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']
 
 
 def test_restore_params_checks_paths_and_shapes(tmp_path, mesh):
@@ -209,3 +234,52 @@ def test_sigterm_saves_exits_cleanly_and_resumes_exactly(tmp_path, tmp_path_fact
   assert sorted(got) == sorted(want) == list(range(1, stopped + 3))
   for step in (stopped + 1, stopped + 2):
     assert got[step] == pytest.approx(want[step], rel=1e-6), step
+
+
+# Python's file writes under checkpoints/ fail as on a full disk: orbax's metadata
+# and the data iterator's JSON, in orbax's background threads as on a real one
+# (tensorstore writes the arrays from C++, unaffected).
+FULL_DISK_MAIN = """
+import builtins, errno, os, runpy, sys
+open_ = builtins.open
+def full_disk_open(file, mode='r', *args, **kwargs):
+  if set(mode) & set('wax+') and f'{os.sep}checkpoints{os.sep}' in os.fspath(file):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(file))
+  return open_(file, mode, *args, **kwargs)
+builtins.open = full_disk_open
+sys.argv[0] = 'vlpjax.main'
+runpy.run_module('vlpjax.main', run_name='__main__')
+"""
+
+
+def test_full_disk_ends_with_one_error_and_the_rerun_removes_the_unfinished_save(
+    tmp_path, tmp_path_factory, caplog):
+  data_dir = str(tmp_path_factory.getbasetemp() / 'tfds_tiny')
+  cache_dir = str(tmp_path_factory.getbasetemp() / 'jax_cache')
+  workdir = tmp_path / 'full'
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='8', PYTHONPATH=repo,
+             JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  result = subprocess.run(
+      [sys.executable, '-c', FULL_DISK_MAIN, '--config=configs/visualbert.py:tiny',
+       f'--workdir={workdir}', *tiny_run_flags(data_dir), '--config.train.max_steps_this_run=2'],
+      cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 1
+  # The end of the output is one line naming the directory and its free space.
+  assert re.fullmatch(
+      rf'vlpjax\.checkpointing\.CheckpointWriteError: {re.escape(str(workdir))}/checkpoints: '
+      r'writing a checkpoint failed with [0-9.]+ MiB free: OSError: \[Errno 28\] No space '
+      r'left on device: .*', result.stderr.rstrip().splitlines()[-1]), result.stderr[-3000:]
+  for noise in ('sys.meta_path is None', 'Event loop is closed'):
+    assert noise not in result.stderr
+  leftovers = [name for name in os.listdir(workdir / 'checkpoints')
+               if ocp.path.atomicity_types.TMP_DIR_SUFFIX in name]
+  assert leftovers
+
+  # Space freed, the rerun starts by removing what the failed save left.
+  with caplog.at_level('WARNING'):
+    train.train_and_evaluate(tiny_run_config(data_dir, max_steps_this_run=2), str(workdir))
+  for name in leftovers:
+    assert f'removing {workdir}/checkpoints/{name}, left by a save that did not finish' in (
+        caplog.text)
+  assert os.listdir(workdir / 'checkpoints') == ['2']

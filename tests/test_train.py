@@ -1,11 +1,13 @@
 """End-to-end pretraining on the embedded tiny world (VisualBERT tiny, 8 CPU devices):
-outputs, exact resume, gradient accumulation, NaN stop, config errors, init-from.
+outputs, exact resume, gradient accumulation, NaN stop, damaged checkpoints,
+config errors, init-from.
 
 Compiled programs go to a persistent cache shared by the module's runs, so the
 resumed runs reuse the uninterrupted run's executables.
 """
 import json
 import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -15,8 +17,8 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import common, visualbert
-from vlpjax import metrics as metrics_lib, sharding, train
+from configs import visualbert
+from vlpjax import checkpointing, config_lib, metrics as metrics_lib, sharding, train
 from vlpjax.data import pipeline, tokenizer
 from vlpjax.models import get_model
 
@@ -36,7 +38,7 @@ def data_dir(tmp_path_factory):
 
 def run_config(data_dir: str, **train_overrides) -> ml_collections.ConfigDict:
   """VisualBERT tiny on the tiny world, 8 devices data-parallel, batch 8."""
-  config = common.make_config(visualbert.model_config('tiny'))
+  config = config_lib.make_config(visualbert.model_config('tiny'))
   config.data.size = 'tiny'
   config.data.data_dir = data_dir
   config.model.vocab_size = pipeline.dataset_info(config.data)['vocab_size']
@@ -94,19 +96,111 @@ def test_stopped_and_resumed_run_has_the_same_losses(reference_run, data_dir, tm
       np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=f"step {want['step']}")
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
-  config = run_config(data_dir, learning_rate=1e30, warmup_fraction=0.0)
+def test_nonfinite_loss_keeps_only_checkpoints_whose_next_step_was_finite(data_dir, tmp_path):
+  """A learning rate of 1e30 from update 2 on (a one-step warmup from 0): step 2's
+  loss is still finite, but the parameters it saves give NaN at step 3. That
+  checkpoint is removed; with the cause gone (a sane rate), the rerun resumes from
+  step 1 and trains on."""
+  config = run_config(data_dir, learning_rate=1e30, warmup_fraction=1 / SCHEDULE_STEPS)
   config.checkpoint.every_steps = 1
   config.model.dropout_rate = config.model.attention_dropout_rate = 0.0
-  with pytest.raises(train.NonFiniteLossError, match=r'step 2: non-finite .*loss=(nan|inf)'):
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r'step 3: non-finite .*loss=(nan|inf).*; removed the checkpoint of '
+                           r'step 2, whose parameters gave them; a rerun resumes from step 1$'):
     train.train_and_evaluate(config, str(tmp_path))
-  steps = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())
-  assert steps == [1]
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1']
   restored = ocp.StandardCheckpointer().restore(tmp_path / 'checkpoints' / '1' / 'state')
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(restored))
   # The gradient buffers a CPU run keeps are not checkpointed.
   assert train.keeps_grad_buffers(config.train)
   assert restored.get('grads') is None
+
+  final = train.train_and_evaluate(run_config(data_dir, max_steps_this_run=2), str(tmp_path))
+  records = read_metrics(tmp_path)
+  assert [r['step'] for r in records] == [1, 2, 3]
+  assert all(np.isfinite(r['loss']) and np.isfinite(r['grad_norm']) for r in records)
+  assert final['loss'] == records[-1]['loss']
+
+
+def test_run_killed_while_saving_resumes_and_logs_each_step_once(reference_run, data_dir,
+                                                                 tmp_path, caplog):
+  """Killed while saving step 3 (orbax's unfinished directory of it left behind),
+  a run has logged step 3 already; the rerun removes the leftover, resumes from
+  step 2, and its steps replace the logged ones."""
+  workdir = str(tmp_path)
+  train.train_and_evaluate(run_config(data_dir, max_steps_this_run=3), workdir)
+  checkpoints = tmp_path / 'checkpoints'
+  os.rename(checkpoints / '3', checkpoints / f'3{ocp.path.atomicity_types.TMP_DIR_SUFFIX}')
+  assert [r['step'] for r in read_metrics(workdir)] == [1, 2, 3]
+
+  with caplog.at_level('WARNING'):
+    train.train_and_evaluate(run_config(data_dir, max_steps_this_run=2), workdir)  # from 2
+  records, reference = read_metrics(workdir), read_metrics(reference_run[0])
+  assert [r['step'] for r in records] == [1, 2, 3, 4]
+  for got, want in zip(records, reference):
+    np.testing.assert_allclose(got['loss'], want['loss'], rtol=1e-6, err_msg=f"step {want['step']}")
+  assert f'removing {checkpoints}/3.orbax-checkpoint-tmp' in caplog.text
+  assert sorted(os.listdir(checkpoints)) == ['2', '4']
+
+
+def largest_data_file(checkpoint) -> str:
+  data = checkpoint / 'state' / 'ocdbt.process_0' / 'd'
+  return max((data / name for name in os.listdir(data)), key=os.path.getsize)
+
+
+def flip_bytes(path) -> None:
+  """Inverts 64 bytes in the middle of the file at `path` (bit rot)."""
+  with open(path, 'r+b') as f:
+    middle = os.path.getsize(path) // 2
+    f.seek(middle)
+    flipped = bytes(b ^ 0xff for b in f.read(64))
+    f.seek(middle)
+    f.write(flipped)
+
+
+CORRUPTIONS = {
+    'truncated data file': (lambda c: os.truncate(largest_data_file(c), 100), 'state'),
+    'altered data file': (lambda c: flip_bytes(largest_data_file(c)), 'state'),
+    'empty _METADATA': (lambda c: open(c / 'state' / '_METADATA', 'w').close(), 'state'),
+    'truncated iterator JSON': (
+        lambda c: os.truncate(c / 'data_iterator' / 'process_0-of-1.json', 50),
+        'data_iterator/process_0-of-1.json'),
+    'missing item directory': (lambda c: shutil.rmtree(c / 'data_iterator'), 'data_iterator'),
+}
+
+
+@pytest.mark.parametrize('corruption', CORRUPTIONS)
+def test_unreadable_newest_checkpoint_is_moved_aside_and_the_one_before_resumed(
+    reference_run, data_dir, tmp_path, caplog, corruption):
+  corrupt, bad_path = CORRUPTIONS[corruption]
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference_run[0], workdir)   # checkpoints of steps 2 and 4
+  checkpoints = workdir / 'checkpoints'
+  corrupt(checkpoints / '4')
+  with caplog.at_level('WARNING'):
+    train.train_and_evaluate(run_config(data_dir, max_steps_this_run=1), str(workdir))
+  assert f'checkpoint: {checkpoints}/4/{bad_path}: ' in caplog.text
+  assert f'moved {checkpoints}/4, which does not read back, to {checkpoints}/4.corrupt' in (
+      caplog.text)
+  assert sorted(os.listdir(checkpoints)) == ['2', '3', '4.corrupt']
+  records, reference = read_metrics(workdir), read_metrics(reference_run[0])
+  assert [r['step'] for r in records] == [1, 2, 3]
+  assert records[2]['loss'] == pytest.approx(reference[2]['loss'], rel=1e-6)
+
+
+def test_unreadable_newest_checkpoint_stops_the_run_with_on_corrupt_fail(reference_run,
+                                                                         data_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference_run[0], workdir)
+  bad = workdir / 'checkpoints' / '4' / 'data_iterator' / 'process_0-of-1.json'
+  os.truncate(bad, 50)
+  config = run_config(data_dir, max_steps_this_run=1)
+  config.checkpoint.on_corrupt = 'fail'
+  with pytest.raises(checkpointing.CheckpointCorruptError) as error:
+    train.train_and_evaluate(config, str(workdir))
+  assert str(error.value).startswith(f'{bad}: JSONDecodeError: Expecting value')
+  assert '\n' not in str(error.value)
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
 
 
 def one_step_on_one_device(config, batch):
@@ -168,7 +262,7 @@ def compile_events():
      "config.model.feature_dim=48 but the dataset 'vlp_world' has region feature "
      'width 40'),
     ('model.vocab_size', 100, 'config.model.vocab_size=100 is smaller than the tokenizer'),
-    ('init.from', 'hf:/tmp/x', "config.init.from must be '', 'orbax:DIR' or 'bert:DIR'"),
+    ('init.source', 'hf:/tmp/x', "config.init.source must be '', 'orbax:DIR' or 'bert:DIR'"),
 ])
 def test_bad_configs_fail_before_compiling(data_dir, tmp_path, compile_events, field, value,
                                            message):
@@ -183,7 +277,7 @@ def test_bad_configs_fail_before_compiling(data_dir, tmp_path, compile_events, f
 
 def test_qa_task_needs_qa_data(data_dir, tmp_path):
   from configs import lxmert  # pylint: disable=g-import-not-at-top
-  config = common.make_config(lxmert.model_config('tiny'))
+  config = config_lib.make_config(lxmert.model_config('tiny'))
   assert config.data.qa   # make_config turns QA data on for LXMERT's 'qa' task
   config.data.update(size='tiny', data_dir=data_dir, qa=False)
   info = pipeline.dataset_info(config.data)
@@ -226,12 +320,12 @@ def test_clip_by_global_norm_matches_optax(scale):
 
 
 def test_design_optimizer_defaults():
-  uniter = common.train_config('uniter')
+  uniter = config_lib.train_config('uniter')
   assert (uniter.learning_rate, uniter.adam_b2, uniter.weight_decay, uniter.grad_clip_norm,
           uniter.warmup_fraction * uniter.num_steps) == (5e-5, 0.98, 0.01, 5.0, 10_000)
-  assert common.train_config('lxmert').warmup_fraction == 0.05
-  assert common.train_config('vilbert').warmup_fraction == 0.1
-  assert common.train_config('visualbert').learning_rate == 5e-5
+  assert config_lib.train_config('lxmert').warmup_fraction == 0.05
+  assert config_lib.train_config('vilbert').warmup_fraction == 0.1
+  assert config_lib.train_config('visualbert').learning_rate == 5e-5
 
 
 @pytest.fixture(scope='module')

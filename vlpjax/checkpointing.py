@@ -6,6 +6,15 @@ sharded train state (params, optimiser state, step; the RNG is a function of
 process with that process's `iterator.get_state()`, so a restored run reads
 exactly the batches it would have read.
 
+Damage: each save records a checksum of every array of the state, which a
+restore checks. A newest checkpoint that does not read back (a truncated or
+altered file, a missing one, empty metadata) is moved aside to `<step>.corrupt`
+and the run resumes from the newest one that does (`on_corrupt='fallback'`), or
+stops (`'fail'`). Saves that never finished (orbax's `*.orbax-checkpoint-tmp*`
+directories, left by a kill or a full disk) are removed at start. A failed save
+ends the run with one `CheckpointWriteError` naming the directory and its free
+space.
+
 Preemption: a Cloud TPU (and most schedulers) send SIGTERM before evicting a job.
 Single-process runs catch it with a Python handler; multi-process runs use JAX's
 preemption sync manager (`multihost_utils.reached_preemption_sync_point`), which
@@ -14,32 +23,142 @@ that step and exits cleanly.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
+import sys
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
 STATE = 'state'
 DATA_ITERATOR = 'data_iterator'
+ON_CORRUPT = ('fallback', 'fail')
+# Where an unreadable checkpoint goes: `<step>.corrupt` (orbax ignores the name).
+CORRUPT_SUFFIX = '.corrupt'
+# The key of the state's checksums in each checkpoint's custom metadata.
+CHECKSUMS = 'state_checksums'
 
 
 def checkpoint_config() -> ml_collections.ConfigDict:
   """The `config.checkpoint` section."""
   return ml_collections.ConfigDict(dict(
       every_steps=1000,    # save interval
-      keep_last=3,         # keep the newest N checkpoints...
+      keep_last=3,         # keep the newest N >= 2 checkpoints...
       keep_every=0,        # ...plus every M-th step for good (0: none)
       async_save=True,     # write in the background while training continues
+      # A newest checkpoint that does not read back: move it aside and resume
+      # from the newest that does ('fallback'), or stop ('fail').
+      on_corrupt='fallback',
   ))
+
+
+class CheckpointCorruptError(ValueError):
+  """A checkpoint does not read back; the message is `<path>: <reason>`."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (a full disk, say); the message names the
+  directory and its free space."""
+
+
+class ProcessCountError(ValueError):
+  """The checkpoint was written by a different number of processes."""
+
+
+def _reason(error: BaseException) -> str:
+  """'<type>: <first line>' of the innermost cause of `error` (orbax wraps
+  tensorstore's errors, which go on with pages of spec)."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  # A KeyError's str() is the repr of its argument.
+  message = error.args[0] if isinstance(error, KeyError) and error.args else error
+  return f'{type(error).__name__}: {(str(message).strip().splitlines() or [""])[0]}'
+
+
+@contextlib.contextmanager
+def _read_errors(path: epath.Path) -> Iterator[None]:
+  """Re-raises what reading the checkpoint at `path` raised as one CheckpointCorruptError."""
+  try:
+    yield
+  except (CheckpointCorruptError, ProcessCountError):
+    raise
+  except Exception as e:  # pylint: disable=broad-exception-caught  (orbax raises bare Exception)
+    raise CheckpointCorruptError(f'{path}: {_reason(e)}') from None
+
+
+def _free_space(directory: epath.Path) -> str:
+  """'12.34 MiB free' for a local directory ('free space unknown' for gs:// and such)."""
+  try:
+    return f'{shutil.disk_usage(os.fspath(directory)).free / 2**20:.2f} MiB free'
+  except OSError:
+    return 'free space unknown'
+
+
+def _on_any_process(flag: bool) -> bool:
+  """Whether `flag` holds on some process (all processes must take the same path)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+_UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+@jax.jit
+def _array_checksum(x: jax.Array) -> jax.Array:
+  bits = jax.lax.bitcast_convert_type(x, _UNSIGNED[x.dtype.itemsize])
+  return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
+
+
+def _checksums(tree: Any) -> dict[str, int]:
+  """Per array of `tree` (by key path): the sum of its elements' bit patterns mod
+  2**32. Integer sums do not depend on the sharding or the order of summation,
+  and a changed value changes them (unless changes cancel out mod 2**32).
+  One program per array: the arrays of a tree may live on different devices."""
+  sums = jax.device_get(jax.tree.map(_array_checksum, tree))
+  return {jax.tree_util.keystr(path): int(s)
+          for path, s in jax.tree_util.tree_leaves_with_path(sums)}
+
+
+def _remove_unfinished_saves(directory: epath.Path) -> None:
+  """Removes what saves that never finished left: orbax ignores it, and on a full
+  disk it holds the space a rerun needs."""
+  for path in directory.glob(f'*{ocp.path.atomicity_types.TMP_DIR_SUFFIX}*'):
+    logging.warning('checkpoint: removing %s, left by a save that did not finish', path)
+    path.rmtree()
+
+
+def _drop_closed_loop_callback_errors() -> None:
+  """Keeps tensorstore's late callbacks out of the error output.
+
+  When one read or write of a checkpoint fails, orbax closes its event loop while
+  tensorstore still completes the others; each completion then fails to call back
+  into the closed loop and is reported as an unraisable 'Event loop is closed':
+  dozens of traces that bury the one real error.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_closed_loop_callback_errors', False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError) and
+            str(unraisable.exc_value) == 'Event loop is closed'):
+      previous(unraisable)
+
+  hook.drops_closed_loop_callback_errors = True
+  sys.unraisablehook = hook
 
 
 class DataIteratorHandler(ocp.CheckpointHandler):
@@ -61,15 +180,21 @@ class DataIteratorHandler(ocp.CheckpointHandler):
     self._file(directory).write_text(json.dumps(record))
 
   def restore(self, directory: epath.Path, args: 'DataIteratorRestore') -> Any:
+    """Returns the saved state; the caller sets it (its errors are not damage)."""
+    del args
     path = self._file(directory)
     if not path.exists():
-      found = sorted(p.name for p in directory.iterdir())
-      raise ValueError(f'{path} is missing (found {found}): the checkpoint was written '
-                       f'by a different number of processes than {jax.process_count()}')
-    record = json.loads(path.read_text())
-    state = record['state'].encode() if record['kind'] == 'bytes' else record['state']
-    args.iterator.set_state(state)
-    return args.iterator
+      found = sorted(p.name for p in directory.glob('process_*.json'))
+      if found:
+        raise ProcessCountError(
+            f'{path} is missing (found {found}): the checkpoint was written by a '
+            f'different number of processes than {jax.process_count()}')
+      raise CheckpointCorruptError(f'{path}: missing')
+    try:
+      record = json.loads(path.read_text())
+      return record['state'].encode() if record['kind'] == 'bytes' else record['state']
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise CheckpointCorruptError(f'{path}: {_reason(e)}') from None
 
   def metadata(self, directory: epath.Path) -> None:
     del directory
@@ -90,20 +215,25 @@ class DataIteratorSave(ocp.args.CheckpointArgs):
 @ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
 @dataclasses.dataclass
 class DataIteratorRestore(ocp.args.CheckpointArgs):
-  iterator: Any
+  pass
 
 
 class Checkpointer:
   """Saves and restores (train state, data iterator) under `<workdir>/checkpoints`.
 
   Saves every `every_steps` steps (plus forced saves at preemption and at the
-  end), keeps the newest `keep_last` and every `keep_every`-th step.
+  end), keeps the newest `keep_last` and every `keep_every`-th step. Process 0
+  removes unfinished saves of earlier runs when it is created.
   """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict):
-    if config.every_steps < 1 or config.keep_last < 1 or config.keep_every < 0:
-      raise ValueError('config.checkpoint: every_steps and keep_last must be >= 1 and '
-                       f'keep_every >= 0, got {config.to_dict()}')
+    # Two at least: the newest is known good only once the step after it was
+    # finite (`train._check_finite`), and the one before must still be there.
+    if (config.every_steps < 1 or config.keep_last < 2 or config.keep_every < 0 or
+        config.on_corrupt not in ON_CORRUPT):
+      raise ValueError('config.checkpoint: every_steps must be >= 1, keep_last >= 2, '
+                       f'keep_every >= 0 and on_corrupt one of {ON_CORRUPT}, got '
+                       f'{config.to_dict()}')
     preservation = [ocp.checkpoint_managers.LatestN(config.keep_last)]
     if config.keep_every:
       preservation.append(ocp.checkpoint_managers.EveryNSteps(config.keep_every))
@@ -114,7 +244,12 @@ class Checkpointer:
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(preservation),
         enable_async_checkpointing=config.async_save,
         create=True)
-    self.directory = epath.Path(workdir) / 'checkpoints'
+    self.directory = absolute_path(workdir) / 'checkpoints'
+    self._on_corrupt = config.on_corrupt
+    self._write_failed = False
+    _drop_closed_loop_callback_errors()
+    if jax.process_index() == 0:
+      _remove_unfinished_saves(self.directory)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=(STATE, DATA_ITERATOR),
         item_handlers={STATE: ocp.StandardCheckpointHandler(),
@@ -130,16 +265,36 @@ class Checkpointer:
     """Whether `step` is due for a regular save."""
     return self._manager.should_save(step)
 
+  @contextlib.contextmanager
+  def _write_errors(self) -> Iterator[None]:
+    """Re-raises a failed write as one CheckpointWriteError (orbax has logged the
+    details)."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-exception-caught  (orbax raises bare Exception)
+      self._write_failed = True
+      raise CheckpointWriteError(
+          f'{self.directory}: writing a checkpoint failed with '
+          f'{_free_space(self.directory)}: {_reason(e)}') from None
+
   def save(self, step: int, state: Any, data_iterator: Any, *, force: bool = False) -> bool:
     """Saves if `step` is due (or `force`); returns whether it did.
 
     With async saving, the state's arrays are copied before this returns, so the
     caller may donate them to the next step right away.
+
+    Raises:
+      CheckpointWriteError: this save, or the asynchronous one before, failed.
     """
-    saved = self._manager.save(
-        step, args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardSave(state),
-            DATA_ITERATOR: DataIteratorSave(data_iterator)}), force=force)
+    if not (force or self.should_save(step)):
+      return False
+    checksums = _checksums(state)
+    with self._write_errors():
+      saved = self._manager.save(
+          step, args=ocp.args.Composite(**{
+              STATE: ocp.args.StandardSave(state),
+              DATA_ITERATOR: DataIteratorSave(data_iterator)}),
+          custom_metadata={CHECKSUMS: checksums}, force=True)
     if saved:
       logging.info('checkpoint: saving step %d to %s', step, self.directory)
     return saved
@@ -153,56 +308,189 @@ class Checkpointer:
       data_iterator: set in place to the saved position.
 
     Returns:
-      The restored state.
+      The restored state, its checksums checked against the saved ones.
+
+    Raises:
+      CheckpointCorruptError: the checkpoint does not read back.
+      ProcessCountError: it was written by a different number of processes.
     """
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardRestore(abstract_state),
-            DATA_ITERATOR: DataIteratorRestore(data_iterator)}))
+    step_dir = self.directory / str(step)
+    # The small item first: a damaged one then costs no read of the state.
+    with _read_errors(step_dir / DATA_ITERATOR):
+      iterator_state = self._manager.restore(
+          step, args=ocp.args.Composite(**{DATA_ITERATOR: DataIteratorRestore()})
+      )[DATA_ITERATOR]
+    with _read_errors(step_dir / STATE):
+      state = self._manager.restore(
+          step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state)})
+      )[STATE]
+      # Checkpoints of earlier versions have none.
+      saved = self._manager.metadata(step).custom_metadata.get(CHECKSUMS)
+    if saved is not None:
+      changed = sorted(k for k, v in _checksums(state).items() if saved.get(k) != v)
+      if changed:
+        raise CheckpointCorruptError(
+            f'{step_dir / STATE}: {len(changed)} array(s) differ from what was saved '
+            f'(checksums), e.g. {changed[0]}')
+    data_iterator.set_state(iterator_state)
     logging.info('checkpoint: restored step %d from %s', step, self.directory)
-    return restored[STATE]
+    return state
+
+  def restore_latest(self, abstract_state: Any, data_iterator: Any) -> Any | None:
+    """Restores the newest checkpoint that reads back (as `restore`); None if none.
+
+    With `on_corrupt='fallback'` an unreadable one is logged and the one before
+    tried; once one restores, the unreadable ones are moved to
+    `<step>.corrupt`, so that later runs do not try them again and this one can
+    save those steps anew.
+
+    Raises:
+      CheckpointCorruptError: with 'fail', the newest does not read back; with
+        'fallback', none does (each is named; none is moved).
+    """
+    unreadable = []
+    for step in sorted(self.all_steps(), reverse=True):
+      error = None
+      try:
+        state = self.restore(step, abstract_state, data_iterator)
+      except CheckpointCorruptError as e:
+        error = e
+      if _on_any_process(error is not None):
+        error = error or CheckpointCorruptError(
+            f'{self.directory / str(step)}: does not read back on another process')
+        if self._on_corrupt == 'fail':
+          raise CheckpointCorruptError(
+              f"{error} (config.checkpoint.on_corrupt='fail'; 'fallback' resumes from "
+              'the newest checkpoint that reads back)') from None
+        logging.warning('checkpoint: %s; trying the one before', error)
+        unreadable.append((step, error))
+        continue
+      for bad_step, _ in unreadable:
+        self._move_aside(bad_step)
+      return state
+    if unreadable:
+      raise CheckpointCorruptError(f'no checkpoint in {self.directory} reads back: ' +
+                                   '; '.join(str(e) for _, e in unreadable))
+    return None
+
+  def _move_aside(self, step: int) -> None:
+    """Renames the checkpoint of `step` to `<step>.corrupt` (replacing an older one)."""
+    path = self.directory / str(step)
+    if jax.process_index() == 0:
+      target = self.directory / f'{step}{CORRUPT_SUFFIX}'
+      if target.exists():
+        target.rmtree()
+      path.rename(target)
+      logging.warning('checkpoint: moved %s, which does not read back, to %s', path, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'checkpoint: moved step {step} aside')
+    self._manager.reload()
+
+  def remove(self, step: int) -> bool:
+    """Deletes the checkpoint of `step` (once its save finished); returns whether
+    there was one."""
+    self.wait_until_finished()
+    if step not in self.all_steps():
+      return False
+    self._manager.delete(step)
+    logging.warning('checkpoint: removed step %d from %s', step, self.directory)
+    return True
 
   def wait_until_finished(self) -> None:
-    self._manager.wait_until_finished()
+    """Raises CheckpointWriteError if the last asynchronous save failed."""
+    with self._write_errors():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for the last save and closes orbax's manager, also after a failed
+    save: its threads, left running, die noisily at interpreter shutdown.
+
+    Raises:
+      CheckpointWriteError: the last save failed (unless this checkpointer has
+        raised one already: the run is stopping on it).
+    """
+    failed_before = self._write_failed
+    try:
+      with self._write_errors():
+        try:
+          self._manager.wait_until_finished()
+        finally:
+          self._manager.close()
+    except CheckpointWriteError as e:
+      if not failed_before:
+        raise
+      logging.warning('checkpoint: closing after the failed save: %s', e)
 
 
-def stored_top_level_keys(directory: str) -> set[str]:
-  """Top-level keys of a params pytree saved with orbax's StandardCheckpointer."""
-  return set(ocp.StandardCheckpointer().metadata(directory).item_metadata.keys())
+def absolute_path(path: str | os.PathLike) -> epath.Path:
+  """`path` with local paths made absolute (from the working directory) and URIs
+  such as gs:// kept as they are: orbax finds nothing at a relative path."""
+  path = epath.Path(path)
+  return path if path.is_absolute() else path.absolute()
 
 
-def restore_params(directory: str, abstract_params: Any) -> Any:
+def _stored_tree(checkpointer: ocp.StandardCheckpointer, directory: str | os.PathLike
+                 ) -> tuple[epath.Path, Any]:
+  """(absolute path, tree metadata) of the params checkpoint at `directory`."""
+  path = absolute_path(directory)
+  if not path.exists():
+    raise FileNotFoundError(f'params checkpoint {directory}: not found ({path})')
+  stored = checkpointer.metadata(path).item_metadata if path.is_dir() else None
+  if stored is None:
+    hint = ''
+    if (path / 'checkpoints').is_dir():
+      hint = ('; it looks like a vlpjax workdir (it has checkpoints/): pass it as '
+              '--workdir to resume that run')
+    elif (path / STATE).is_dir() and (path / DATA_ITERATOR).is_dir():
+      hint = (f'; it looks like a train checkpoint (<workdir>/checkpoints/<step>, with '
+              f'{STATE}/ and {DATA_ITERATOR}/): pass its workdir as --workdir to resume '
+              'that run')
+    raise ValueError(f'{path} is not an orbax params checkpoint (a StandardCheckpointer '
+                     f'save, as vlpjax.convert writes){hint}')
+  return path, stored
+
+
+def stored_top_level_keys(directory: str | os.PathLike) -> set[str]:
+  """Top-level keys of a params pytree saved with orbax's StandardCheckpointer.
+
+  Raises:
+    FileNotFoundError, ValueError: as `restore_params`, for a `directory` that is
+      missing or holds no such save.
+  """
+  with ocp.StandardCheckpointer() as checkpointer:
+    return set(_stored_tree(checkpointer, directory)[1].keys())
+
+
+def restore_params(directory: str | os.PathLike, abstract_params: Any) -> Any:
   """Reads a params pytree saved with orbax (e.g. by `vlpjax.convert`).
 
   Args:
-    directory: the checkpoint directory (a `StandardCheckpointer` save).
+    directory: the checkpoint directory (a `StandardCheckpointer` save): local
+      (relative to the working directory) or gs://.
     abstract_params: ShapeDtypeStructs with shardings for the tree to read.
 
   Raises:
-    ValueError naming the paths that are missing, unexpected or of another shape.
+    FileNotFoundError: `directory` does not exist.
+    ValueError: `directory` is not such a save (with a hint if it is a vlpjax
+      workdir or train checkpoint), or its paths are missing, unexpected or of
+      another shape (each named).
   """
-  checkpointer = ocp.StandardCheckpointer()
-  stored = checkpointer.metadata(directory).item_metadata
-  stored_shapes = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in
-                   jax.tree_util.tree_leaves_with_path(stored)}
-  wanted_shapes = {jax.tree_util.keystr(p): tuple(a.shape) for p, a in
-                   jax.tree_util.tree_leaves_with_path(abstract_params)}
-  missing = sorted(set(wanted_shapes) - set(stored_shapes))
-  unexpected = sorted(set(stored_shapes) - set(wanted_shapes))
-  wrong = sorted(f'{k}: stored {stored_shapes[k]}, model {wanted_shapes[k]}'
-                 for k in set(wanted_shapes) & set(stored_shapes)
-                 if stored_shapes[k] != wanted_shapes[k])
-  if missing or unexpected or wrong:
-    raise ValueError(f'{directory} does not fit the model: missing {missing[:10]} '
-                     f'({len(missing)}), unexpected {unexpected[:10]} ({len(unexpected)}), '
-                     f'shape mismatches {wrong[:10]} ({len(wrong)})')
-  params = checkpointer.restore(directory, abstract_params)
-  checkpointer.close()
-  return params
+  with ocp.StandardCheckpointer() as checkpointer:
+    path, stored = _stored_tree(checkpointer, directory)
+    stored_shapes = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in
+                     jax.tree_util.tree_leaves_with_path(stored)}
+    wanted_shapes = {jax.tree_util.keystr(p): tuple(a.shape) for p, a in
+                     jax.tree_util.tree_leaves_with_path(abstract_params)}
+    missing = sorted(set(wanted_shapes) - set(stored_shapes))
+    unexpected = sorted(set(stored_shapes) - set(wanted_shapes))
+    wrong = sorted(f'{k}: stored {stored_shapes[k]}, model {wanted_shapes[k]}'
+                   for k in set(wanted_shapes) & set(stored_shapes)
+                   if stored_shapes[k] != wanted_shapes[k])
+    if missing or unexpected or wrong:
+      raise ValueError(f'{path} does not fit the model: missing {missing[:10]} '
+                       f'({len(missing)}), unexpected {unexpected[:10]} ({len(unexpected)}), '
+                       f'shape mismatches {wrong[:10]} ({len(wrong)})')
+    return checkpointer.restore(path, abstract_params)
 
 
 class PreemptionWatcher:

@@ -3,6 +3,8 @@
 Only process 0 writes (every process computes the same global metrics). Files
 in the workdir: `metrics.jsonl` (one JSON object per logged step, appended so a
 resumed run continues the file) and TensorBoard event files under `tensorboard/`.
+A run resumed from step S repeats the steps after S that an interrupted run may
+have logged already: `metrics.jsonl` drops them, and TensorBoard hides them.
 """
 from __future__ import annotations
 
@@ -42,10 +44,12 @@ class MetricWriter:
   interval after (re)start includes compilation, so it reads slow).
   """
 
-  def __init__(self, workdir: str, *, total_steps: int, examples_per_step: int,
-               flops_per_step: float | None = None):
+  def __init__(self, workdir: str, *, start_step: int, total_steps: int,
+               examples_per_step: int, flops_per_step: float | None = None):
     """
     Args:
+      start_step: the step the run (re)starts from; records of later steps are
+        dropped from `metrics.jsonl`.
       total_steps: the run's last step, for the ETA.
       examples_per_step: global batch size.
       flops_per_step: model FLOPs of one step (`vlpjax.flops`); on devices with
@@ -55,25 +59,25 @@ class MetricWriter:
     self.examples_per_step = examples_per_step
     self.flops_per_step = flops_per_step
     self._writes = jax.process_index() == 0
-    self._last_step: int | None = None
+    self._last_step = start_step
     self._last_time = time.perf_counter()
     self._jsonl = None
     self._tensorboard = None
     if self._writes:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a', encoding='utf-8')
-      self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
-
-  def start(self, step: int) -> None:
-    """Marks the step the run (re)starts from, for throughput."""
-    self._last_step = step
-    self._last_time = time.perf_counter()
+      path = os.path.join(workdir, METRICS_FILE)
+      _drop_records_after(path, start_step)
+      self._jsonl = open(path, 'a', encoding='utf-8')
+      # TensorBoard hides the events of earlier files from this step on (it reads
+      # the purge step as a restart, SessionLog.START).
+      self._tensorboard = tensorboardX.SummaryWriter(
+          os.path.join(workdir, TENSORBOARD_DIR), purge_step=start_step + 1)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> dict[str, float]:
     """Logs `scalars` (host floats) at `step`; returns them with throughput added."""
     now = time.perf_counter()
     record = {k: float(v) for k, v in scalars.items()}
-    if self._last_step is not None and step > self._last_step:
+    if step > self._last_step:
       seconds_per_step = (now - self._last_time) / (step - self._last_step)
       record['examples_per_second'] = self.examples_per_step / seconds_per_step
       record['eta_seconds'] = seconds_per_step * (self.total_steps - step)
@@ -110,6 +114,28 @@ class MetricWriter:
     if self._writes:
       self._jsonl.close()
       self._tensorboard.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+  """Rewrites the metrics file at `path` (if any) without the records of steps
+  after `step`, atomically: a kill leaves either file whole."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)['step'] <= step:
+        kept.append(line)
+    except (ValueError, KeyError):
+      pass  # the torn last line of a killed run
+  if len(kept) < len(lines):
+    logging.info('%s: dropping %d record(s) after step %d, which this run repeats',
+                 path, len(lines) - len(kept), step)
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+      f.writelines(kept)
+    os.replace(path + '.tmp', path)
 
 
 def to_host(metrics: Mapping[str, jax.Array]) -> dict[str, float]:

@@ -38,7 +38,7 @@ import ml_collections
 import optax
 from jax.experimental import multihost_utils
 
-from vlpjax import checkpointing, flops, metrics as metrics_lib, sharding
+from vlpjax import checkpointing, config_lib, flops, metrics as metrics_lib, sharding
 from vlpjax.data import pipeline, tokenizer
 from vlpjax.models import DESIGNS, get_model
 from vlpjax.objectives import masking, pretraining
@@ -58,7 +58,8 @@ class TrainState:
 
 
 class NonFiniteLossError(FloatingPointError):
-  """A loss or the gradient norm became NaN/Inf; the run stopped."""
+  """A loss or the gradient norm became NaN/Inf; the run stopped, keeping only
+  checkpoints whose next step was finite."""
 
 
 # ----------------------------------------------------------------------------
@@ -114,6 +115,7 @@ def make_optimizer(train_config: ml_collections.ConfigDict
 
 def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   """Raises ValueError, naming the config field, for settings that cannot work."""
+  config_lib.check_fields(config)
   if config.model.name not in DESIGNS:
     raise ValueError(f'config.model.name must be one of {DESIGNS}, got {config.model.name!r}')
   train = config.train
@@ -128,21 +130,32 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
         f'{unit}: the data axes {tuple(config.mesh.data_axes)} give {shards} batch shards, '
         f'times grad_accum_steps={train.grad_accum_steps}, over '
         f'{jax.process_count()} process(es)')
-  init_from = config.init['from']
-  if init_from and init_from.split(':', 1)[0] not in ('orbax', 'bert'):
-    raise ValueError(f"config.init.from must be '', 'orbax:DIR' or 'bert:DIR', "
-                     f'got {init_from!r}')
+  source = config.init.source
+  kind, _, directory = source.partition(':')
+  if source and (kind not in ('orbax', 'bert') or not directory):
+    raise ValueError(f"config.init.source must be '', 'orbax:DIR' or 'bert:DIR', "
+                     f'got {source!r}')
 
 
 def check_against_data(config: ml_collections.ConfigDict, info: Mapping[str, Any]) -> None:
   """Checks the model config against `pipeline.dataset_info`: feature width,
-  vocabulary, and the class/answer counts the enabled objectives predict."""
+  vocabulary, and the class/answer counts the enabled objectives predict, which
+  must also cover the largest object/attribute ids of the images table (an id
+  past a head's labels gives a NaN loss, not an error)."""
   model, tasks = config.model, set(config.pretrain.tasks)
   def require(field, value, what):
     if value is not None and model[field] != value:
       raise ValueError(f'config.model.{field}={model[field]} but the dataset '
                        f'{config.data.name!r} has {what} {value}; set '
                        f'--config.model.{field}={value} or use matching data')
+  def covers(field, max_id, first_label, what):
+    # Label of id k: first_label + k.
+    if max_id is not None and model[field] < max_id + first_label + 1:
+      raise ValueError(f'config.model.{field}={model[field]} is too small: the images table '
+                       f'{pipeline.table_name(config.data, "images")!r} has {what} up to '
+                       f'{max_id}; set --config.model.{field} to at least '
+                       f'{max_id + first_label + 1} (the detector\'s label count) or use '
+                       'matching data')
   require('feature_dim', info['feature_dim'], 'region feature width')
   if model.vocab_size < info['vocab_size']:
     raise ValueError(f'config.model.vocab_size={model.vocab_size} is smaller than the '
@@ -150,11 +163,16 @@ def check_against_data(config: ml_collections.ConfigDict, info: Mapping[str, Any
   if tasks & {'region_kl', 'mrc', 'mrckl'}:
     require('num_region_classes', info['num_object_classes'],
             'detector classes (incl. background):')
-  if 'obj' in tasks and info['num_object_classes'] is not None:
-    require('num_object_labels', info['num_object_classes'] - 1,
-            'object classes (less background):')
+    covers('num_region_classes', info['max_object_id'], 1,
+           'object ids (label = id + 1, 0 being background)')
+  if 'obj' in tasks:
+    if info['num_object_classes'] is not None:
+      require('num_object_labels', info['num_object_classes'] - 1,
+              'object classes (less background):')
+    covers('num_object_labels', info['max_object_id'], 0, 'object ids')
   if 'attr' in tasks:
     require('num_attr_labels', info['num_attributes'], 'attributes:')
+    covers('num_attr_labels', info['max_attr_id'], 0, 'attribute ids')
   if 'qa' in tasks:
     if not config.data.qa:
       raise ValueError("config.pretrain.tasks has 'qa' but config.data.qa is False; "
@@ -265,17 +283,23 @@ def _from_host(tree: Any, shardings: Any) -> Any:
       tree, shardings)
 
 
-def init_from(spec: str, model_config: ml_collections.ConfigDict, state: TrainState,
+def init_from(source: str, model_config: ml_collections.ConfigDict, state: TrainState,
               abstract: TrainState) -> TrainState:
-  """Replaces params per `config.init.from` ('orbax:DIR' or 'bert:DIR').
+  """Replaces params per `config.init.source` ('orbax:DIR' or 'bert:DIR').
 
   'orbax:DIR': the full params of this model, or only its backbone's (the tree
   under params['backbone'], as `vlpjax.convert` writes for a backbone), read
   straight into the state's shardings. 'bert:DIR': a transformers BertModel into
-  the text side (`vlpjax.checkpoints.hf.import_bert`).
+  the text side (`vlpjax.checkpoints.hf.import_bert`). DIR is local (relative to
+  the working directory) or gs://.
   The optimiser state stays fresh (zero moments).
+
+  Raises:
+    FileNotFoundError: DIR does not exist.
+    ValueError: DIR holds no checkpoint of that kind, or one that does not fit
+      the model (`CheckpointMismatchError`).
   """
-  kind, directory = spec.split(':', 1)
+  kind, directory = source.split(':', 1)
   params = dict(state.params)
   if kind == 'orbax':
     stored = checkpointing.stored_top_level_keys(directory)
@@ -289,7 +313,7 @@ def init_from(spec: str, model_config: ml_collections.ConfigDict, state: TrainSt
     params['backbone'] = _from_host(hf.import_bert(model_config, directory, host),
                                     jax.tree.map(lambda a: a.sharding,
                                                  abstract.params['backbone']))
-  logging.info('init: params from %s', spec)
+  logging.info('init: params from %s', source)
   return state.replace(params=params)
 
 
@@ -405,12 +429,25 @@ def task_for_step(config: ml_collections.ConfigDict, tasks: list[str], step: int
   return pretraining.sample_task(config.seed, step, pretraining.task_ratios(config))
 
 
-def _check_finite(step: int, host_metrics: Mapping[str, float]) -> None:
+def _check_finite(step: int, host_metrics: Mapping[str, float],
+                  checkpointer: checkpointing.Checkpointer) -> None:
+  """Raises NonFiniteLossError if a metric of `step` is NaN/Inf.
+
+  Step s's metrics come from the parameters after step s - 1, so a checkpoint of
+  step s - 1 holds parameters that gave them (resumed, it would fail at once): it
+  is removed first. Every checkpoint left had a finite step after it.
+  """
   bad = {k: v for k, v in host_metrics.items() if not math.isfinite(v)}
-  if bad:
-    raise NonFiniteLossError(
-        f'step {step}: non-finite ' + ', '.join(f'{k}={v}' for k, v in bad.items()) +
-        '; stopping (no checkpoint is written past the last finite step)')
+  if not bad:
+    return
+  removed = checkpointer.remove(step - 1)
+  resume = checkpointer.latest_step()
+  raise NonFiniteLossError(
+      f'step {step}: non-finite ' + ', '.join(f'{k}={v}' for k, v in bad.items()) + '; ' +
+      (f'removed the checkpoint of step {step - 1}, whose parameters gave them; '
+       if removed else '') +
+      (f'a rerun resumes from step {resume}' if resume is not None else
+       'no checkpoint is left: a rerun starts afresh'))
 
 
 # ----------------------------------------------------------------------------
@@ -424,8 +461,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Raises:
     ValueError: a config that cannot work (before anything is compiled).
-    NonFiniteLossError: a loss became NaN/Inf; checkpoints up to the last finite
-      step are kept.
+    NonFiniteLossError: a loss became NaN/Inf; the checkpoints kept are those
+      whose next step was finite, and the message names the step a rerun
+      resumes from.
+    checkpointing.CheckpointCorruptError: no checkpoint reads back (or, with
+      `checkpoint.on_corrupt='fail'`, the newest does not).
+    checkpointing.CheckpointWriteError: a checkpoint could not be written.
   """
   design = config.model.name
   mesh = sharding.make_mesh(config)
@@ -452,13 +493,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                dict(mesh.shape))
   checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint)
   try:
-    latest = checkpointer.latest_step()
-    if latest is not None:
-      state = checkpointer.restore(latest, abstract, iterator)
-    else:
+    state = checkpointer.restore_latest(abstract, iterator)
+    if state is None:
       state = init_train_state(model, tx, input_specs, config.seed, shardings)
-      if config.init['from']:
-        state = init_from(config.init['from'], config.model, state, abstract)
+      if config.init.source:
+        state = init_from(config.init.source, config.model, state, abstract)
     if keeps_grad_buffers(config.train):
       state, shardings = with_grad_buffers(state, shardings)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -477,7 +516,8 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
 
   The metrics of step s are fetched after step s+1 is dispatched, so the host
   waits while the device works; before any checkpoint is written the step's own
-  metrics are checked, so every checkpoint holds a finite state.
+  metrics are checked, and non-finite ones also remove the checkpoint of the
+  step before (`_check_finite`).
   """
   train = config.train
   start = int(state.step)
@@ -487,9 +527,9 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
   # FLOPs only serve MFU, which needs the device's peak (none on CPU).
   mfu_known = flops.peak_flops(jax.devices()[0].device_kind) is not None
   writer = metrics_lib.MetricWriter(
-      workdir, total_steps=train.num_steps, examples_per_step=train.global_batch_size,
+      workdir, start_step=start, total_steps=train.num_steps,
+      examples_per_step=train.global_batch_size,
       flops_per_step=flops_per_step(config, input_specs) if mfu_known else None)
-  writer.start(start)
   compiled = {}
   pending: tuple[int, dict[str, jax.Array]] | None = None
   host_metrics: dict[str, float] = {}
@@ -497,7 +537,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
   def finish(step, step_metrics):
     nonlocal host_metrics
     host_metrics = metrics_lib.to_host(step_metrics)
-    _check_finite(step, host_metrics)
+    _check_finite(step, host_metrics, checkpointer)
     # The run's first step is logged too: the starting loss.
     if step % train.log_every_steps == 0 or step in (start + 1, last):
       writer.write(step, host_metrics)
