@@ -197,15 +197,24 @@ def read_losses(workdir) -> dict[int, float]:
     return {r['step']: r['loss'] for r in map(json.loads, f)}
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _subprocess_env(tmp_path_factory) -> tuple[str, dict[str, str]]:
+  """(repo root, environment) for a `vlpjax.main` subprocess on 8 CPU devices,
+  sharing the tests' compilation cache."""
+  cache_dir = str(tmp_path_factory.getbasetemp() / 'jax_cache')
+  return REPO, dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='8', PYTHONPATH=REPO,
+                    JAX_COMPILATION_CACHE_DIR=cache_dir,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+
+
 def test_sigterm_saves_exits_cleanly_and_resumes_exactly(tmp_path, tmp_path_factory):
   """A real SIGTERM to a training process: it saves the step it reached and exits 0;
   resuming gives the next steps' losses of an uninterrupted run."""
   data_dir = str(tmp_path_factory.getbasetemp() / 'tfds_tiny')
-  cache_dir = str(tmp_path_factory.getbasetemp() / 'jax_cache')
   workdir = tmp_path / 'preempted'
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='8', PYTHONPATH=repo,
-             JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  repo, env = _subprocess_env(tmp_path_factory)
   proc = subprocess.Popen(
       [sys.executable, '-m', 'vlpjax.main', '--config=configs/visualbert.py:tiny',
        f'--workdir={workdir}', *tiny_run_flags(data_dir)],
@@ -255,11 +264,8 @@ runpy.run_module('vlpjax.main', run_name='__main__')
 def test_full_disk_ends_with_one_error_and_the_rerun_removes_the_unfinished_save(
     tmp_path, tmp_path_factory, caplog):
   data_dir = str(tmp_path_factory.getbasetemp() / 'tfds_tiny')
-  cache_dir = str(tmp_path_factory.getbasetemp() / 'jax_cache')
   workdir = tmp_path / 'full'
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='8', PYTHONPATH=repo,
-             JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  repo, env = _subprocess_env(tmp_path_factory)
   result = subprocess.run(
       [sys.executable, '-c', FULL_DISK_MAIN, '--config=configs/visualbert.py:tiny',
        f'--workdir={workdir}', *tiny_run_flags(data_dir), '--config.train.max_steps_this_run=2'],
