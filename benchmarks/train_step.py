@@ -7,7 +7,7 @@ r"""Pretraining step speed of each design, beside the PyTorch references.
 For each design and size: compile time, steps/s, examples/s, peak memory and, on
 accelerators, MFU (analytic FLOPs, `vlpjax.flops`), on synthetic batches of text
 length 20 and 36 regions on whatever devices exist (the step is the real jitted,
-sharded `train.make_train_step`). The transformers `LxmertForPreTraining` and
+sharded `step.make_train_step`). The transformers `LxmertForPreTraining` and
 `VisualBertForPreTraining` run the same shapes (forward, backward, AdamW) in
 fp32 on the CPU.
 
@@ -52,10 +52,10 @@ def run_vlpjax(design: str, size: str, batch_size: int, steps: int, dtype: str) 
   """Times `steps` jitted pretraining steps of `design`/`size`."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  from vlpjax import flops, sharding, train  # pylint: disable=import-outside-toplevel
+  from vlpjax import flops, optim, sharding, state as state_lib, step as step_lib, train  # pylint: disable=import-outside-toplevel
+  from vlpjax.tasks import pretrain as pretrain_task  # pylint: disable=import-outside-toplevel
   from vlpjax.data import synthetic  # pylint: disable=import-outside-toplevel
-  from vlpjax.models import get_model  # pylint: disable=import-outside-toplevel
-  from vlpjax.objectives import pretraining  # pylint: disable=import-outside-toplevel
+  from vlpjax.models import get_design, get_model  # pylint: disable=import-outside-toplevel
 
   config = importlib.import_module(f'configs.{design}').get_config(size)
   config.train.global_batch_size = batch_size
@@ -64,19 +64,20 @@ def run_vlpjax(design: str, size: str, batch_size: int, steps: int, dtype: str) 
   train.validate_config(config, mesh)
   rules = sharding.logical_axis_rules(config)
   model = get_model(config.model)
-  tx, schedule = train.make_optimizer(config.train)
-  task = pretraining.tasks_for(design, config)[0]
+  tx, schedule = optim.make_optimizer(config.train, get_design(config.model.name))
+  task = pretrain_task.objectives(config)[0]
   regions = REGIONS + (1 if design == 'vilbert' else 0)  # ViLBERT's [IMG] slot
   host_batch = synthetic.synthetic_batch(config.model, batch_size, TEXT_LEN, regions)
   batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host_batch.items()}
-  input_specs = train.model_input_specs(config, task, batch_spec)
-  _, shardings = train.abstract_train_state(model, tx, input_specs, mesh, rules)
-  state = train.init_train_state(model, tx, input_specs, config.seed, shardings)
-  if train.keeps_grad_buffers(config.train):   # as train_and_evaluate does
-    state, shardings = train.with_grad_buffers(state, shardings)
+  input_specs = step_lib.model_input_specs(config, pretrain_task, task, batch_spec)
+  _, shardings = state_lib.abstract_train_state(model, tx, input_specs, mesh, rules)
+  state = state_lib.init_train_state(model, tx, input_specs, config.seed, shardings)
+  if state_lib.keeps_grad_buffers(config.train):   # as train_and_evaluate does
+    state, shardings = state_lib.with_grad_buffers(state, shardings)
   batch = jax.device_put(host_batch, sharding.batch_sharding(mesh, config.mesh.data_axes))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step = train.make_train_step(config, model, tx, schedule, mesh, shardings, task)
+    step = step_lib.make_train_step(config, model, tx, schedule, mesh, shardings,
+                                    pretrain_task, task)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start

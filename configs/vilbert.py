@@ -47,6 +47,8 @@ def model_config(size: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = 'base') -> ml_collections.ConfigDict:
-  """`--config=configs/vilbert.py:<size>`."""
-  # make_config adds the run sections (train, pretrain, data, mesh, checkpoint, init).
-  return config_lib.make_config(model_config(arg), arg)
+  """`--config=configs/vilbert.py:SIZE[,task=TASK]` (task 'pretrain' by default)."""
+  # make_config adds the run sections (train, pretrain, data, mesh, checkpoint,
+  # init) and the task's.
+  size, options = config_lib.config_arg(arg)
+  return config_lib.make_config(model_config(size), size, **options)

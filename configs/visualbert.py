@@ -42,5 +42,8 @@ def model_config(size: str = 'base') -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = 'base') -> ml_collections.ConfigDict:
-  """The run config for `--config=configs/visualbert.py:<arg>`."""
-  return config_lib.make_config(model_config(arg), arg)
+  """`--config=configs/visualbert.py:SIZE[,task=TASK]` (task 'pretrain' by default)."""
+  # make_config adds the run sections (train, pretrain, data, mesh, checkpoint,
+  # init) and the task's.
+  size, options = config_lib.config_arg(arg)
+  return config_lib.make_config(model_config(size), size, **options)

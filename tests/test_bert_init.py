@@ -130,15 +130,48 @@ def test_bert_weights_reproduce_bert_text_outputs(design, tmp_path):
   if pooled is not None:
     np.testing.assert_allclose(pooled, expected.pooler_output.numpy(), atol=TOL)
 
-  # Exactly the text params changed; everything else is as it was.
+  # Exactly the text params changed (and VisualBERT's visual tables, copies of
+  # the loaded text tables: test_visualbert_visual_tables_copy_the_loaded_bert);
+  # everything else is as it was.
   text_prefixes = (paths['embeddings'] + '/', *(p + '/' for p in paths['layers']),
                    *([paths['pooler'] + '/'] if paths.get('pooler') else []))
   before, after = flat(params), flat(loaded)
   assert before.keys() == after.keys()
   for key, value in before.items():
-    is_text = key.startswith(text_prefixes) and not key.startswith(
-        f'{paths["embeddings"]}/visual_')
+    visual = key.startswith(f'{paths["embeddings"]}/visual_')
+    copied = key in (f'{paths["embeddings"]}/visual_position_embeddings',
+                     f'{paths["embeddings"]}/visual_token_type_embeddings')
+    is_text = key.startswith(text_prefixes) and (
+        not visual or copied and cfg.get('special_visual_initialize', False))
     assert np.array_equal(value, after[key]) != is_text, key
+
+
+@pytest.mark.parametrize('pretraining', [False, True])
+def test_visualbert_visual_tables_copy_the_loaded_bert(pretraining, tmp_path):
+  """special_visual_initialize (uclanlp/visualbert): the visual position and
+  token-type tables are copies of BERT's loaded tables, not of the random ones."""
+  cfg = tiny_config('visualbert')
+  assert cfg.special_visual_initialize
+  params = random_params(cfg, pretraining=pretraining)
+  backbone = lambda p: p['backbone'] if pretraining else p
+  paths, shapes = text_shapes(cfg, backbone(params))
+  save_random_bert(tmp_path, **shapes)
+  bert = sd.read_state_dict(tmp_path)
+  embeddings = paths['embeddings']
+  pairs = (('visual_position_embeddings', 'embeddings.position_embeddings.weight'),
+           ('visual_token_type_embeddings', 'embeddings.token_type_embeddings.weight'))
+  for visual, bert_key in pairs:  # so that the check below can fail
+    assert not np.allclose(backbone(params)[embeddings][visual], bert[bert_key])
+  loaded = hf.import_bert(cfg, tmp_path, params)
+  for visual, bert_key in pairs:
+    np.testing.assert_array_equal(backbone(loaded)[embeddings][visual], bert[bert_key],
+                                  err_msg=visual)
+  # Without special visual initialisation the visual tables stay as they were.
+  cfg.special_visual_initialize = False
+  kept = hf.import_bert(cfg, tmp_path, params)
+  for visual, _ in pairs:
+    np.testing.assert_array_equal(backbone(kept)[embeddings][visual],
+                                  backbone(params)[embeddings][visual], err_msg=visual)
 
 
 def test_pretraining_params_and_extra_bert_layers(tmp_path):

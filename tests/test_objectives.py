@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from vlpjax.models import get_design
 from vlpjax.objectives import masking, matching, mlm, pretraining, qa, region
 
 MASK, CLS, SEP, PAD = 4, 2, 3, 0
@@ -221,9 +222,12 @@ def test_matching_loss_and_label_conventions():
   labels = np.array([0, 1, 1])
   np.testing.assert_allclose(matching.matching_loss(logits, labels),
                              _ce(logits, labels).mean(), rtol=1e-6)
-  np.testing.assert_array_equal(matching.is_matched('vilbert', jnp.array([0, 1])), [True, False])
+  # ViLBERT's alignment label 0 = aligned; the others' 1 = matched.
+  np.testing.assert_array_equal(get_design('vilbert').is_matched(jnp.array([0, 1])),
+                                [True, False])
   for design in ('visualbert', 'lxmert', 'uniter'):
-    np.testing.assert_array_equal(matching.is_matched(design, jnp.array([0, 1])), [False, True])
+    np.testing.assert_array_equal(get_design(design).is_matched(jnp.array([0, 1])),
+                                  [False, True])
 
 
 def test_uniter_region_losses():
@@ -423,7 +427,7 @@ def _fake_outputs(design, kwargs, hidden=8, classes=11, answers=7, dim=6):
     ('uniter', 'mrckl', {'mrckl'}),
 ])
 def test_compute_losses_under_jit(design, task, expected):
-  tasks = pretraining.COMPONENTS[design]
+  tasks = get_design(design).recipe.components
   config = _config(design, tasks=tasks, ratios=(1,) * len(tasks) if task != 'all' else ())
   batch = {k: jnp.asarray(v) for k, v in _batch(design).items()}
 
@@ -499,7 +503,7 @@ def test_pretraining_model_losses_and_gradients(design, task):
   model_config = _design_config(design)
   model_config.dropout_rate = 0.0
   model_config.attention_dropout_rate = 0.0
-  tasks = pretraining.COMPONENTS[design]
+  tasks = get_design(design).recipe.components
   config = _config(design, tasks=tasks, ratios=(1,) * len(tasks) if task != 'all' else ())
   config.model = model_config
   model = get_model(model_config)

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from vlpjax import config_lib, sharding, train
+from vlpjax import config_lib, optim, sharding, state as state_lib, step as step_lib, train
 from vlpjax.data import synthetic
-from vlpjax.models import get_model
+from vlpjax.models import get_design, get_model
+from vlpjax.tasks import pretrain as pretrain_task
 
 # (data, fsdp, tensor)
 MESHES = {'data8': (8, 1, 1), 'fsdp4_data2': (2, 4, 1), 'tensor2_data4': (4, 1, 2)}
@@ -46,16 +47,16 @@ def setup(config: ml_collections.ConfigDict, mesh_shape: tuple[int, int, int],
   train.validate_config(config, mesh)
   rules = sharding.logical_axis_rules(config)
   model = get_model(config.model)
-  tx, schedule = train.make_optimizer(config.train)
-  task = train.pretraining.tasks_for(config.model.name, config)[0]
+  tx, schedule = optim.make_optimizer(config.train, get_design(config.model.name))
+  task = pretrain_task.objectives(config)[0]
   batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-  input_specs = train.model_input_specs(config, task, batch_spec)
-  _, shardings = train.abstract_train_state(model, tx, input_specs, mesh, rules)
+  input_specs = step_lib.model_input_specs(config, pretrain_task, task, batch_spec)
+  _, shardings = state_lib.abstract_train_state(model, tx, input_specs, mesh, rules)
   return config, mesh, rules, model, tx, schedule, task, input_specs, shardings
 
 
 def one_step(config: ml_collections.ConfigDict, mesh_shape: tuple[int, int, int],
-             batch: dict[str, np.ndarray], initial_state: train.TrainState | None = None):
+             batch: dict[str, np.ndarray], initial_state: state_lib.TrainState | None = None):
   """(initial state, host metrics, state after one step) on a mesh of `mesh_shape`.
 
   `initial_state` (host arrays) is placed in the mesh's shardings; without it the
@@ -64,12 +65,12 @@ def one_step(config: ml_collections.ConfigDict, mesh_shape: tuple[int, int, int]
   config, mesh, rules, model, tx, schedule, task, input_specs, shardings = setup(
       config, mesh_shape, batch)
   if initial_state is None:
-    state = train.init_train_state(model, tx, input_specs, config.seed, shardings)
+    state = state_lib.init_train_state(model, tx, input_specs, config.seed, shardings)
     initial_state = jax.device_get(state)
   else:
     state = jax.device_put(initial_state, shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step = train.make_train_step(config, model, tx, schedule, mesh, shardings, task)
+    step = step_lib.make_train_step(config, model, tx, schedule, mesh, shardings, pretrain_task, task)
     global_batch = jax.device_put(batch, sharding.batch_sharding(mesh, config.mesh.data_axes))
     state, metrics = step(state, global_batch)
   return initial_state, {k: float(v) for k, v in jax.device_get(metrics).items()}, state
@@ -140,7 +141,7 @@ def test_state_is_initialised_sharded_with_single_device_values():
   initial, _, _ = single_device_reference('visualbert', False)
   batch = synthetic_batch(config)
   config, _, _, model, tx, _, _, input_specs, shardings = setup(config, (1, 4, 2), batch)
-  state = train.init_train_state(model, tx, input_specs, config.seed, shardings)
+  state = state_lib.init_train_state(model, tx, input_specs, config.seed, shardings)
   for array, wanted in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(shardings)):
     assert array.sharding == wanted
   kernel = state.params['backbone']['layers_0']['ffn']['intermediate']['kernel']
@@ -185,11 +186,11 @@ def test_param_shardings_follow_rules_and_fit_shapes():
   mesh = sharding.make_mesh(config)
   rules = sharding.logical_axis_rules(config)
   model = get_model(config.model)
-  tx, _ = train.make_optimizer(config.train)
+  tx, _ = optim.make_optimizer(config.train, get_design(config.model.name))
   batch = synthetic_batch(config)
   batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-  input_specs = train.model_input_specs(config, 'all', batch_spec)
-  abstract, shardings = train.abstract_train_state(model, tx, input_specs, mesh, rules)
+  input_specs = step_lib.model_input_specs(config, pretrain_task, 'all', batch_spec)
+  abstract, shardings = state_lib.abstract_train_state(model, tx, input_specs, mesh, rules)
   flat = {jax.tree_util.keystr(p): s.spec for p, s in
           jax.tree_util.tree_leaves_with_path(shardings.params)}
   query = [k for k in flat if k.endswith("['attention']['query']['kernel']")][0]
@@ -222,7 +223,7 @@ def test_batch_must_divide_data_axes():
 
 
 def test_gradient_buffers_are_donated_and_change_no_value():
-  """`train.with_grad_buffers`: the compiled step aliases the buffers to its
+  """`state_lib.with_grad_buffers`: the compiled step aliases the buffers to its
   gradient outputs (written in place, no fresh memory) and the update is the
   single-device one."""
   config = tiny_config_for('visualbert', dropout=False)
@@ -231,14 +232,14 @@ def test_gradient_buffers_are_donated_and_change_no_value():
   config, mesh, rules, model, tx, schedule, task, _, shardings = setup(
       config, MESHES['fsdp4_data2'], batch)
   state = jax.device_put(initial, shardings)
-  buffered, buffered_shardings = train.with_grad_buffers(state, shardings)
+  buffered, buffered_shardings = state_lib.with_grad_buffers(state, shardings)
   assert buffered_shardings.grads == shardings.params
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     global_batch = jax.device_put(batch, sharding.batch_sharding(mesh, config.mesh.data_axes))
     aliased = {}
     for name, (st, sh) in dict(plain=(state, shardings),
                                buffered=(buffered, buffered_shardings)).items():
-      step = train.make_train_step(config, model, tx, schedule, mesh, sh, task)
+      step = step_lib.make_train_step(config, model, tx, schedule, mesh, sh, pretrain_task, task)
       aliased[name] = step.lower(st, global_batch).compile().memory_analysis().alias_size_in_bytes
     new_state, metrics = step(buffered, global_batch)
   param_shard_bytes = sum(

@@ -18,9 +18,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import visualbert
-from vlpjax import checkpointing, config_lib, metrics as metrics_lib, sharding, train
+from vlpjax import checkpointing, config_lib, metrics as metrics_lib, optim, sharding
+from vlpjax import state as state_lib, step as step_lib, train
 from vlpjax.data import pipeline, tokenizer
-from vlpjax.models import get_model
+from vlpjax.models import get_design, get_model
+from vlpjax.tasks import pretrain as pretrain_task
 
 # Runs stop after NUM_STEPS of a 1000-step schedule: test_main and the SIGTERM test
 # in test_checkpointing use the same schedule, so all share one compiled step.
@@ -38,7 +40,7 @@ def data_dir(tmp_path_factory):
 
 def run_config(data_dir: str, **train_overrides) -> ml_collections.ConfigDict:
   """VisualBERT tiny on the tiny world, 8 devices data-parallel, batch 8."""
-  config = config_lib.make_config(visualbert.model_config('tiny'))
+  config = config_lib.make_config(visualbert.model_config('tiny'), 'tiny')
   config.data.size = 'tiny'
   config.data.data_dir = data_dir
   config.model.vocab_size = pipeline.dataset_info(config.data)['vocab_size']
@@ -112,7 +114,7 @@ def test_nonfinite_loss_keeps_only_checkpoints_whose_next_step_was_finite(data_d
   restored = ocp.StandardCheckpointer().restore(tmp_path / 'checkpoints' / '1' / 'state')
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(restored))
   # The gradient buffers a CPU run keeps are not checkpointed.
-  assert train.keeps_grad_buffers(config.train)
+  assert state_lib.keeps_grad_buffers(config.train)
   assert restored.get('grads') is None
 
   final = train.train_and_evaluate(run_config(data_dir, max_steps_this_run=2), str(tmp_path))
@@ -207,13 +209,13 @@ def one_step_on_one_device(config, batch):
   mesh = sharding.make_mesh(config, jax.devices()[:1])
   rules = sharding.logical_axis_rules(config)
   model = get_model(config.model)
-  tx, schedule = train.make_optimizer(config.train)
+  tx, schedule = optim.make_optimizer(config.train, get_design(config.model.name))
   batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-  input_specs = train.model_input_specs(config, 'all', batch_spec)
-  _, shardings = train.abstract_train_state(model, tx, input_specs, mesh, rules)
-  state = train.init_train_state(model, tx, input_specs, config.seed, shardings)
+  input_specs = step_lib.model_input_specs(config, pretrain_task, 'all', batch_spec)
+  _, shardings = state_lib.abstract_train_state(model, tx, input_specs, mesh, rules)
+  state = state_lib.init_train_state(model, tx, input_specs, config.seed, shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step = train.make_train_step(config, model, tx, schedule, mesh, shardings, 'all')
+    step = step_lib.make_train_step(config, model, tx, schedule, mesh, shardings, pretrain_task, 'all')
     state, metrics = step(state, batch)
   return jax.device_get(metrics), jax.device_get(state.params)
 
@@ -224,7 +226,7 @@ def test_gradient_accumulation_gives_the_full_batch_update(data_dir):
   config = run_config(data_dir, warmup_fraction=0.0)
   config.mesh.shape = (1, 1, 1)
   config.model.dropout_rate = config.model.attention_dropout_rate = 0.0
-  config = train.with_vocab_token_ids(
+  config = pretrain_task.with_vocab_token_ids(
       config, tokenizer.read_vocab(pipeline.vocab_file(config.data)))
   batch = next(pipeline.make_pretraining_iterator(config.data, 'visualbert',
                                                   global_batch_size=8, seed=0))
@@ -262,7 +264,7 @@ def compile_events():
      "config.model.feature_dim=48 but the dataset 'vlp_world' has region feature "
      'width 40'),
     ('model.vocab_size', 100, 'config.model.vocab_size=100 is smaller than the tokenizer'),
-    ('init.source', 'hf:/tmp/x', "config.init.source must be '', 'orbax:DIR' or 'bert:DIR'"),
+    ('init.source', 'hf:/tmp/x', "config.init.source must be '', 'workdir:DIR', 'orbax:DIR' or 'bert:DIR'"),
 ])
 def test_bad_configs_fail_before_compiling(data_dir, tmp_path, compile_events, field, value,
                                            message):
@@ -277,40 +279,51 @@ def test_bad_configs_fail_before_compiling(data_dir, tmp_path, compile_events, f
 
 def test_qa_task_needs_qa_data(data_dir, tmp_path):
   from configs import lxmert  # pylint: disable=g-import-not-at-top
-  config = config_lib.make_config(lxmert.model_config('tiny'))
+  config = config_lib.make_config(lxmert.model_config('tiny'), 'tiny')
   assert config.data.qa   # make_config turns QA data on for LXMERT's 'qa' task
   config.data.update(size='tiny', data_dir=data_dir, qa=False)
   info = pipeline.dataset_info(config.data)
   config.model.update(vocab_size=info['vocab_size'], num_object_labels=8, num_attr_labels=10,
                       num_answers=34)
   with pytest.raises(ValueError, match="'qa' but config.data.qa is False"):
-    train.check_against_data(config, info)
+    pretrain_task.check_against_data(config, info)
   config.data.qa = True
-  train.check_against_data(config, info)
+  pretrain_task.check_against_data(config, info)
   config.model.num_object_labels = 9
   with pytest.raises(ValueError, match=r'num_object_labels=9 .* has object classes \(less background\): 8'):
-    train.check_against_data(config, info)
+    pretrain_task.check_against_data(config, info)
 
 
 def test_schedule_and_weight_decay_mask():
   config = ml_collections.ConfigDict(dict(learning_rate=1e-4, warmup_fraction=0.1,
                                           num_steps=100, end_learning_rate=0.0))
-  schedule = train.learning_rate_schedule(config)
+  schedule = optim.learning_rate_schedule(config)
   np.testing.assert_allclose([schedule(s) for s in (0, 5, 10, 55, 100)],
                              [0.0, 5e-5, 1e-4, 5e-5, 0.0], atol=1e-12)
   params = {'layer': {'dense': {'kernel': 0, 'bias': 0}, 'norm': {'scale': 0, 'bias': 0}},
-            'word_embeddings': {'embedding': 0}}
-  assert train.decay_mask(params) == {
+            'word_embeddings': {'embedding': 0}, 'mrfr_bias': 0,
+            'image_embeddings': {'img_norm': {'scale': 0}, 'norm': {'scale': 0}}}
+  # LXMERT: BERT's rule by the last name.
+  assert optim.decay_mask(get_design('lxmert'))(params) == {
       'layer': {'dense': {'kernel': True, 'bias': False},
                 'norm': {'scale': False, 'bias': False}},
-      'word_embeddings': {'embedding': True}}
+      'word_embeddings': {'embedding': True}, 'mrfr_bias': True,
+      'image_embeddings': {'img_norm': {'scale': False}, 'norm': {'scale': False}}}
+  # UNITER: no decay on any name containing 'bias' or 'LayerNorm.weight'; its
+  # img_layer_norm is not called LayerNorm, so it decays.
+  assert optim.decay_mask(get_design('uniter'))(params) == {
+      'layer': {'dense': {'kernel': True, 'bias': False},
+                'norm': {'scale': False, 'bias': False}},
+      'word_embeddings': {'embedding': True}, 'mrfr_bias': False,
+      'image_embeddings': {'img_norm': {'scale': True}, 'norm': {'scale': False}}}
+  assert optim.decay_mask(get_design('vilbert'))(params)['mrfr_bias'] is False
 
 
 @pytest.mark.parametrize('scale', [0.1, 10.0])
 def test_clip_by_global_norm_matches_optax(scale):
   grads = {'a': jax.random.normal(jax.random.key(0), (5, 7)) * scale,
            'b': {'c': jax.random.normal(jax.random.key(1), (11,)) * scale}}
-  ours, _ = train.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+  ours, _ = optim.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
   want, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
   assert jax.tree.structure(ours) == jax.tree.structure(want)
   for got, expected in zip(jax.tree.leaves(ours), jax.tree.leaves(want)):
@@ -336,12 +349,12 @@ def fresh_state(data_dir):
   mesh = sharding.make_mesh(config)
   rules = sharding.logical_axis_rules(config)
   model = get_model(config.model)
-  tx, _ = train.make_optimizer(config.train)
+  tx, _ = optim.make_optimizer(config.train, get_design(config.model.name))
   iterator = pipeline.make_pretraining_iterator(config.data, 'visualbert',
                                                 global_batch_size=8, seed=0)
-  input_specs = train.model_input_specs(config, 'all', train.peek_batch_spec(iterator))
-  abstract, shardings = train.abstract_train_state(model, tx, input_specs, mesh, rules)
-  state = train.init_train_state(model, tx, input_specs, config.seed, shardings)
+  input_specs = step_lib.model_input_specs(config, pretrain_task, 'all', train.peek_batch_spec(iterator))
+  abstract, shardings = state_lib.abstract_train_state(model, tx, input_specs, mesh, rules)
+  state = state_lib.init_train_state(model, tx, input_specs, config.seed, shardings)
   return config, state, abstract
 
 
@@ -350,7 +363,7 @@ def test_init_from_orbax_backbone(fresh_state, tmp_path):
   backbone = jax.tree.map(lambda x: x + 1.0, state.params['backbone'])
   with ocp.StandardCheckpointer() as saver:
     saver.save(tmp_path / 'backbone', backbone)
-  new = train.init_from(f'orbax:{tmp_path}/backbone', config.model, state, abstract)
+  new = state_lib.init_from(f'orbax:{tmp_path}/backbone', config.model, state, abstract)
   for got, want in zip(jax.tree_util.tree_leaves(new.params['backbone']),
                        jax.tree_util.tree_leaves(backbone)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -374,7 +387,7 @@ def test_init_from_bert(fresh_state, tmp_path):
       max_position_embeddings=model.max_position_embeddings,
       type_vocab_size=model.type_vocab_size))
   bert.save_pretrained(tmp_path / 'bert')
-  new = train.init_from(f'bert:{tmp_path}/bert', config.model, state, abstract)
+  new = state_lib.init_from(f'bert:{tmp_path}/bert', config.model, state, abstract)
   table = new.params['backbone']['embeddings']['word_embeddings']['embedding']
   np.testing.assert_allclose(np.asarray(table),
                              bert.embeddings.word_embeddings.weight.detach().numpy(), rtol=1e-6)

@@ -11,6 +11,7 @@ import re
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -20,6 +21,7 @@ from vlpjax.checkpoints import original
 from vlpjax.checkpoints import state_dict as sd
 from vlpjax.models import get_model
 from vlpjax.models import uniter
+from vlpjax.objectives import pretraining
 
 REFERENCE = os.path.join(os.path.dirname(__file__), 'data', 'reference')
 ATOL, RTOL = 1e-5, 1e-4  # max abs diff, and max abs diff / absmax of the reference
@@ -123,6 +125,18 @@ def _compare(name, ours, reference, absmax):
   assert diff <= ATOL and rel <= RTOL, f'{name}: max abs diff {diff:.3e}, rel {rel:.3e}'
 
 
+def _loss_config():
+  """The run config `compute_losses` reads: UNITER's pretrain defaults with every
+  task of the fixture, WRA off (the fixture has no OT loss)."""
+  config = ml_collections.ConfigDict(dict(
+      model=uniter_config.model_config('tiny'),
+      pretrain=pretraining.default_pretrain_config('uniter')))
+  config.pretrain.tasks = ('itm', 'mlm', 'mrfr', 'mrckl')
+  config.pretrain.ratios = (1, 1, 1, 1)
+  config.pretrain.loss_weights = {'wra': 0.0}
+  return config
+
+
 def _per_example(rows, batch):
   """[K, 2] (example, position) rows in row-major order -> `mlm_positions`
   [B, P] (padded with 0) and the index of each row in our [B, P] outputs."""
@@ -183,17 +197,35 @@ def test_parity_with_original(case, fixture, params):
   mrc_logits = np.asarray(mrm['mrc_logits'])[mrm_index]
   check('mrfr_pred', mrfr_pred, 'mrfr_pred')
   check('mrc_logits', mrc_logits, 'mrc_logits')
-  # The saved losses pin down what the logits mean (label conventions, targets).
-  nll = lambda logits, labels: -np.take_along_axis(
-      np.asarray(jax.nn.log_softmax(logits)), labels[:, None], 1)[:, 0]
-  check('itm_loss', nll(plain['itm_logits'], get('itm_targets')), 'itm_loss')
-  check('mlm_loss', nll(mlm_logits, get('txt_labels')[tuple(get('mlm_positions').T)]),
-        'mlm_loss')
-  check('mrfr_loss', (mrfr_pred - get('feat_targets')) ** 2, 'mrfr_loss')
-  targets = get('label_targets')
-  log_targets = np.log(np.where(targets > 0, targets, 1.0))
-  check('mrc_kl_loss', targets * (log_targets - np.asarray(jax.nn.log_softmax(mrc_logits))),
-        'mrc_kl_loss')
+
+  # The saved losses pin down what the logits mean (label conventions, targets):
+  # the fixture's targets, put where `make_inputs` puts them, through our own
+  # `compute_losses`, against the original's per-element losses reduced as its
+  # pretraining reduces them (`.mean()`).
+  itm_targets = get('itm_targets')
+  base = dict(match_label=itm_targets, matched=itm_targets == 1, text_mask=text_mask,
+              region_mask=region_mask)
+  mlm_targets = np.zeros(mlm_positions.shape, np.int32)
+  mlm_targets[mlm_index] = get('txt_labels')[tuple(get('mlm_positions').T)]
+  mlm_weights = np.zeros(mlm_positions.shape, np.float32)
+  mlm_weights[mlm_index] = 1.0
+  picked = get('img_masks')
+  class_probs = np.zeros(img_feat.shape[:2] + (config.num_region_classes,), np.float32)
+  class_probs[mrm_index] = get('label_targets')
+  region_targets = dict(region_picked=picked, region_weights=picked.astype(np.float32),
+                        raw_region_feats=img_feat, class_probs=class_probs)
+  loss_config = _loss_config()
+  for task, outputs, targets, key in (
+      ('itm', plain, {}, 'itm_loss'),
+      ('mlm', mlm, dict(mlm_targets=mlm_targets, mlm_weights=mlm_weights), 'mlm_loss'),
+      ('mrfr', mrm, region_targets, 'mrfr_loss'),
+      ('mrckl', mrm, region_targets, 'mrc_kl_loss')):
+    total, losses = pretraining.compute_losses('uniter', outputs, {**base, **targets}, task,
+                                               loss_config)
+    assert sorted(losses) == [task], losses
+    np.testing.assert_allclose(total, losses[task], rtol=1e-6)
+    reference = fixture[f'out_{case}_{key}'].mean()
+    _compare(key, np.asarray(losses[task]), reference, abs(float(reference)))
 
 
 def test_backbone_targets(params, checkpoint):

@@ -12,6 +12,7 @@ import re
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -21,6 +22,7 @@ from vlpjax.checkpoints import original
 from vlpjax.checkpoints import state_dict as sd
 from vlpjax.models import get_model
 from vlpjax.models import vilbert
+from vlpjax.objectives import pretraining
 
 REFERENCE = os.path.join(os.path.dirname(__file__), 'data', 'reference')
 ATOL, RTOL = 1e-5, 1e-4  # max abs diff, and max abs diff / absmax of the reference
@@ -184,20 +186,31 @@ def test_parity_with_original(case, fixture, params):
   check('prediction_scores_t', outputs['mlm_logits'], real_text)
   check('prediction_scores_v', outputs['region_logits'], real_image)
   check('seq_relationship_score', outputs['alignment_logits'])
-  # The saved losses pin down the label conventions (alignment 0 = aligned).
-  nll = lambda logits, labels: -np.take_along_axis(
-      np.asarray(jax.nn.log_softmax(logits)), labels[..., None], -1)[..., 0]
-  labels = get('masked_lm_labels')
+
+  # The saved losses pin down the label conventions (alignment 0 = aligned): the
+  # fixture's labels, put where `make_inputs` puts them, through our own
+  # `compute_losses`. The fixture's image labels and targets leave out the
+  # [IMG] region 0, which is never masked: weight and distribution 0 there.
+  labels, match_label = get('masked_lm_labels'), get('next_sentence_label')
   masked = labels != -1
-  check('masked_lm_loss', nll(outputs['mlm_logits'], np.where(masked, labels, 0))[masked]
-        .mean().reshape(1))
-  check('next_sentence_loss', nll(outputs['alignment_logits'], get('next_sentence_label'))
-        .mean().reshape(1))
-  target = get('image_target')
-  region_log_probs = np.asarray(jax.nn.log_softmax(outputs['region_logits']))[:, 1:]
-  kl = target * (np.log(np.where(target > 0, target, 1.0)) - region_log_probs)
-  image_masked = get('image_label') == 1
-  check('masked_img_loss', ((kl.sum(-1) * image_masked).sum() / image_masked.sum()).reshape(1))
+  image_masked = np.pad(get('image_label') == 1, ((0, 0), (1, 0)))
+  targets = dict(
+      match_label=match_label, matched=match_label == 0, text_mask=text_mask,
+      region_mask=image_mask, mlm_targets=np.where(masked, labels, 0),
+      mlm_weights=masked.astype(np.float32), region_picked=image_masked,
+      region_weights=image_masked.astype(np.float32), raw_region_feats=get('image_feat'),
+      class_probs=np.pad(get('image_target'), ((0, 0), (1, 0), (0, 0))))
+  loss_config = ml_collections.ConfigDict(dict(
+      model=config, pretrain=pretraining.default_pretrain_config('vilbert')))
+  loss_config.pretrain.tasks = ('mlm', 'region_kl', 'alignment')
+  total, losses = pretraining.compute_losses('vilbert', outputs, targets, pretraining.ALL,
+                                             loss_config)
+  names = dict(mlm='masked_lm_loss', alignment='next_sentence_loss',
+               region_kl='masked_img_loss')
+  assert sorted(losses) == sorted(names), losses
+  np.testing.assert_allclose(total, sum(losses.values()), rtol=1e-6)
+  for name, key in names.items():
+    check(key, np.asarray(losses[name]).reshape(1))
 
 
 def test_export_round_trip_is_exact(fixture, params):

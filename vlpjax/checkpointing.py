@@ -493,6 +493,44 @@ def restore_params(directory: str | os.PathLike, abstract_params: Any) -> Any:
     return checkpointer.restore(path, abstract_params)
 
 
+def restore_workdir_backbone(workdir: str | os.PathLike, abstract_backbone: Any) -> Any:
+  """The backbone params (`params['backbone']`) of the newest train checkpoint
+  in a vlpjax workdir (pretraining or any task): only those arrays are read.
+
+  Raises:
+    FileNotFoundError: the workdir has no train checkpoint.
+    ValueError: its backbone does not fit `abstract_backbone` (paths named).
+  """
+  directory = absolute_path(workdir) / 'checkpoints'
+  steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()
+                 ) if directory.is_dir() else []
+  if not steps:
+    raise FileNotFoundError(f'{workdir}: no train checkpoint under {directory}')
+  path = directory / str(steps[-1]) / STATE
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    stored = checkpointer.metadata(path).item_metadata.tree
+    if 'backbone' not in stored.get('params', {}):
+      raise ValueError(f'{path}: its params have no backbone (top-level keys '
+                       f'{sorted(stored.get("params", {}))})')
+    stored_shapes = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in
+                     jax.tree_util.tree_leaves_with_path(stored['params']['backbone'])}
+    wanted_shapes = {jax.tree_util.keystr(p): tuple(a.shape) for p, a in
+                     jax.tree_util.tree_leaves_with_path(abstract_backbone)}
+    if stored_shapes != wanted_shapes:
+      differ = sorted(k for k in set(stored_shapes) | set(wanted_shapes)
+                      if stored_shapes.get(k) != wanted_shapes.get(k))
+      raise ValueError(f'{path}: the stored backbone does not fit the model at '
+                       f'{differ[:10]} ({len(differ)} paths): stored '
+                       f'{[stored_shapes.get(k) for k in differ[:3]]}, model '
+                       f'{[wanted_shapes.get(k) for k in differ[:3]]}')
+    item = {'params': {'backbone': abstract_backbone}}
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+  logging.info('init: backbone of %s (step %d)', workdir, steps[-1])
+  return restored['params']['backbone']
+
+
 class PreemptionWatcher:
   """Tells the train loop when to save and stop because the job is being preempted.
 

@@ -3,8 +3,8 @@ and the command line's reading of it.
 
 The design configs (`configs/<design>.py`) build the model section and call
 `make_config`, which adds the run sections around it (train, pretrain, data,
-mesh, checkpoint, init) and fills in the design's published optimiser defaults
-(MODELS.md; `OPTIMIZER_DEFAULTS`). Override any field on the command line, e.g.
+mesh, checkpoint, init) and fills in the design's published optimiser and text
+length (MODELS.md; `Design.optimizer`, `Design.max_text_len`). Override any field on the command line, e.g.
 `--config.train.global_batch_size=64 --config.mesh.shape='(-1,2,1)'`.
 
 This module lives in the package, not beside the config files, so that a config
@@ -21,24 +21,6 @@ from typing import Callable, Iterator
 from absl import app
 from absl import flags
 import ml_collections
-
-# Published pretraining optimisers (MODELS.md; each original's BertAdam/AdamW
-# settings). warmup_fraction is of train.num_steps: UNITER's 10k of 200k is 5%.
-OPTIMIZER_DEFAULTS = dict(
-    uniter=dict(learning_rate=5e-5, warmup_fraction=0.05, num_steps=200_000,
-                adam_b1=0.9, adam_b2=0.98, adam_eps=1e-6, weight_decay=0.01,
-                grad_clip_norm=5.0),
-    lxmert=dict(learning_rate=1e-4, warmup_fraction=0.05, num_steps=100_000,
-                adam_b1=0.9, adam_b2=0.999, adam_eps=1e-6, weight_decay=0.01,
-                grad_clip_norm=1.0),
-    vilbert=dict(learning_rate=1e-4, warmup_fraction=0.1, num_steps=100_000,
-                 adam_b1=0.9, adam_b2=0.999, adam_eps=1e-6, weight_decay=0.01,
-                 grad_clip_norm=1.0),
-    visualbert=dict(learning_rate=5e-5, warmup_fraction=0.1, num_steps=100_000,
-                    adam_b1=0.9, adam_b2=0.999, adam_eps=1e-6, weight_decay=0.01,
-                    grad_clip_norm=1.0),
-)
-
 
 # Data fields whose default is None ("use the dataset's own", or "decide from the
 # data"), with the type a command-line override (`--config.data.data_dir=...`)
@@ -66,9 +48,8 @@ def model_defaults() -> ml_collections.ConfigDict:
 
 def train_config(design: str) -> ml_collections.ConfigDict:
   """The `config.train` section with `design`'s published optimiser."""
-  if design not in OPTIMIZER_DEFAULTS:
-    raise ValueError(f'config.model.name must be one of '
-                     f'{sorted(OPTIMIZER_DEFAULTS)}, got {design!r}')
+  from vlpjax.models import design as design_lib  # pylint: disable=g-import-not-at-top
+  optimizer = design_lib.get_design(design).optimizer
   config = ml_collections.ConfigDict(dict(
       global_batch_size=256,
       grad_accum_steps=1,        # microbatches per step; the update equals the full batch's
@@ -79,7 +60,7 @@ def train_config(design: str) -> ml_collections.ConfigDict:
       # None: on the CPU only, where fresh memory costs page faults every step.
       keep_grad_buffers=ml_collections.config_dict.placeholder(bool),
   ))
-  config.update(OPTIMIZER_DEFAULTS[design])
+  config.update(optimizer)
   return config
 
 
@@ -101,6 +82,10 @@ SMALL_RUN = dict(global_batch_size=32, num_steps=1000, warmup_fraction=0.05,
                  log_every_steps=25)
 
 
+# Config sizes that run on the embedded world.
+WORLD_SIZES = ('small', 'tiny')
+
+
 def small_model(name: str, world_fields: tuple[str, ...], **fields
                 ) -> ml_collections.ConfigDict:
   """A 'small' model config: SMALL_SHAPES, the `world_fields` of EMBEDDED_WORLD
@@ -113,21 +98,44 @@ def small_model(name: str, world_fields: tuple[str, ...], **fields
   return config
 
 
-def make_config(model: ml_collections.ConfigDict, size: str = '') -> ml_collections.ConfigDict:
+def config_arg(arg: str) -> tuple[str, dict[str, str]]:
+  """A config file's argument 'SIZE[,task=TASK]' -> (SIZE, {'task': TASK})."""
+  size, *options = arg.split(',')
+  parsed = {}
+  for option in options:
+    key, sep, value = option.partition('=')
+    if not sep or key != 'task':
+      raise ValueError(f'config argument {arg!r}: expected SIZE[,task=TASK], got {option!r}')
+    parsed[key] = value
+  return size, parsed
+
+
+def make_config(model: ml_collections.ConfigDict, size: str = '', task: str = 'pretrain'
+                ) -> ml_collections.ConfigDict:
   """The full run config around a design's model config (of `size`: 'small'
-  runs get SMALL_RUN's training schedule and a checkpoint every 250 steps)."""
+  runs get SMALL_RUN's training schedule and a checkpoint every 250 steps) for
+  `task` (`vlpjax.tasks`; a downstream task adds its sections, recipe and
+  evaluators with its `configure`)."""
   # Imported here so that importing a config module stays light.
   from vlpjax import checkpointing, sharding  # pylint: disable=g-import-not-at-top
   from vlpjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from vlpjax.models import design as design_lib  # pylint: disable=g-import-not-at-top
   from vlpjax.objectives import pretraining  # pylint: disable=g-import-not-at-top
-  pretrain = pretraining.default_pretrain_config(model.name)
+  design = design_lib.get_design(model.name)
+  pretrain = pretraining.default_pretrain_config(design)
   data = pipeline.default_data_config()
+  # The original's text length; the embedded world's sentences are shorter.
+  data.max_text_len = (design.world_text_len if size in WORLD_SIZES
+                       else design.max_text_len)
   data.qa = 'qa' in pretrain.tasks   # LXMERT's image-QA objective reads the vqa table
   for name, kind in OPTIONAL_DATA_FIELDS.items():
     if data.get(name) is None:   # a typed None, so the command line can set it
       data[name] = ml_collections.config_dict.placeholder(kind)
   config = ml_collections.ConfigDict(dict(
       model=model,
+      task='pretrain',                 # vlpjax.tasks: what is trained and evaluated
+      # Evaluators: {name: dict(type=..., split=..., batch_size=..., log_steps=...)}.
+      evals={},
       seed=0,                          # params init, masking, dropout and data order
       train=train_config(model.name),
       # Objectives; the token ids are set from the data's vocabulary at run time.
@@ -135,8 +143,10 @@ def make_config(model: ml_collections.ConfigDict, size: str = '') -> ml_collecti
       data=data,
       mesh=sharding.mesh_config(),
       checkpoint=checkpointing.checkpoint_config(),
-      # 'orbax:DIR' (params saved by vlpjax.convert) or 'bert:DIR' (a transformers
-      # BertModel directory, into the text side); '' for random init. DIR is local
+      # 'workdir:DIR' (the backbone of a vlpjax run's newest checkpoint, e.g. a
+      # pretraining run to fine-tune), 'orbax:DIR' (params saved by vlpjax.convert)
+      # or 'bert:DIR' (a transformers BertModel directory, into the text side);
+      # '' for random init. DIR is local
       # (relative to the working directory) or gs://. Used only when the workdir
       # has no checkpoint to resume from.
       init=dict(source=''),
@@ -147,6 +157,9 @@ def make_config(model: ml_collections.ConfigDict, size: str = '') -> ml_collecti
     # The world's vocabulary has no [unused] block to skip (UNITER's 106 does so
     # in bert-base-cased): random words come from all of it.
     config.pretrain.random_token_min = 0
+  if task != 'pretrain':
+    from vlpjax.tasks import get_task  # pylint: disable=g-import-not-at-top
+    get_task(task).configure(config, size)
   return config
 
 

@@ -45,8 +45,7 @@ from vlpjax import config_lib
 from vlpjax.checkpoints import hf
 from vlpjax.checkpoints import original
 from vlpjax.checkpoints import state_dict as sd
-from vlpjax.data import pipeline
-from vlpjax.models import get_model
+from vlpjax.models import get_design, get_model
 
 Params = Any
 
@@ -77,11 +76,11 @@ _TARGET = flags.DEFINE_enum('target', 'pretraining', list(TARGETS),
 def example_inputs(model_config: ml_collections.ConfigDict, pretraining: bool
                    ) -> dict[str, jax.Array]:
   """A one-example input batch that fixes every param shape of the design."""
-  design = model_config.name
+  design = get_design(model_config.name)
   feature_dim = model_config.feature_dim
   inputs = dict(input_ids=jnp.zeros((1, 2), jnp.int32), text_mask=jnp.ones((1, 2), jnp.int32),
                 region_feats=jnp.zeros((1, 1, feature_dim)),
-                region_loc=jnp.zeros((1, 1, pipeline.LOC_DIMS[design])),
+                region_loc=jnp.zeros((1, 1, design.loc_dim)),
                 region_mask=jnp.ones((1, 1), jnp.int32))
   if pretraining:
     inputs['mlm_positions'] = jnp.zeros((1, 1), jnp.int32)

@@ -34,66 +34,46 @@ def peak_flops(device_kind: str) -> float | None:
   return None
 
 
-def _dense(tokens: int, d_in: int, d_out: int) -> float:
+def dense(tokens: int, d_in: int, d_out: int) -> float:
+  """A Dense layer over `tokens` positions."""
   return 2.0 * tokens * d_in * d_out
 
 
-def _attention_core(queries: int, keys: int, width: int) -> float:
+def attention_core(queries: int, keys: int, width: int) -> float:
   """Scores (Q K^T) and context (P V)."""
-  return 2 * _dense(queries, width, keys)
+  return 2 * dense(queries, width, keys)
 
 
-def _bert_layer(tokens: int, hidden: int, ffn: int) -> float:
-  return (4 * _dense(tokens, hidden, hidden) + _attention_core(tokens, tokens, hidden)
-          + 2 * _dense(tokens, hidden, ffn))
+def bert_layer(tokens: int, hidden: int, ffn: int) -> float:
+  """A BERT layer: Q, K, V, output projections, attention core, FFN."""
+  return (4 * dense(tokens, hidden, hidden) + attention_core(tokens, tokens, hidden)
+          + 2 * dense(tokens, hidden, ffn))
 
 
-def _cross_attention(queries: int, q_width: int, keys: int, k_width: int,
-                     inner: int, out_width: int) -> float:
-  return (_dense(queries, q_width, inner) + 2 * _dense(keys, k_width, inner)
-          + _attention_core(queries, keys, inner) + _dense(queries, inner, out_width))
+def cross_attention(queries: int, q_width: int, keys: int, k_width: int,
+                    inner: int, out_width: int) -> float:
+  """Attention of `queries` over `keys` of another stream."""
+  return (dense(queries, q_width, inner) + 2 * dense(keys, k_width, inner)
+          + attention_core(queries, keys, inner) + dense(queries, inner, out_width))
 
 
-def _mlm_head(predictions: int, hidden: int, vocab: int) -> float:
-  return _dense(predictions, hidden, hidden) + _dense(predictions, hidden, vocab)
+def mlm_head(predictions: int, hidden: int, vocab: int) -> float:
+  """The MLM transform and the tied decoder at the gathered positions."""
+  return dense(predictions, hidden, hidden) + dense(predictions, hidden, vocab)
+
+
+def pooler_and_matching(hidden: int) -> float:
+  """The pooler and a 2-way matching head on one pooled vector."""
+  return dense(1, hidden, hidden) + dense(1, hidden, 2)
 
 
 def forward_flops(model: ml_collections.ConfigDict, text_len: int, regions: int,
                   mlm_predictions: int) -> float:
-  """Forward FLOPs for one example of the design's pretraining module."""
-  t, r, p = text_len, regions, mlm_predictions
-  h, ffn, vocab, feat = (model.hidden_size, model.intermediate_size, model.vocab_size,
-                         model.feature_dim)
-  heads = _mlm_head(p, h, vocab) + _dense(1, h, h) + _dense(1, h, 2)  # + pooler, matching
-  if model.name == 'visualbert':
-    return _dense(r, feat, h) + model.num_layers * _bert_layer(t + r, h, ffn) + heads
-  if model.name == 'uniter':
-    region_heads = (2 * _dense(r, h, h) + _dense(r, h, feat)
-                    + _dense(r, h, model.num_region_classes))
-    return (_dense(r, feat, h) + _dense(r, 7, h)
-            + model.num_layers * _bert_layer(t + r, h, ffn) + heads + region_heads)
-  if model.name == 'lxmert':
-    cross = (_cross_attention(t, h, r, h, h, h) + _cross_attention(r, h, t, h, h, h)
-             + _bert_layer(t, h, ffn) + _bert_layer(r, h, ffn))
-    region_heads = _dense(r, h, h) + _dense(
-        r, h, model.num_object_labels + model.num_attr_labels + feat)
-    qa = _dense(1, h, 2 * h) + _dense(1, 2 * h, model.num_answers)
-    return (_dense(r, feat, h) + _dense(r, 4, h)
-            + model.num_language_layers * _bert_layer(t, h, ffn)
-            + model.num_relation_layers * _bert_layer(r, h, ffn)
-            + model.num_cross_layers * cross + heads + region_heads + qa)
-  if model.name == 'vilbert':
-    hv, bi = model.v_hidden_size, model.bi_hidden_size
-    co_layer = (_cross_attention(t, h, r, hv, bi, h) + _cross_attention(r, hv, t, h, bi, hv)
-                + 2 * _dense(t, h, ffn) + 2 * _dense(r, hv, model.v_intermediate_size))
-    region_heads = _dense(r, hv, hv) + _dense(r, hv, model.num_region_classes)
-    poolers = _dense(1, h, bi) + _dense(1, hv, bi) + _dense(1, bi, 2)
-    return (_dense(r, feat, hv) + _dense(r, 5, hv)
-            + model.num_layers * _bert_layer(t, h, ffn)
-            + model.v_num_layers * _bert_layer(r, hv, model.v_intermediate_size)
-            + len(model.v_biattention_id) * co_layer
-            + _mlm_head(p, h, vocab) + region_heads + poolers)
-  raise ValueError(f'no FLOPs formula for model {model.name!r}')
+  """Forward FLOPs for one example of the design's pretraining module (the
+  design's own formula, `Design.forward_flops`)."""
+  from vlpjax.models import design  # pylint: disable=g-import-not-at-top
+  return design.get_design(model.name).forward_flops(model, text_len, regions,
+                                                      mlm_predictions)
 
 
 def model_flops_per_example(model: ml_collections.ConfigDict, text_len: int,

@@ -96,6 +96,22 @@ class MetricWriter:
       logging.info('%s', self.progress_line(step, record))
     return record
 
+  def write_eval(self, step: int, name: str, scalars: Mapping[str, float],
+                 seconds: float) -> None:
+    """Logs evaluator `name`'s metrics at `step` as `{name}/{metric}`; its
+    `seconds` are left out of the training throughput and ETA."""
+    self._last_time += seconds
+    record = {f'{name}/{k}': float(v) for k, v in scalars.items()}
+    if self._writes:
+      self._jsonl.write(json.dumps({'step': step, **record}) + '\n')
+      self._jsonl.flush()
+      for key, value in record.items():
+        self._tensorboard.add_scalar(key, value, step)
+      self._tensorboard.flush()
+      logging.info('eval %s step %d/%d | %s | %s', name, step, self.total_steps,
+                   ' '.join(f'{k} {v:.4g}' for k, v in scalars.items()),
+                   format_duration(seconds))
+
   def progress_line(self, step: int, record: Mapping[str, float]) -> str:
     """'step 120/1000 | loss 3.21 mlm 2.10 ... | lr 1.0e-04 | 512 ex/s | MFU 41% | ETA 3m02s'."""
     skip = {'learning_rate', 'examples_per_second', 'eta_seconds', 'mfu'}

@@ -9,7 +9,9 @@
   duplicates included), so a round trip is exact.
 * `import_bert` loads a `BertModel` (or `BertForPreTraining`) checkpoint into the
   text part of any of the four designs (each design's `bert_text_paths` says
-  where), leaving every other param as it was.
+  where), leaving every other param as it was except what the design's
+  `after_bert_import` derives from BERT (VisualBERT's visual position/type
+  tables, copied as its `special_visual_initialize` does).
 
 Tied weights (the MLM decoder is the word table; VisualBERT's decoder bias is
 the head bias) are stored once in vlpjax: on import the duplicate key is
@@ -17,7 +19,8 @@ accepted only if it equals its partner, otherwise it is an error.
 """
 from __future__ import annotations
 
-import importlib
+import dataclasses
+
 import os
 import re
 from typing import Any, Callable
@@ -30,6 +33,7 @@ import numpy as np
 
 from vlpjax.checkpoints import state_dict as sd
 from vlpjax.checkpoints.state_dict import Rule
+from vlpjax.models import get_design
 from vlpjax.models import lxmert
 from vlpjax.models import visualbert
 
@@ -37,8 +41,9 @@ Params = Any
 
 # Non-parameter buffer that older transformers versions saved; never learned.
 POSITION_IDS_BUFFER = r'(.*\.)?embeddings\.position_ids'
-# Prefix of the backbone's keys in each design's HF pretraining state dict.
-HF_PREFIX = {'lxmert': 'lxmert.', 'visualbert': 'visual_bert.'}
+# Prefixes of the backbones' keys in the HF pretraining state dicts.
+LXMERT_PREFIX = 'lxmert.'
+VISUALBERT_PREFIX = 'visual_bert.'
 
 
 def attention_rules(qkv_prefix: str, output_prefix: str, path: str) -> list[Rule]:
@@ -91,9 +96,9 @@ def bert_rules(text_paths: dict[str, Any], *, torch_prefix: str = '', path_prefi
   return rules
 
 
-def _prefixes(name: str, pretraining: bool) -> tuple[str, str]:
+def _prefixes(backbone_prefix: str, pretraining: bool) -> tuple[str, str]:
   """(torch key prefix, flax path prefix) of the backbone."""
-  return (HF_PREFIX[name], 'backbone/') if pretraining else ('', '')
+  return (backbone_prefix, 'backbone/') if pretraining else ('', '')
 
 
 def _mlm_head_rules(path: str) -> list[Rule]:
@@ -106,7 +111,7 @@ def _mlm_head_rules(path: str) -> list[Rule]:
 def lxmert_rules(model_config: ml_collections.ConfigDict, pretraining: bool) -> list[Rule]:
   """Rules for HF `LxmertForPreTraining` (pretraining) or `LxmertModel` keys,
   less the tied `cls.predictions.decoder.weight`."""
-  key, path = _prefixes('lxmert', pretraining)
+  key, path = _prefixes(LXMERT_PREFIX, pretraining)
   rules = bert_rules(lxmert.bert_text_paths(model_config), torch_prefix=key,
                      path_prefix=path)
   visual = f'{key}encoder.visn_fc'
@@ -145,7 +150,7 @@ def lxmert_rules(model_config: ml_collections.ConfigDict, pretraining: bool) -> 
 def visualbert_rules(model_config: ml_collections.ConfigDict, pretraining: bool) -> list[Rule]:
   """Rules for HF `VisualBertForPreTraining` (pretraining) or `VisualBertModel`
   keys, less the tied `cls.predictions.decoder.{weight,bias}`."""
-  key, path = _prefixes('visualbert', pretraining)
+  key, path = _prefixes(VISUALBERT_PREFIX, pretraining)
   rules = bert_rules(visualbert.bert_text_paths(model_config), torch_prefix=key,
                      path_prefix=path)
   embeddings = f'{key}embeddings'
@@ -159,18 +164,35 @@ def visualbert_rules(model_config: ml_collections.ConfigDict, pretraining: bool)
   return rules
 
 
-HF_RULES: dict[str, Callable[[ml_collections.ConfigDict, bool], list[Rule]]] = {
-    'lxmert': lxmert_rules, 'visualbert': visualbert_rules}
+@dataclasses.dataclass(frozen=True)
+class HfFormat:
+  """A transformers model class's state dict layout.
+
+  Attributes:
+    backbone_prefix: prefix of the backbone's keys in the pretraining state dict.
+    rules: (model config, pretraining) -> the key rules.
+    tied_decoder_bias: the MLM decoder's bias is a tied copy of `cls.predictions.bias`.
+  """
+  backbone_prefix: str
+  rules: Callable[[ml_collections.ConfigDict, bool], list[Rule]]
+  tied_decoder_bias: bool = False
+
+  def tied_keys(self, pretraining: bool) -> dict[str, str]:
+    """Duplicate key -> the key it is tied to, in the pretraining state dict."""
+    if not pretraining:
+      return {}
+    tied = {'cls.predictions.decoder.weight':
+            f'{self.backbone_prefix}embeddings.word_embeddings.weight'}
+    if self.tied_decoder_bias:
+      tied['cls.predictions.decoder.bias'] = 'cls.predictions.bias'
+    return tied
 
 
-def tied_keys(name: str, pretraining: bool) -> dict[str, str]:
-  """Duplicate key -> the key it is tied to, in the HF pretraining state dict."""
-  if not pretraining:
-    return {}
-  tied = {'cls.predictions.decoder.weight': f'{HF_PREFIX[name]}embeddings.word_embeddings.weight'}
-  if name == 'visualbert':
-    tied['cls.predictions.decoder.bias'] = 'cls.predictions.bias'
-  return tied
+# The designs transformers implements, by `config.model.name`.
+HF_FORMATS = {
+    'lxmert': HfFormat(LXMERT_PREFIX, lxmert_rules),
+    'visualbert': HfFormat(VISUALBERT_PREFIX, visualbert_rules, tied_decoder_bias=True),
+}
 
 
 def drop_tied(state_dict: sd.StateDict, tied: dict[str, str], source: str) -> sd.StateDict:
@@ -190,11 +212,12 @@ def drop_tied(state_dict: sd.StateDict, tied: dict[str, str], source: str) -> sd
   return state_dict
 
 
-def _design(model_config: ml_collections.ConfigDict) -> str:
+def _format(model_config: ml_collections.ConfigDict) -> HfFormat:
   name = model_config.get('name')
-  if name not in HF_RULES:
-    raise ValueError(f'HF checkpoints exist for {sorted(HF_RULES)}; config.model.name is {name!r}')
-  return name
+  if name not in HF_FORMATS:
+    raise ValueError(f'HF checkpoints exist for {sorted(HF_FORMATS)}; config.model.name is '
+                     f'{name!r}')
+  return HF_FORMATS[name]
 
 
 def import_hf(model_config: ml_collections.ConfigDict, path_or_dir: str | os.PathLike,
@@ -215,34 +238,34 @@ def import_hf(model_config: ml_collections.ConfigDict, path_or_dir: str | os.Pat
     CheckpointMismatchError: missing/unexpected keys, shapes that do not fit,
       a backbone-only checkpoint for a pretraining model, or tied weights that differ.
   """
-  name = _design(model_config)
+  hf_format = _format(model_config)
+  prefix = hf_format.backbone_prefix
   target_params = nn.unbox(target_params)
   source = os.fspath(path_or_dir)
   state_dict = sd.read_state_dict(path_or_dir)
-  checkpoint_pretraining = any(k.startswith(HF_PREFIX[name]) for k in state_dict)
+  checkpoint_pretraining = any(k.startswith(prefix) for k in state_dict)
   target_pretraining = _is_pretraining(target_params)
   if target_pretraining and not checkpoint_pretraining:
-    raise sd.not_a_pretraining_checkpoint(source, state_dict, HF_PREFIX[name])
-  state_dict = drop_tied(state_dict, tied_keys(name, checkpoint_pretraining), source)
+    raise sd.not_a_pretraining_checkpoint(source, state_dict, prefix)
+  state_dict = drop_tied(state_dict, hf_format.tied_keys(checkpoint_pretraining), source)
   if checkpoint_pretraining and not target_pretraining:
     # Fine-tuning from a pretraining (or QA) checkpoint: keep the backbone only.
-    heads = sorted(k for k in state_dict if not k.startswith(HF_PREFIX[name]))
+    heads = sorted(k for k in state_dict if not k.startswith(prefix))
     logging.warning('%s: loading the backbone only; leaving out %d head keys: %s', source,
                  len(heads), heads)
-    state_dict = {k[len(HF_PREFIX[name]):]: v for k, v in state_dict.items()
-                  if k.startswith(HF_PREFIX[name])}
-  rules = HF_RULES[name](model_config, target_pretraining)
+    state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+  rules = hf_format.rules(model_config, target_pretraining)
   return sd.import_params(state_dict, rules, target_params, skip=[POSITION_IDS_BUFFER],
                           source=source)
 
 
 def export_hf(model_config: ml_collections.ConfigDict, params: Params) -> sd.StateDict:
   """Params -> the HF model's `state_dict()`: keys, shapes and tied duplicates."""
-  name = _design(model_config)
+  hf_format = _format(model_config)
   params = nn.unbox(params)
   pretraining = _is_pretraining(params)
-  state_dict = sd.export_state_dict(params, HF_RULES[name](model_config, pretraining))
-  for duplicate, partner in tied_keys(name, pretraining).items():
+  state_dict = sd.export_state_dict(params, hf_format.rules(model_config, pretraining))
+  for duplicate, partner in hf_format.tied_keys(pretraining).items():
     state_dict[duplicate] = state_dict[partner].copy()
   return state_dict
 
@@ -262,15 +285,18 @@ def import_bert(model_config: ml_collections.ConfigDict, bert_dir: str | os.Path
     params: the backbone params, or the pretraining params (with 'backbone').
 
   Returns:
-    `params` with the text embeddings, text layers (and pooler) replaced.
+    `params` with the text embeddings, text layers (and pooler) replaced, then
+    passed through the design's `after_bert_import(backbone_params,
+    model_config)` if it has one (VisualBERT copies the loaded position/type
+    tables into its visual ones).
 
   Raises:
     CheckpointMismatchError: too few BERT layers, or shapes that do not fit
       (vocabulary, hidden size, heads/FFN width, position or type tables).
   """
   params = nn.unbox(params)
-  module = importlib.import_module(f'vlpjax.models.{model_config.name}')
-  text_paths = module.bert_text_paths(model_config)
+  design = get_design(model_config.name)
+  text_paths = design.bert_text_paths(model_config)
   source = os.fspath(bert_dir)
   state_dict = sd.read_state_dict(bert_dir)
   if any(k.startswith('bert.') for k in state_dict):
@@ -294,7 +320,15 @@ def import_bert(model_config: ml_collections.ConfigDict, bert_dir: str | os.Path
   loaded = sd.import_params({k: v for k, v in state_dict.items() if k in wanted}, rules,
                             flax.traverse_util.unflatten_dict(target, sep='/'), source=source)
   flat.update(flax.traverse_util.flatten_dict(loaded, sep='/'))
-  return flax.traverse_util.unflatten_dict(flat, sep='/')
+  params = flax.traverse_util.unflatten_dict(flat, sep='/')
+  # A design's own step once BERT is in (VisualBERT's special_visual_initialize).
+  after_import = design.after_bert_import
+  if after_import is not None:
+    if path_prefix:
+      params['backbone'] = after_import(params['backbone'], model_config)
+    else:
+      params = after_import(params, model_config)
+  return params
 
 
 def _beyond_design(bert_key: str, num_layers: int) -> bool:

@@ -27,26 +27,21 @@ Pair sampling. Every random choice for an example is a hash of (seed, epoch,
 sentence index, stream): deterministic per example, independent of batch size,
 worker count and process count, and vectorised over the batch (a numpy Generator
 per example would cost tens of microseconds of a ~300 us budget). Mismatches
-follow each design's convention (shared MODELS.md):
-  LXMERT, ViLBERT: the sentence is replaced by one about another image.
-  VisualBERT: input `[CLS] a [SEP] b [SEP]`; b is another caption of the same
-    image (matched) or a caption of another image.
-  UNITER: the image is replaced by the image of a random sentence about another
-    image (so negatives come from the split's own images).
-Label: ViLBERT 0 = aligned, the others 1 = matched.
+follow the design's `pairing` (`vlpjax.models.design`): the sentence replaced by
+one about another image; the image replaced by that of a sentence about another
+image (negatives from the split's own images); or `[CLS] a [SEP] b [SEP]` with b
+another caption of the same image (matched) or of another image. `match_label`
+is in the design's convention (`Design.matched_label`).
 
 Regions. Detector order is kept and truncated to `max_regions`; padded slots are
-zero with `region_mask` 0. ViLBERT gets one extra leading [IMG] slot (R =
-max_regions + 1): the mean feature of the real regions with location
-[0, 0, 1, 1, 1] and no labels (object id 0, confidence 0, zero class
-distribution), so every design sees the same detector regions. Locations:
-LXMERT/VisualBERT (x1/W, y1/H, x2/W, y2/H); ViLBERT adds area/(W*H); UNITER
-(x1, y1, x2, y2, w, h, w*h) normalised. `class_probs` is emitted only for the
-designs whose objectives use it (ViLBERT, UNITER): it is [B, R, C] floats.
+zero with `region_mask` 0. A design may put slots before the detector regions
+(`Design.leading_slots`, filled by the design: ViLBERT's [IMG]) and gives its own
+location features (`Design.location_features`). `class_probs` is emitted only
+for the designs whose objectives use it (`Design.needs_class_probs`): [B, R, C].
 
-LXMERT image QA (`data.qa=True`): the sentence pool is the captions followed by
-the VQA questions; a question keeps its soft answer scores, `qa_valid` is 1 only
-for a matched question.
+Image QA (`data.qa=True`, designs with `recipe.image_qa`): the sentence pool is
+the captions followed by the VQA questions; a question keeps its soft answer
+scores, `qa_valid` is 1 only for a matched question.
 """
 from __future__ import annotations
 
@@ -68,14 +63,7 @@ from tensorflow_datasets.proto import tf_example_pb2
 
 from vlpjax.data import features_builder
 from vlpjax.data.tokenizer import BertTokenizer, read_vocab
-
-DESIGNS = ('visualbert', 'vilbert', 'lxmert', 'uniter')
-LOC_DIMS = {'visualbert': 4, 'lxmert': 4, 'vilbert': 5, 'uniter': 7}
-# Label for a matched pair; a mismatched pair gets 1 - this.
-MATCHED_LABEL = {'visualbert': 1, 'vilbert': 0, 'lxmert': 1, 'uniter': 1}
-NEEDS_CLASS_PROBS = ('vilbert', 'uniter')
-# Region slots before the detector regions: ViLBERT's [IMG].
-LEADING_SLOTS = {'vilbert': 1}
+from vlpjax.models import design as design_lib
 # Attempts at drawing a sentence about another image before giving up.
 MAX_NEGATIVE_DRAWS = 32
 # Rows of a text table whose image ids are compared with the images table's when
@@ -567,41 +555,41 @@ class ImageTable:
                        f'{record["image_w"]}x{record["image_h"]}')
 
 
-def region_inputs(design: str, images: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Design-specific region inputs (see module docstring), in place where possible.
+def region_inputs(design: str | design_lib.Design, images: dict[str, np.ndarray]
+                  ) -> dict[str, np.ndarray]:
+  """The design's region inputs (see module docstring), in place where possible.
 
   Args:
-    design: one of DESIGNS.
-    images: `ImageTable.gather(indices, first_slot=LEADING_SLOTS.get(design, 0))`.
+    design: the model's design, or its name.
+    images: `ImageTable.gather(indices, first_slot=design.leading_slots)`.
 
   Returns:
     region_feats [B, S, F] (as gathered), region_loc float32 [B, S, L],
-    region_mask int32 [B, S] and the per-region labels; S = max_regions (+1 for
-    ViLBERT).
+    region_mask int32 [B, S] and the per-region labels; S = leading slots +
+    max_regions.
   """
-  if design not in LOC_DIMS:
-    raise ValueError(f'unknown design {design!r}; expected one of {DESIGNS}')
-  first = LEADING_SLOTS.get(design, 0)
+  design = design_lib.as_design(design)
+  first = design.leading_slots
   feats, boxes, count = images['feats'], images['boxes'], images['count']
   slot = np.arange(feats.shape[1])[None, :]
   mask = (slot >= first) & (slot < first + count[:, None])
   size = np.stack([images['image_w'], images['image_h']], -1)[:, None, :]  # [B, 1, 2]
   corners = boxes / np.concatenate([size, size], -1)                      # [B, S, 4]
-  wh = corners[..., 2:] - corners[..., :2]
-  area = wh[..., :1] * wh[..., 1:]
-  loc = {'lxmert': [corners], 'visualbert': [corners], 'vilbert': [corners, area],
-         'uniter': [corners, wh, area]}[design]
-  loc = np.concatenate(loc, -1) * mask[..., None]
-  if design == 'vilbert':
-    # The [IMG] slot: mean of the real regions, location [0, 0, 1, 1, 1], no labels.
-    # Summed in float32 (then stored in feats' dtype); the ViLBERT region masking
-    # recomputes it on the device in float32 whenever it masks.
-    feats[:, 0] = feats[:, 1:].sum(1, dtype=np.float32) / np.maximum(count, 1)[:, None]
-    loc[:, 0] = [0, 0, 1, 1, 1]
-    mask[:, 0] = True
+  loc = design.location_features(corners) * mask[..., None]
+  if design.fill_leading_slots is not None:
+    design.fill_leading_slots(feats, loc, mask, count)
   labels = {k: images[k] for k in REGION_LABEL_KEYS if k in images}
   return dict(region_feats=feats, region_loc=loc.astype(np.float32),
               region_mask=mask.astype(np.int32), **labels)
+
+
+def region_batch(design: str | design_lib.Design, images: ImageTable,
+                 image_indices: np.ndarray) -> dict[str, np.ndarray]:
+  """The design's region inputs for images `image_indices` [B] of `images`:
+  region_feats [B, S, F], region_loc [B, S, L], region_mask [B, S] and the
+  per-region labels (see `region_inputs`); `design` is one or its name."""
+  design = design_lib.as_design(design)
+  return region_inputs(design, images.gather(image_indices, first_slot=design.leading_slots))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -639,7 +627,7 @@ class BatchAssembler:
   Called as `assembler(batch_number, sentence_indices [B])` by grain; position
   `batch_number * B + j` of this process's stream is example j.
   """
-  design: str
+  design: design_lib.Design
   tokenizer: BertTokenizer
   images: ImageTable
   sentences: Sequence[Table]     # in index order: captions[, vqa]
@@ -713,11 +701,11 @@ class BatchAssembler:
     texts = [self._sentence_text(r) for r in records]
     pairs = None
     image_index = anchor_image.copy()
-    if self.design == 'uniter':
-      # The image is replaced by that of a random sentence about another image, so
-      # negatives come from this split's images.
+    if self.design.pairing == design_lib.REPLACE_IMAGE:
+      # The image is that of a random sentence about another image, so negatives
+      # come from this split's images.
       image_index[swap] = self._image_index(anchor[swap], negatives)
-    elif self.design == 'visualbert':
+    elif self.design.pairing == design_lib.SECOND_CAPTION:
       keep = np.flatnonzero(~mismatched)
       pairs = [None] * b
       for row, text in zip(keep, self._partner_captions(anchor[keep], anchor_image[keep],
@@ -729,10 +717,9 @@ class BatchAssembler:
       for row, record in zip(swap, negatives):
         texts[row] = self._sentence_text(record)
     batch = self.tokenizer.encode(texts, pairs)
-    matched = MATCHED_LABEL[self.design]
+    matched = self.design.matched_label
     batch['match_label'] = np.where(mismatched, 1 - matched, matched).astype(np.int32)
-    batch.update(region_inputs(self.design, self.images.gather(
-        image_index, first_slot=LEADING_SLOTS.get(self.design, 0))))
+    batch.update(region_batch(self.design, self.images, image_index))
     if self.num_answers is not None:
       batch.update(self._qa_targets(records, mismatched))
     return batch
@@ -835,10 +822,10 @@ def make_pretraining_iterator(data_config: ml_collections.ConfigDict, model_name
     region_feats); match_label int32 [B]; answer_scores float32 [B, A] and
     qa_valid float32 [B] when `data.qa`.
   """
-  if model_name not in DESIGNS:
-    raise ValueError(f'model_name must be one of {DESIGNS}, got {model_name!r}')
-  if data_config.qa and model_name != 'lxmert':
-    raise ValueError(f'data.qa=True is LXMERT image-QA pretraining; not for {model_name}')
+  design = design_lib.get_design(model_name)
+  if data_config.qa and not design.recipe.image_qa:
+    raise ValueError(f'data.qa=True is image-QA pretraining (LXMERT\'s); {model_name} '
+                     'has no QA objective')
   if not 0.0 <= data_config.mismatch_prob <= 1.0:
     raise ValueError(f'data.mismatch_prob must be in [0, 1], got {data_config.mismatch_prob}')
   process_index, process_count = jax.process_index(), jax.process_count()
@@ -857,7 +844,7 @@ def make_pretraining_iterator(data_config: ml_collections.ConfigDict, model_name
                             lowercase=data_config.lowercase)
   images = ImageTable(_open(data_config, 'images', data_config.images_split),
                       data_config.max_regions, name=table_name(data_config, 'images'),
-                      with_class_probs=model_name in NEEDS_CLASS_PROBS,
+                      with_class_probs=design.needs_class_probs,
                       cache=data_config.cache_images,
                       cache_max_gib=data_config.cache_images_max_gib,
                       widen_features=data_config.widen_features,
@@ -873,7 +860,7 @@ def make_pretraining_iterator(data_config: ml_collections.ConfigDict, model_name
     check_same_images(data_config, 'vqa', split)
     num_answers = len(answer_vocab(data_config))
   caption_groups = None
-  if model_name == 'visualbert':
+  if design.pairing == design_lib.SECOND_CAPTION:
     caption_groups = CaptionGroups.from_image_index(_all_image_indices(sentences[0]),
                                                     images.num_images)
   num_sentences = sum(len(s) for s in sentences)
@@ -881,7 +868,7 @@ def make_pretraining_iterator(data_config: ml_collections.ConfigDict, model_name
   if shard_size == 0:
     raise ValueError(f'{num_sentences} sentences cannot be shared by {process_count} processes')
   assembler = BatchAssembler(
-      design=model_name, tokenizer=tokenizer, images=images, sentences=sentences,
+      design=design, tokenizer=tokenizer, images=images, sentences=sentences,
       shard_size=shard_size, seed=seed, mismatch_prob=data_config.mismatch_prob,
       num_answers=num_answers, caption_groups=caption_groups)
 

@@ -22,8 +22,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vlpjax import flops
+from vlpjax.models import design
 from vlpjax.models import heads
 from vlpjax.models import layers
+from vlpjax.objectives import masking
 
 TEXT_AXES = ('batch', 'length', 'embed')
 VISION_AXES = ('batch', 'regions', 'embed')
@@ -273,3 +276,35 @@ def bert_text_paths(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 MODEL = Lxmert
 PRETRAINING = LxmertForPreTraining
+
+
+def forward_flops(model: ml_collections.ConfigDict, text_len: int, regions: int,
+                  mlm_predictions: int) -> float:
+  """`LxmertForPreTraining`: language, relationship and cross layers, MLM,
+  matched, object/attribute/feature and QA heads."""
+  t, r, h, ffn = text_len, regions, model.hidden_size, model.intermediate_size
+  cross = (flops.cross_attention(t, h, r, h, h, h) + flops.cross_attention(r, h, t, h, h, h)
+           + flops.bert_layer(t, h, ffn) + flops.bert_layer(r, h, ffn))
+  region_heads = flops.dense(r, h, h) + flops.dense(
+      r, h, model.num_object_labels + model.num_attr_labels + model.feature_dim)
+  qa = flops.dense(1, h, 2 * h) + flops.dense(1, 2 * h, model.num_answers)
+  return (flops.dense(r, model.feature_dim, h) + flops.dense(r, model.visual_pos_dim, h)
+          + model.num_language_layers * flops.bert_layer(t, h, ffn)
+          + model.num_relation_layers * flops.bert_layer(r, h, ffn)
+          + model.num_cross_layers * cross + flops.mlm_head(mlm_predictions, h, model.vocab_size)
+          + flops.pooler_and_matching(h) + region_heads + qa)
+
+
+DESIGN = design.Design(
+    name='lxmert', model=Lxmert, pretraining=LxmertForPreTraining,
+    location_features=lambda corners: corners, loc_dim=4,
+    matched_label=1, pairing=design.REPLACE_CAPTION, max_text_len=20, world_text_len=20,
+    recipe=design.PretrainingRecipe(
+        components=('mlm', 'matched', 'obj', 'attr', 'feat', 'qa'),
+        default_tasks=('mlm', 'matched', 'obj', 'attr', 'feat', 'qa'), mix='sum',
+        mask_regions=masking.lxmert_mask_regions, image_qa=True),
+    forward_flops=forward_flops,
+    optimizer=dict(learning_rate=1e-4, warmup_fraction=0.05, num_steps=100_000,
+                   adam_b1=0.9, adam_b2=0.999, adam_eps=1e-6, weight_decay=0.01,
+                   grad_clip_norm=1.0),
+    decays=design.bert_decays, bert_text_paths=bert_text_paths)

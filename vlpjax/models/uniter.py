@@ -20,9 +20,14 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
+from vlpjax import flops
+from vlpjax.models import design
 from vlpjax.models import heads
 from vlpjax.models import layers
+from vlpjax.objectives import masking, wra
 
 LOC_DIM = 7  # [x1, y1, x2, y2, w, h, w*h]
 IMAGE_TOKEN_TYPE = 1
@@ -214,3 +219,65 @@ def bert_text_paths(model_config) -> dict:
 
 MODEL = Uniter
 PRETRAINING = UniterPreTraining
+
+
+def location_features(corners: np.ndarray) -> np.ndarray:
+  """[B, S, 4] normalised (x1, y1, x2, y2) -> [B, S, 7] (x1, y1, x2, y2, w, h, w*h)."""
+  wh = corners[..., 2:] - corners[..., :2]
+  return np.concatenate([corners, wh, wh[..., :1] * wh[..., 1:]], -1)
+
+
+def forward_flops(model: ml_collections.ConfigDict, text_len: int, regions: int,
+                  mlm_predictions: int) -> float:
+  """`UniterPreTraining`: one stack over text + regions, MLM/ITM/MRFR/MRC heads."""
+  h, r = model.hidden_size, regions
+  region_heads = (2 * flops.dense(r, h, h) + flops.dense(r, h, model.feature_dim)
+                  + flops.dense(r, h, model.num_region_classes))
+  return (flops.dense(r, model.feature_dim, h) + flops.dense(r, LOC_DIM, h)
+          + model.num_layers * flops.bert_layer(text_len + r, h, model.intermediate_size)
+          + flops.mlm_head(mlm_predictions, h, model.vocab_size)
+          + flops.pooler_and_matching(h) + region_heads)
+
+
+# LayerNorms that the original names other than `LayerNorm` (img_layer_norm,
+# pos_layer_norm, the MRFR/MRC heads' Sequential), so its rule decays them.
+_DECAYED_NORMS = ('img_norm', 'pos_norm', 'mrfr_transform', 'mrc')
+
+
+def decays(path: tuple[str, ...]) -> bool:
+  """UNITER's rule: no decay on a name containing 'bias' (`mrfr_bias` too) or
+  'LayerNorm.weight'."""
+  if any('bias' in name for name in path):
+    return False
+  return path[-1] != 'scale' or any(name in _DECAYED_NORMS for name in path)
+
+
+def wra_loss(outputs: dict[str, jax.Array], targets: dict[str, jax.Array],
+             components: tuple[str, ...], weights: dict[str, float]) -> dict[str, jax.Array]:
+  """Word-region alignment (optimal transport) rides on the ITM task."""
+  if 'itm' not in components or weights['wra'] <= 0:
+    return {}
+  distance = wra.ot_distance(outputs['text'], outputs['vision'], targets['text_mask'],
+                             targets['region_mask'])
+  return {'wra': wra.wra_loss(distance, targets['matched'])}
+
+
+DESIGN = design.Design(
+    name='uniter', model=Uniter, pretraining=UniterPreTraining,
+    location_features=location_features, loc_dim=LOC_DIM, needs_class_probs=True,
+    matched_label=1, pairing=design.REPLACE_IMAGE, max_text_len=60, world_text_len=20,
+    recipe=design.PretrainingRecipe(
+        components=('itm', 'mlm', 'mrfr', 'mrc', 'mrckl'),
+        default_tasks=('itm', 'mlm', 'mrfr', 'mrckl'), mix='sample',
+        default_ratios=(2, 2, 1, 1),
+        # Random words from '!' (106 in bert-base-cased) upwards.
+        random_token_min=106, conditional_masking=True, at_least_one=True,
+        mask_regions=lambda rng, feats, mask, picked: masking.zero_regions(feats, picked),
+        positives_only=True, extra_losses=wra_loss,
+        # The original's `itm_ot_lambda`.
+        default_loss_weights={'wra': 0.1}),
+    forward_flops=forward_flops,
+    optimizer=dict(learning_rate=5e-5, warmup_fraction=0.05, num_steps=200_000,
+                   adam_b1=0.9, adam_b2=0.98, adam_eps=1e-6, weight_decay=0.01,
+                   grad_clip_norm=5.0),
+    decays=decays, bert_text_paths=bert_text_paths)

@@ -29,9 +29,14 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
+from vlpjax import flops
+from vlpjax.models import design
 from vlpjax.models import heads
 from vlpjax.models import layers
+from vlpjax.objectives import masking
 
 LOC_DIM = 5  # [x1, y1, x2, y2, area], normalised by the image size
 
@@ -282,3 +287,53 @@ def bert_text_paths(model_config) -> dict:
 
 MODEL = Vilbert
 PRETRAINING = VilbertPreTraining
+
+
+def location_features(corners: np.ndarray) -> np.ndarray:
+  """[B, S, 4] normalised (x1, y1, x2, y2) -> [B, S, 5] with the area fraction."""
+  wh = corners[..., 2:] - corners[..., :2]
+  return np.concatenate([corners, wh[..., :1] * wh[..., 1:]], -1)
+
+
+def fill_image_slot(feats: np.ndarray, loc: np.ndarray, mask: np.ndarray,
+                    count: np.ndarray) -> None:
+  """The [IMG] slot 0 (in place): the mean of the real regions, location
+  [0, 0, 1, 1, 1], no labels. Summed in float32 (then stored in feats' dtype);
+  the ViLBERT region masking recomputes it on the device whenever it masks."""
+  feats[:, 0] = feats[:, 1:].sum(1, dtype=np.float32) / np.maximum(count, 1)[:, None]
+  loc[:, 0] = [0, 0, 1, 1, 1]
+  mask[:, 0] = True
+
+
+def forward_flops(model: ml_collections.ConfigDict, text_len: int, regions: int,
+                  mlm_predictions: int) -> float:
+  """`VilbertPreTraining`: text and image streams, co-attention layers, MLM,
+  region and alignment heads."""
+  t, r, h, ffn = text_len, regions, model.hidden_size, model.intermediate_size
+  hv, bi = model.v_hidden_size, model.bi_hidden_size
+  co_layer = (flops.cross_attention(t, h, r, hv, bi, h)
+              + flops.cross_attention(r, hv, t, h, bi, hv)
+              + 2 * flops.dense(t, h, ffn) + 2 * flops.dense(r, hv, model.v_intermediate_size))
+  region_heads = flops.dense(r, hv, hv) + flops.dense(r, hv, model.num_region_classes)
+  poolers = flops.dense(1, h, bi) + flops.dense(1, hv, bi) + flops.dense(1, bi, 2)
+  return (flops.dense(r, model.feature_dim, hv) + flops.dense(r, LOC_DIM, hv)
+          + model.num_layers * flops.bert_layer(t, h, ffn)
+          + model.v_num_layers * flops.bert_layer(r, hv, model.v_intermediate_size)
+          + len(model.v_biattention_id) * co_layer
+          + flops.mlm_head(mlm_predictions, h, model.vocab_size) + region_heads + poolers)
+
+
+DESIGN = design.Design(
+    name='vilbert', model=Vilbert, pretraining=VilbertPreTraining,
+    location_features=location_features, loc_dim=LOC_DIM, needs_class_probs=True,
+    leading_slots=1, fill_leading_slots=fill_image_slot,
+    matched_label=0, pairing=design.REPLACE_CAPTION, max_text_len=36, world_text_len=20,
+    recipe=design.PretrainingRecipe(
+        components=('mlm', 'region_kl', 'alignment'),
+        default_tasks=('mlm', 'region_kl', 'alignment'), mix='sum',
+        skip_first_region=True, mask_regions=masking.vilbert_mask_regions),
+    forward_flops=forward_flops,
+    optimizer=dict(learning_rate=1e-4, warmup_fraction=0.1, num_steps=100_000,
+                   adam_b1=0.9, adam_b2=0.999, adam_eps=1e-6, weight_decay=0.01,
+                   grad_clip_norm=1.0),
+    decays=design.no_bias_name_decays, bert_text_paths=bert_text_paths)

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vlpjax import flops
+from vlpjax.models import design
 from vlpjax.models import heads
 from vlpjax.models import layers
 
@@ -203,3 +205,62 @@ def bert_text_paths(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 MODEL = VisualBert
 PRETRAINING = VisualBertForPreTraining
+
+
+def after_bert_import(backbone_params: Any, model_config: ml_collections.ConfigDict) -> Any:
+  """The original's `special_visual_initialize` after BERT's text weights load.
+
+  uclanlp/visualbert copies the (loaded) BERT position and token-type tables into
+  the visual ones once BERT is in place; `VisualBertEmbeddings.visual_table`
+  copies them at init, i.e. from the random tables, so `hf.import_bert` calls
+  this to copy them again from the loaded ones. A no-op unless
+  `model_config.special_visual_initialize` (as `visual_table` decides).
+
+  Args:
+    backbone_params: the backbone params (unboxed) with BERT's text weights loaded.
+    model_config: the VisualBERT model config.
+
+  Returns:
+    `backbone_params` with `visual_position_embeddings` and
+    `visual_token_type_embeddings` replaced by copies of the text tables.
+  """
+  if not model_config.get('special_visual_initialize',
+                          VisualBert.special_visual_initialize):
+    return backbone_params
+  path = bert_text_paths(model_config)['embeddings']
+  embeddings = dict(backbone_params[path])
+  for visual, text in (('visual_position_embeddings', 'position_embeddings'),
+                       ('visual_token_type_embeddings', 'token_type_embeddings')):
+    table = embeddings[text]['embedding']
+    if table.shape != embeddings[visual].shape:
+      raise ValueError(f'{path}/{visual} has shape {embeddings[visual].shape}, '
+                       f'{path}/{text} {table.shape}: cannot copy')
+    embeddings[visual] = table.astype(embeddings[visual].dtype)  # astype copies
+  return {**backbone_params, path: embeddings}
+
+
+def forward_flops(model: ml_collections.ConfigDict, text_len: int, regions: int,
+                  mlm_predictions: int) -> float:
+  """`VisualBertForPreTraining`: one stack over text + regions, MLM and
+  sentence-image heads."""
+  h = model.hidden_size
+  return (flops.dense(regions, model.feature_dim, h)
+          + model.num_layers * flops.bert_layer(text_len + regions, h, model.intermediate_size)
+          + flops.mlm_head(mlm_predictions, h, model.vocab_size) + flops.pooler_and_matching(h))
+
+
+DESIGN = design.Design(
+    name='visualbert', model=VisualBert, pretraining=VisualBertForPreTraining,
+    location_features=lambda corners: corners, loc_dim=4,
+    # Two sentences per input (`[CLS] a [SEP] b [SEP]`): the original's 128 word
+    # pieces; the embedded world's sentences fit 40.
+    matched_label=1, pairing=design.SECOND_CAPTION, max_text_len=128, world_text_len=40,
+    recipe=design.PretrainingRecipe(
+        components=('mlm', 'sentence_image'), default_tasks=('mlm', 'sentence_image'),
+        mix='sum', mask_regions=None),
+    forward_flops=forward_flops,
+    optimizer=dict(learning_rate=5e-5, warmup_fraction=0.1, num_steps=100_000,
+                   adam_b1=0.9, adam_b2=0.999, adam_eps=1e-6, weight_decay=0.01,
+                   grad_clip_norm=1.0),
+    decays=design.no_bias_name_decays, bert_text_paths=bert_text_paths,
+    after_bert_import=after_bert_import)

@@ -12,20 +12,15 @@ and picks `task` outside jit: `tasks_for(design, config)` lists the tasks; with
 ViLBERT, VisualBERT) every step runs the single task 'all', the sum of the
 losses in `config.pretrain.tasks`.
 
-Loss components per design (the names of `config.pretrain.tasks`; the names of
-the returned `losses`):
-  visualbert: mlm, sentence_image
-  vilbert:    mlm, region_kl, alignment
-  lxmert:     mlm, matched, obj, attr, feat, qa
-  uniter:     itm (plus 'wra' when its weight is > 0), mlm, mrfr, mrc, mrckl
-
-Which examples each loss sees follows the originals: LXMERT, ViLBERT and
-VisualBERT train MLM and region losses on mismatched pairs too (airsplay/lxmert#51);
-LXMERT's QA only on matched pairs with an answer; UNITER's MLM/MRFR/MRC(-kl)
-only on matched pairs (its original draws those batches from positive pairs;
-our batches carry the pipeline's image-replaced negatives, which get weight 0).
-UNITER masks one modality per batch (conditional masking): text for 'mlm',
-regions for 'mrfr'/'mrc'/'mrckl', nothing for 'itm'.
+Each design's recipe (`Design.recipe`, in `vlpjax/models/<design>.py`) names its
+loss components (the names of `config.pretrain.tasks` and of the returned
+`losses`), its mix, its masking and which examples each loss sees: with
+`positives_only` (UNITER) every loss but matching sees matched pairs only (its
+original draws those batches from positive pairs; our batches carry the
+pipeline's negatives, which get weight 0); otherwise MLM and region losses see
+mismatched pairs too (airsplay/lxmert#51). QA trains on matched questions only.
+With `conditional_masking` (UNITER) one modality is masked per batch: text for
+'mlm', regions for the region tasks, nothing for matching.
 
 `config` is the run config: `config.model.vocab_size` and the `config.pretrain`
 section (see `default_pretrain_config`).
@@ -39,64 +34,57 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vlpjax.objectives import masking, matching, mlm, qa, region, wra
+from vlpjax.models import design as design_lib
+from vlpjax.objectives import masking, matching, mlm, qa, region
 
 Batch = Mapping[str, jax.Array]
+DesignOrName = str | design_lib.Design
 
-COMPONENTS = {
-    'visualbert': ('mlm', 'sentence_image'),
-    'vilbert': ('mlm', 'region_kl', 'alignment'),
-    'lxmert': ('mlm', 'matched', 'obj', 'attr', 'feat', 'qa'),
-    'uniter': ('itm', 'mlm', 'mrfr', 'mrc', 'mrckl'),
-}
 MATCHING_LOGITS = {'sentence_image': 'sentence_image_logits', 'alignment': 'alignment_logits',
                    'matched': 'matched_logits', 'itm': 'itm_logits'}
-# UNITER's `itm_ot_lambda`; every other loss weighs 1 unless the config says otherwise.
-DEFAULT_LOSS_WEIGHTS = {'wra': 0.1}
 REGION_COMPONENTS = ('region_kl', 'obj', 'attr', 'feat', 'mrfr', 'mrc', 'mrckl')
 MIXES = ('sample', 'sum')
 ALL = 'all'
 
 
-def default_pretrain_config(design: str) -> ml_collections.ConfigDict:
-  """The `config.pretrain` section with each original's defaults.
+def default_pretrain_config(design: DesignOrName) -> ml_collections.ConfigDict:
+  """The `config.pretrain` section with the original's defaults (the design's recipe).
 
   Token ids default to bert-base's vocabulary ([PAD] 0, [CLS] 101, [SEP] 102,
   [MASK] 103, the same in the cased and uncased vocabularies); set them from the
   vocabulary in use.
   """
-  _check_design(design)
-  sample = design == 'uniter'
+  recipe = design_lib.as_design(design).recipe
   return ml_collections.ConfigDict(dict(
-      mix='sample' if sample else 'sum',
-      tasks=('itm', 'mlm', 'mrfr', 'mrckl') if sample else COMPONENTS[design],
-      ratios=(2, 2, 1, 1) if sample else (),  # 'sample' only: relative task frequencies
+      mix=recipe.mix,
+      tasks=recipe.default_tasks,
+      ratios=recipe.default_ratios,  # 'sample' only: relative task frequencies
       mask_prob=0.15,
       region_mask_prob=0.15,
       max_predictions=0,  # MLM slots per example; 0: masking.default_max_predictions(T)
       mask_token_id=103,
       special_token_ids=(0, 101, 102),  # never masked: [PAD], [CLS], [SEP]
-      # UNITER draws random words from '!' (106 in bert-base-cased) upwards; the
-      # others from the whole vocabulary.
-      random_token_min=106 if sample else 0,
+      # Lowest id drawn as a random word (the design's; 0: the whole vocabulary).
+      random_token_min=recipe.random_token_min,
       # LXMERT object/attribute losses: 'all' regions (original) or 'masked' only.
       lxmert_label_regions='all',
-      loss_weights={},  # {component: weight}; defaults: DEFAULT_LOSS_WEIGHTS, else 1
+      loss_weights={},  # {component: weight}; defaults: the recipe's, else 1
   ))
 
 
-def tasks_for(design: str, config: ml_collections.ConfigDict) -> list[str]:
+def tasks_for(design: DesignOrName, config: ml_collections.ConfigDict) -> list[str]:
   """The static tasks the train step compiles: `config.pretrain.tasks` or ['all']."""
-  _check_design(design)
+  design = design_lib.as_design(design)
   pre = config.pretrain
   if pre.mix not in MIXES:
     raise ValueError(f'config.pretrain.mix must be one of {MIXES}, got {pre.mix!r}')
-  unknown = [t for t in pre.tasks if t not in COMPONENTS[design]]
+  components = design.recipe.components
+  unknown = [t for t in pre.tasks if t not in components]
   if unknown or not pre.tasks:
-    raise ValueError(f'config.pretrain.tasks {tuple(pre.tasks)} for {design}: must be a '
-                     f'non-empty subset of {COMPONENTS[design]}')
-  if design == 'uniter' and pre.mix != 'sample':
-    raise ValueError("config.pretrain.mix must be 'sample' for uniter: it masks one "
+    raise ValueError(f'config.pretrain.tasks {tuple(pre.tasks)} for {design.name}: must be a '
+                     f'non-empty subset of {components}')
+  if design.recipe.conditional_masking and pre.mix != 'sample':
+    raise ValueError(f"config.pretrain.mix must be 'sample' for {design.name}: it masks one "
                      'modality per batch (conditional masking)')
   if pre.mix == 'sum':
     return [ALL]
@@ -122,13 +110,13 @@ def sample_task(seed: int, step: int, ratios: Mapping[str, float]) -> str:
   return names[rng.choice(len(names), p=probs / probs.sum())]
 
 
-def make_inputs(design: str, batch: Batch, rng: jax.Array, task: str,
+def make_inputs(design: DesignOrName, batch: Batch, rng: jax.Array, task: str,
                 config: ml_collections.ConfigDict) -> tuple[dict[str, jax.Array],
                                                             dict[str, jax.Array]]:
   """Masks the batch for `task` and returns (PRETRAINING kwargs, targets).
 
   Args:
-    design: 'visualbert', 'vilbert', 'lxmert' or 'uniter'.
+    design: the model's design (or its name).
     batch: the pipeline's batch (see the data contract): input_ids, text_mask,
       token_type_ids [B, T]; region_feats [B, R, F]; region_loc [B, R, L];
       region_mask [B, R]; match_label [B]; plus, as the task needs, object_ids,
@@ -141,22 +129,24 @@ def make_inputs(design: str, batch: Batch, rng: jax.Array, task: str,
 
   Returns:
     model_kwargs: backbone arguments plus `mlm_positions` [B, P] (P = 1 of
-      weight 0 when the task has no MLM) and, for UNITER, `masked_regions` [B, R].
+      weight 0 when the task has no MLM) and, with conditional masking,
+      `masked_regions` [B, R].
     targets: arrays for `compute_losses`.
   """
+  design = design_lib.as_design(design)
+  recipe = design.recipe
   components = _components(design, task, config)
   pre = config.pretrain
   _require(batch, _required_keys(components, has_class_probs='class_probs' in batch),
-           f'{design} task {task!r} (losses {components})')
+           f'{design.name} task {task!r} (losses {components})')
   text_rng, region_rng, feature_rng, answer_rng = jax.random.split(rng, 4)
   input_ids, text_mask = batch['input_ids'], batch['text_mask']
   # Features may arrive in their stored float16 (half the host-to-device bytes);
   # widening is exact, and masking, targets and models work in float32.
   region_feats = batch['region_feats'].astype(jnp.float32)
   region_mask = batch['region_mask']
-  matched = matching.is_matched(design, batch['match_label'])
-  # UNITER trains everything but ITM on positive pairs only.
-  example_weight = (matched.astype(jnp.float32) if design == 'uniter'
+  matched = design.is_matched(batch['match_label'])
+  example_weight = (matched.astype(jnp.float32) if recipe.positives_only
                     else jnp.ones(matched.shape, jnp.float32))
   kwargs = dict(input_ids=input_ids, text_mask=text_mask, token_type_ids=batch['token_type_ids'],
                 region_feats=region_feats, region_loc=batch['region_loc'],
@@ -172,7 +162,7 @@ def make_inputs(design: str, batch: Batch, rng: jax.Array, task: str,
         max_predictions=pre.max_predictions or masking.default_max_predictions(
             length, pre.mask_prob),
         mask_prob=pre.mask_prob, random_token_min=pre.random_token_min,
-        at_least_one=design == 'uniter')
+        at_least_one=recipe.at_least_one)
     kwargs['input_ids'] = tokens.input_ids
     kwargs['mlm_positions'] = tokens.positions
     targets.update(mlm_targets=tokens.targets,
@@ -183,20 +173,13 @@ def make_inputs(design: str, batch: Batch, rng: jax.Array, task: str,
   picked = jnp.zeros(region_mask.shape, bool)
   if any(c in REGION_COMPONENTS for c in components):
     picked = masking.pick_regions(region_rng, region_mask, mask_prob=pre.region_mask_prob,
-                                  at_least_one=design == 'uniter',
-                                  skip_first=design == 'vilbert')
-    if design == 'uniter':
-      kwargs['region_feats'] = masking.zero_regions(region_feats, picked)
-    elif design == 'lxmert':
-      kwargs['region_feats'] = masking.lxmert_mask_regions(feature_rng, region_feats,
-                                                           region_mask, picked)
-    elif design == 'vilbert':
-      kwargs['region_feats'] = masking.vilbert_mask_regions(feature_rng, region_feats,
-                                                            region_mask, picked)
+                                  at_least_one=recipe.at_least_one,
+                                  skip_first=recipe.skip_first_region)
+    kwargs['region_feats'] = recipe.mask_regions(feature_rng, region_feats, region_mask, picked)
     targets.update(region_picked=picked,
                    region_weights=picked.astype(jnp.float32) * example_weight[:, None],
                    raw_region_feats=region_feats)
-  if design == 'uniter':
+  if recipe.conditional_masking:
     kwargs['masked_regions'] = picked
 
   if 'region_kl' in components or 'mrckl' in components:
@@ -218,15 +201,16 @@ def make_inputs(design: str, batch: Batch, rng: jax.Array, task: str,
   return kwargs, targets
 
 
-def compute_losses(design: str, outputs: Mapping[str, jax.Array], targets: Mapping[str, Any],
+def compute_losses(design: DesignOrName, outputs: Mapping[str, jax.Array], targets: Mapping[str, Any],
                    task: str, config: ml_collections.ConfigDict
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Losses of `task` from the PRETRAINING outputs and `make_inputs`' targets.
 
   Returns:
     (total: the weighted sum, float32 scalar; losses: {component: unweighted
-    scalar}, with 'wra' for UNITER's ITM task when its weight is > 0).
+    scalar}, plus the recipe's extra losses, e.g. 'wra' with UNITER's ITM).
   """
+  design = design_lib.as_design(design)
   components = _components(design, task, config)
   weights = _loss_weights(design, config)
   pre = config.pretrain
@@ -268,20 +252,13 @@ def compute_losses(design: str, outputs: Mapping[str, jax.Array], targets: Mappi
     elif name == 'mrckl':
       losses[name] = region.mrc_kl_loss(_get(outputs, 'mrc_logits'), targets['class_probs'],
                                         targets['region_weights'])
-  if design == 'uniter' and 'itm' in components and weights['wra'] > 0:
-    distance = wra.ot_distance(_get(outputs, 'text'), _get(outputs, 'vision'),
-                               targets['text_mask'], targets['region_mask'])
-    losses['wra'] = wra.wra_loss(distance, targets['matched'])
+  if design.recipe.extra_losses is not None:
+    losses.update(design.recipe.extra_losses(outputs, targets, components, weights))
   total = sum(weights[name] * value for name, value in losses.items())
   return jnp.asarray(total, jnp.float32), losses
 
 
-def _check_design(design: str) -> None:
-  if design not in COMPONENTS:
-    raise ValueError(f'unknown design {design!r}; expected one of {sorted(COMPONENTS)}')
-
-
-def _components(design: str, task: str, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+def _components(design: design_lib.Design, task: str, config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The loss components a task computes."""
   tasks = tasks_for(design, config)
   if task not in tasks:
@@ -290,14 +267,16 @@ def _components(design: str, task: str, config: ml_collections.ConfigDict) -> tu
   return tuple(config.pretrain.tasks) if task == ALL else (task,)
 
 
-def _loss_weights(design: str, config: ml_collections.ConfigDict) -> dict[str, float]:
-  names = COMPONENTS[design] + (('wra',) if design == 'uniter' else ())
+def _loss_weights(design: design_lib.Design, config: ml_collections.ConfigDict
+                  ) -> dict[str, float]:
+  names = design.recipe.loss_names
   given = dict(config.pretrain.get('loss_weights') or {})
   unknown = sorted(set(given) - set(names))
   if unknown:
-    raise ValueError(f'config.pretrain.loss_weights has {unknown}, not losses of {design} '
-                     f'({names})')
-  return {name: float(given.get(name, DEFAULT_LOSS_WEIGHTS.get(name, 1.0))) for name in names}
+    raise ValueError(f'config.pretrain.loss_weights has {unknown}, not losses of '
+                     f'{design.name} ({names})')
+  defaults = design.recipe.default_loss_weights
+  return {name: float(given.get(name, defaults.get(name, 1.0))) for name in names}
 
 
 def _vocab_size(config: ml_collections.ConfigDict) -> int:

@@ -1,0 +1,1 @@
+"""Evaluators: shared infrastructure (`common`) and the task evaluators built on it."""
