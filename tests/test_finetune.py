@@ -1,0 +1,171 @@
+"""Fine-tuning and evaluation end to end on the tiny world (8 CPU devices): a
+pretraining run, VQA fine-tuning from its backbone with evaluators on splits the
+eval batch does not divide, `vlpjax.evaluate` on the checkpoint, and the
+per-design config defaults."""
+import importlib
+import json
+import os
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from vlpjax import checkpointing, config_lib, evaluate, train
+from vlpjax.data import pipeline
+from vlpjax.tasks import vqa
+
+pytestmark = pytest.mark.usefixtures('compile_cache')
+EVAL_BATCH = 24  # a multiple of the 8 devices that does not divide the splits (16)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp('tfds'))
+  pipeline.dataset_info(ml_collections.ConfigDict(dict(
+      pipeline.default_data_config(), size='tiny', data_dir=directory)))
+  return directory
+
+
+def tiny_config(design: str, data_dir: str, task: str = 'pretrain') -> ml_collections.ConfigDict:
+  arg = 'tiny' if task == 'pretrain' else f'tiny,task={task}'
+  config = importlib.import_module(f'configs.{design}').get_config(arg)
+  config.data.update(size='tiny', data_dir=data_dir)
+  info = pipeline.dataset_info(config.data)
+  # The label spaces of the tiny world.
+  world = dict(vocab_size=info['vocab_size'], num_region_classes=info['num_object_classes'],
+               num_object_labels=info['num_object_classes'] - 1,
+               num_attr_labels=info['num_attributes'], num_answers=info['num_answers'])
+  config.model.update({k: v for k, v in world.items() if k in config.model})
+  config.train.update(global_batch_size=8, num_steps=4, log_every_steps=1)
+  config.checkpoint.every_steps = 2
+  return config
+
+
+def vqa_config(design: str, data_dir: str) -> ml_collections.ConfigDict:
+  config = tiny_config(design, data_dir, 'vqa')
+  for evaluator in config.evals.values():
+    evaluator.batch_size = EVAL_BATCH
+  config.evals.vqa_val.log_steps = 2
+  return config
+
+
+def split_questions(data_dir: str, split: str) -> list[int]:
+  config = ml_collections.ConfigDict(dict(pipeline.default_data_config(), size='tiny',
+                                          data_dir=data_dir))
+  return sorted(vqa.read_ground_truth(vqa.open_questions(config, split,
+                                                         with_ground_truth=True)))
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope='module')
+def pretrained(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('uniter_pretrain'))
+  train.train_and_evaluate(tiny_config('uniter', data_dir), workdir)
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def finetuned(data_dir, pretrained, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('uniter_vqa'))
+  config = vqa_config('uniter', data_dir)
+  config.init.source = f'workdir:{pretrained}'
+  return workdir, config, train.train_and_evaluate(config, workdir)
+
+
+def test_vqa_starts_from_the_pretrained_backbone(data_dir, pretrained):
+  config = vqa_config('uniter', data_dir)
+  model = vqa.make_model(config)
+  batch = vqa.make_train_iterator(config, None)
+  first = next(batch)
+  abstract = jax.eval_shape(lambda: nn.meta.unbox(model.init(
+      jax.random.key(0), **vqa.make_inputs(config, first, None, 'vqa')[0])['params']))
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+      a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+      abstract)
+  loaded = checkpointing.restore_workdir_backbone(pretrained, abstract['backbone'])
+  # The newest checkpoint (step 4) read whole, without a target.
+  with ocp.StandardCheckpointer() as reader:
+    stored = reader.restore(os.path.join(pretrained, 'checkpoints', '4', 'state'))
+  assert jax.tree.structure(loaded) == jax.tree.structure(stored['params']['backbone'])
+  for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(stored['params']['backbone'])):
+    np.testing.assert_array_equal(got, want)
+  with pytest.raises(FileNotFoundError, match='no train checkpoint'):
+    checkpointing.restore_workdir_backbone(os.path.dirname(pretrained) + '/none',
+                                           abstract['backbone'])
+
+
+def test_finetune_scores_every_question_once(data_dir, finetuned):
+  workdir, config, final = finetuned
+  assert np.isfinite(final['loss']) and 'bce' in final and 'train_score' in final
+  records = read_metrics(workdir)
+  val = [r for r in records if 'vqa_val/count' in r]
+  # Every 2 steps, and at the first (1) and last (4) step.
+  assert [r['step'] for r in val] == [1, 2, 4]
+  for split, name in (('validation', 'vqa_val'), ('test', 'vqa_test')):
+    questions = split_questions(data_dir, split)
+    assert len(questions) % EVAL_BATCH  # the last batch is padded
+    counts = [r[f'{name}/count'] for r in records if f'{name}/count' in r]
+    assert counts and all(c == len(questions) for c in counts)
+    with open(os.path.join(workdir, 'predictions', f'{name}_step4.json'),
+              encoding='utf-8') as f:
+      predictions = json.load(f)
+    assert sorted(p['question_id'] for p in predictions) == questions
+    assert all(set(p) == {'question_id', 'answer'} for p in predictions)
+    answers = set(pipeline.answer_vocab(config.data))
+    assert all(p['answer'] in answers for p in predictions)
+  assert not [f for f in os.listdir(os.path.join(workdir, 'predictions')) if '.part-' in f]
+
+
+def test_evaluate_reproduces_the_runs_last_evaluation(data_dir, finetuned):
+  workdir, config, _ = finetuned
+  last = {k: v for r in read_metrics(workdir) if r['step'] == 4 for k, v in r.items()}
+  results = evaluate.evaluate(vqa_config('uniter', data_dir), workdir)
+  for name, metrics in results.items():
+    for metric, value in metrics.items():
+      if np.isfinite(value):
+        assert value == pytest.approx(last[f'{name}/{metric}'], abs=1e-9), (name, metric)
+  with open(os.path.join(workdir, 'eval_step4.json'), encoding='utf-8') as f:
+    assert json.load(f).keys() == results.keys()
+  with pytest.raises(FileNotFoundError, match='no checkpoint of step 3'):
+    evaluate.evaluate(vqa_config('uniter', data_dir), workdir, checkpoint_step=3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('design', ['visualbert', 'vilbert', 'lxmert'])
+def test_other_designs_finetune_on_vqa(design, data_dir, tmp_path):
+  config = vqa_config(design, data_dir)
+  config.train.num_steps = 2
+  config.evals = ml_collections.ConfigDict({'vqa_val': config.evals.vqa_val})
+  final = train.train_and_evaluate(config, str(tmp_path))
+  kind = vqa.resolve_loss(vqa.resolve_head(design))
+  assert np.isfinite(final[kind])
+  counts = [r['vqa_val/count'] for r in read_metrics(str(tmp_path)) if 'vqa_val/count' in r]
+  assert counts == [len(split_questions(data_dir, 'validation'))] * 2
+
+
+def test_config_arguments_and_per_design_text_length():
+  uniter = importlib.import_module('configs.uniter')
+  visualbert = importlib.import_module('configs.visualbert')
+  assert uniter.get_config('base').data.max_text_len == 60
+  assert visualbert.get_config('base').data.max_text_len == 128
+  assert importlib.import_module('configs.lxmert').get_config('base').data.max_text_len == 20
+  assert importlib.import_module('configs.vilbert').get_config('base').data.max_text_len == 36
+  # The embedded world's sentences are short: two of them for VisualBERT.
+  assert visualbert.get_config('small').data.max_text_len == 40
+  assert uniter.get_config('small').data.max_text_len == 20
+  config = uniter.get_config('base,task=vqa')
+  assert config.task == 'vqa' and config.train.num_steps == vqa.RECIPES['uniter']['num_steps']
+  assert config.train.learning_rate == 8e-5 and set(config.evals) == {'vqa_val', 'vqa_test'}
+  assert uniter.get_config('small').task == 'pretrain' and not uniter.get_config('small').evals
+  with pytest.raises(ValueError, match="expected SIZE\\[,task=TASK\\], got 'tsk=vqa'"):
+    uniter.get_config('base,tsk=vqa')
+  with pytest.raises(ValueError, match="config.task must be one of .* got 'nope'"):
+    uniter.get_config('base,task=nope')
+  assert config_lib.config_arg('small,task=vqa') == ('small', {'task': 'vqa'})
