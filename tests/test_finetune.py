@@ -12,7 +12,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorflow_datasets as tfds
 
+import vlpjax
 from vlpjax import checkpointing, config_lib, evaluate, train
 from vlpjax.data import pipeline
 from vlpjax.tasks import vqa
@@ -89,7 +91,9 @@ def test_vqa_starts_from_the_pretrained_backbone(data_dir, pretrained):
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
       a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
       abstract)
-  loaded = checkpointing.restore_workdir_backbone(pretrained, abstract['backbone'])
+  loaded, step = checkpointing.restore_workdir_params(pretrained, abstract['backbone'],
+                                                      backbone_only=True)
+  assert step == 4
   # The newest checkpoint (step 4) read whole, without a target.
   with ocp.StandardCheckpointer() as reader:
     stored = reader.restore(os.path.join(pretrained, 'checkpoints', '4', 'state'))
@@ -97,8 +101,10 @@ def test_vqa_starts_from_the_pretrained_backbone(data_dir, pretrained):
   for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(stored['params']['backbone'])):
     np.testing.assert_array_equal(got, want)
   with pytest.raises(FileNotFoundError, match='no train checkpoint'):
-    checkpointing.restore_workdir_backbone(os.path.dirname(pretrained) + '/none',
-                                           abstract['backbone'])
+    checkpointing.restore_workdir_params(os.path.dirname(pretrained) + '/none',
+                                         abstract['backbone'], backbone_only=True)
+  with pytest.raises(ValueError, match='does not fit the model'):
+    checkpointing.restore_workdir_params(pretrained, abstract['backbone'])
 
 
 def test_finetune_scores_every_question_once(data_dir, finetuned):
@@ -169,3 +175,22 @@ def test_config_arguments_and_per_design_text_length():
   with pytest.raises(ValueError, match="config.task must be one of .* got 'nope'"):
     uniter.get_config('base,task=nope')
   assert config_lib.config_arg('small,task=vqa') == ('small', {'task': 'vqa'})
+
+
+def test_load_answers_like_the_evaluator(data_dir, finetuned):
+  workdir, config, _ = finetuned
+  model = vlpjax.load(workdir)
+  assert model.step == 4 and model.answers == pipeline.answer_vocab(config.data)
+  images = tfds.data_source('vlp_world/tiny_images', data_dir=data_dir)['train']
+  questions = tfds.data_source('vlp_world/tiny_vqa', data_dir=data_dir)['validation']
+  image_index = questions[0]['image_index']
+  rows = [q for q in (questions[i] for i in range(len(questions)))
+          if q['image_index'] == image_index]
+  image = images[image_index]
+  answers = model.answer([q['question'].decode() for q in rows], image['features'],
+                         image['boxes'], (image['image_w'], image['image_h']))
+  with open(os.path.join(workdir, 'predictions', 'vqa_val_step4.json'), encoding='utf-8') as f:
+    evaluated = {p['question_id']: p['answer'] for p in json.load(f)}
+  assert answers == [evaluated[int(q['question_id'])] for q in rows]
+  with pytest.raises(ValueError, match=r'features must be \[N, 40\]'):
+    model.answer(['?'], np.zeros((2, 3)), np.zeros((2, 4)), (1, 1))

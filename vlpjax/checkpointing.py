@@ -493,42 +493,62 @@ def restore_params(directory: str | os.PathLike, abstract_params: Any) -> Any:
     return checkpointer.restore(path, abstract_params)
 
 
-def restore_workdir_backbone(workdir: str | os.PathLike, abstract_backbone: Any) -> Any:
-  """The backbone params (`params['backbone']`) of the newest train checkpoint
-  in a vlpjax workdir (pretraining or any task): only those arrays are read.
+def restore_workdir_params(workdir: str | os.PathLike, abstract_params: Any, *,
+                          backbone_only: bool = False, step: int | None = None
+                          ) -> tuple[Any, int]:
+  """Params of a train checkpoint in a vlpjax workdir (pretraining or any task),
+  reading only those arrays: all of `params`, or only `params['backbone']`.
+
+  Args:
+    workdir: the run's workdir (its checkpoints/).
+    abstract_params: ShapeDtypeStructs with shardings of what to read (the
+      backbone's alone with `backbone_only`).
+    step: the checkpoint; None: the newest.
+
+  Returns:
+    (the params, the checkpoint's step).
 
   Raises:
-    FileNotFoundError: the workdir has no train checkpoint.
-    ValueError: its backbone does not fit `abstract_backbone` (paths named).
+    FileNotFoundError: the workdir has no train checkpoint (of `step`).
+    ValueError: what is stored does not fit `abstract_params` (paths named).
   """
   directory = absolute_path(workdir) / 'checkpoints'
   steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()
                  ) if directory.is_dir() else []
-  if not steps:
-    raise FileNotFoundError(f'{workdir}: no train checkpoint under {directory}')
-  path = directory / str(steps[-1]) / STATE
+  if not steps or (step is not None and step not in steps):
+    raise FileNotFoundError(f'{workdir}: no train checkpoint{"" if step is None else f" of step {step}"} '
+                            f'under {directory} (has {steps})')
+  step = steps[-1] if step is None else step
+  path = directory / str(step) / STATE
+  keys = ('params', 'backbone') if backbone_only else ('params',)
   with ocp.PyTreeCheckpointer() as checkpointer:
     stored = checkpointer.metadata(path).item_metadata.tree
-    if 'backbone' not in stored.get('params', {}):
-      raise ValueError(f'{path}: its params have no backbone (top-level keys '
-                       f'{sorted(stored.get("params", {}))})')
+    for depth, key in enumerate(keys):
+      if key not in stored:
+        raise ValueError(f'{path}: no {"/".join(keys[:depth + 1])} (keys there: '
+                         f'{sorted(stored)})')
+      stored = stored[key]
     stored_shapes = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in
-                     jax.tree_util.tree_leaves_with_path(stored['params']['backbone'])}
+                     jax.tree_util.tree_leaves_with_path(stored)}
     wanted_shapes = {jax.tree_util.keystr(p): tuple(a.shape) for p, a in
-                     jax.tree_util.tree_leaves_with_path(abstract_backbone)}
+                     jax.tree_util.tree_leaves_with_path(abstract_params)}
     if stored_shapes != wanted_shapes:
       differ = sorted(k for k in set(stored_shapes) | set(wanted_shapes)
                       if stored_shapes.get(k) != wanted_shapes.get(k))
-      raise ValueError(f'{path}: the stored backbone does not fit the model at '
+      raise ValueError(f'{path}: the stored {"/".join(keys)} does not fit the model at '
                        f'{differ[:10]} ({len(differ)} paths): stored '
                        f'{[stored_shapes.get(k) for k in differ[:3]]}, model '
                        f'{[wanted_shapes.get(k) for k in differ[:3]]}')
-    item = {'params': {'backbone': abstract_backbone}}
+    item = abstract_params
+    for key in reversed(keys):
+      item = {key: item}
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=True))
-  logging.info('init: backbone of %s (step %d)', workdir, steps[-1])
-  return restored['params']['backbone']
+  for key in keys:
+    restored = restored[key]
+  logging.info('read %s of %s (step %d)', '/'.join(keys), workdir, step)
+  return restored, step
 
 
 class PreemptionWatcher:

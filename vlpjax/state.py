@@ -137,8 +137,8 @@ def init_from(source: str, model_config: ml_collections.ConfigDict, state: Train
   kind, directory = source.split(':', 1)
   params = dict(state.params)
   if kind == 'workdir':
-    params['backbone'] = checkpointing.restore_workdir_backbone(
-        directory, abstract.params['backbone'])
+    params['backbone'], _ = checkpointing.restore_workdir_params(
+        directory, abstract.params['backbone'], backbone_only=True)
   elif kind == 'orbax':
     stored = checkpointing.stored_top_level_keys(directory)
     if 'backbone' in params and 'backbone' not in stored:

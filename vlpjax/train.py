@@ -23,9 +23,15 @@ import optax
 
 from vlpjax import checkpointing, config_lib, flops, metrics as metrics_lib, sharding
 from vlpjax import optim, state as state_lib, step as step_lib
+from vlpjax.data import pipeline, tokenizer
 from vlpjax.evaluators import common as evaluators
 from vlpjax.models import get_design
 from vlpjax.tasks import get_task
+
+
+# Files of a workdir beside checkpoints/ (`write_run_files`).
+RUN_CONFIG = 'config.json'
+RUN_VOCAB = 'vocab.txt'
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -86,13 +92,20 @@ def _check_finite(step: int, host_metrics: Mapping[str, float],
        'no checkpoint is left: a rerun starts afresh'))
 
 
-def write_run_files(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """`config.json` in the workdir (process 0): what `vlpjax.evaluate` and
-  `vlpjax.load` rebuild the run from."""
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-      f.write(config.to_json_best_effort(indent=2))
+def write_run_files(config: ml_collections.ConfigDict, workdir: str, task: ModuleType) -> None:
+  """What inference needs beside the checkpoints, in the workdir (process 0):
+  `config.json`, the tokenizer's `vocab.txt` and the task's own files (VQA:
+  `answers.txt`), so that `vlpjax.load` needs no data tables."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, RUN_CONFIG), 'w', encoding='utf-8') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  files = {RUN_VOCAB: list(tokenizer.read_vocab(pipeline.vocab_file(config.data))),
+           **task.inference_files(config)}
+  for name, lines in files.items():
+    with open(os.path.join(workdir, name), 'w', encoding='utf-8') as f:
+      f.writelines(f'{line}\n' for line in lines)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -122,7 +135,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx, schedule = optim.make_optimizer(config.train, get_design(config.model.name))
   iterator = task.make_train_iterator(config, mesh)
   batch_spec = peek_batch_spec(iterator)
-  write_run_files(config, workdir)
+  write_run_files(config, workdir, task)
 
   input_specs = step_lib.model_input_specs(config, task, objectives[0], batch_spec)
   abstract, shardings = state_lib.abstract_train_state(model, tx, input_specs, mesh, rules)

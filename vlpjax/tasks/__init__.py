@@ -12,6 +12,8 @@ task says how):
   make_inputs(config, batch, rng, objective) -> (model kwargs, targets)
   compute_losses(config, outputs, targets, objective) -> (total, {name: loss})
   flops_per_example(config, input_specs) -> float
+  inference_files(config) -> {file name: lines}   written into the workdir
+  predictor(config, workdir, step)       `vlpjax.load`'s object
   make_evaluators(config, model, mesh, workdir) -> [Evaluator]   (`vlpjax.evaluators`)
 
 The loop, the step, the sharding and the checkpoints call these and know no

@@ -90,6 +90,20 @@ def with_vocab_token_ids(config: ml_collections.ConfigDict,
   return config
 
 
+def inference_files(config: ml_collections.ConfigDict) -> dict[str, list[str]]:
+  """Files inference needs beyond the vocabulary: none."""
+  del config
+  return {}
+
+
+def predictor(config: ml_collections.ConfigDict, workdir: str, step: int | None) -> Any:
+  """Pretraining runs have no predictor: fine-tune one (e.g. `task=vqa`)."""
+  del config, step
+  raise ValueError(f'{workdir} is a pretraining run: `vlpjax.load` returns the predictor '
+                   "of a downstream task; fine-tune it (e.g. --config=...:small,task=vqa "
+                   f'--config.init.source=workdir:{workdir}) and load that workdir')
+
+
 def make_model(config: ml_collections.ConfigDict) -> nn.Module:
   """The design's pretraining model (backbone + pretraining heads)."""
   return get_model(config.model)

@@ -848,6 +848,14 @@ def _answers(config: ml_collections.ConfigDict) -> list[str]:
           else pipeline.answer_vocab(config.data))
 
 
+ANSWERS_FILE = 'answers.txt'
+
+
+def inference_files(config: ml_collections.ConfigDict) -> dict[str, list[str]]:
+  """The answer vocabulary, one a line (`load` reads it back)."""
+  return {ANSWERS_FILE: list(_answers(config))}
+
+
 def prepare(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks the model against the data (feature width, vocabulary) and the
   `config.vqa` choices; the config is used as it is."""
@@ -993,3 +1001,73 @@ def make_evaluators(config: ml_collections.ConfigDict, model: VqaModel, mesh: Me
                        "evaluators of type 'vqa'")
     evaluators.append(VqaEvaluator(name, eval_config, config, model, mesh, workdir))
   return evaluators
+
+
+class VqaPredictor:
+  """Answers questions about images of your own features (`vlpjax.load`).
+
+  Attributes:
+    config: the run's config; model: the VqaModel; params: its params (first
+    device); answers: the answer vocabulary; step: the checkpoint's step.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, step: int | None):
+    from vlpjax import checkpointing, train  # pylint: disable=g-import-not-at-top
+    from vlpjax.models import get_design  # pylint: disable=g-import-not-at-top
+    self.config = config
+    self.design = get_design(config.model.name)
+    self.head = resolve_head(config.model.name, config.vqa.head)
+    self.answers = read_answer_vocab(os.path.join(workdir, ANSWERS_FILE))
+    self.tokenizer = BertTokenizer(os.path.join(workdir, train.RUN_VOCAB),
+                                   config.data.max_text_len, lowercase=config.data.lowercase)
+    self.model = build_model(config.model, len(self.answers), head=config.vqa.head,
+                             dropout_rate=config.vqa.dropout_rate)
+    example = self.inputs(['?'], np.zeros((1, config.model.feature_dim), np.float32),
+                          np.array([[0, 0, 1, 1]], np.float32), (1, 1))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+        jax.eval_shape(lambda: nn.meta.unbox(
+            self.model.init(jax.random.key(0), **example)['params'])))
+    self.params, self.step = checkpointing.restore_workdir_params(workdir, abstract, step=step)
+    self._logits = jax.jit(lambda params, kwargs: self.model.apply(
+        {'params': params}, **kwargs, deterministic=True)['logits'])
+
+  def inputs(self, questions: Sequence[str], features: np.ndarray, boxes: np.ndarray,
+             image_size: tuple[float, float]) -> dict[str, np.ndarray]:
+    """Model inputs for `questions` [Q] about one image: features [N, F], boxes
+    [N, 4] (x1, y1, x2, y2 in pixels), image_size (width, height); the first
+    `data.max_regions` regions are used."""
+    features, boxes = np.asarray(features, np.float32), np.asarray(boxes, np.float32)
+    if features.ndim != 2 or features.shape[1] != self.config.model.feature_dim:
+      raise ValueError(f'features must be [N, {self.config.model.feature_dim}], got '
+                       f'{features.shape}')
+    if boxes.shape != (len(features), 4):
+      raise ValueError(f'boxes must be [N, 4] for the N={len(features)} features, got '
+                       f'{boxes.shape}')
+    count = min(len(features), self.config.data.max_regions)
+    slots = self.design.leading_slots + self.config.data.max_regions
+    num = len(questions)
+    feats = np.zeros((num, slots, features.shape[1]), np.float32)
+    padded_boxes = np.zeros((num, slots, 4), np.float32)
+    first = self.design.leading_slots
+    feats[:, first:first + count] = features[:count]
+    padded_boxes[:, first:first + count] = boxes[:count]
+    regions = pipeline.region_inputs(self.design, dict(
+        feats=feats, boxes=padded_boxes, count=np.full((num,), count, np.int32),
+        image_w=np.full((num,), image_size[0], np.float32),
+        image_h=np.full((num,), image_size[1], np.float32)))
+    batch = encode_questions(self.tokenizer, list(questions), self.head == 'mask_slot')
+    return dict(batch, **{k: regions[k] for k in REGION_KEYS})
+
+  def answer(self, questions: Sequence[str], features: np.ndarray, boxes: np.ndarray,
+             image_size: tuple[float, float]) -> list[str]:
+    """The predicted answer to each question about one image (see `inputs`)."""
+    logits = self._logits(self.params, self.inputs(questions, features, boxes, image_size))
+    return answer_strings(np.asarray(predict(logits)), self.answers)
+
+
+def predictor(config: ml_collections.ConfigDict, workdir: str, step: int | None
+              ) -> VqaPredictor:
+  """`vlpjax.load`'s object for a VQA run."""
+  return VqaPredictor(config, workdir, step)
