@@ -156,6 +156,25 @@ def test_other_designs_finetune_on_vqa(design, data_dir, tmp_path):
   assert counts == [len(split_questions(data_dir, 'validation'))] * 2
 
 
+def test_validation_losses_count_every_sentence_once(data_dir, tmp_path):
+  def run(batch_size, workdir):
+    config = tiny_config('uniter', data_dir)
+    config.train.num_steps = 1
+    config.evals = ml_collections.ConfigDict(dict(val=dict(
+        type='loss', split='validation', batch_size=batch_size, log_steps=1)))
+    train.train_and_evaluate(config, workdir)
+    (record,) = [r for r in read_metrics(workdir) if 'val/count' in r]
+    return record
+
+  sentences = len(tfds.data_source('vlp_world/tiny_captions', data_dir=data_dir)['validation'])
+  padded_more, padded_less = run(24, str(tmp_path / 'a')), run(16, str(tmp_path / 'b'))
+  assert padded_more['val/count'] == padded_less['val/count'] == sentences < 16
+  assert set(padded_more) >= {'val/itm', 'val/mlm', 'val/mrfr', 'val/mrckl', 'val/wra'}
+  # ITM masks nothing: the padding rows change nothing.
+  assert padded_more['val/itm'] == pytest.approx(padded_less['val/itm'], rel=1e-6)
+  assert padded_more['val/wra'] == pytest.approx(padded_less['val/wra'], rel=1e-5)
+
+
 def test_config_arguments_and_per_design_text_length():
   uniter = importlib.import_module('configs.uniter')
   visualbert = importlib.import_module('configs.visualbert')
@@ -169,7 +188,9 @@ def test_config_arguments_and_per_design_text_length():
   config = uniter.get_config('base,task=vqa')
   assert config.task == 'vqa' and config.train.num_steps == vqa.RECIPES['uniter']['num_steps']
   assert config.train.learning_rate == 8e-5 and set(config.evals) == {'vqa_val', 'vqa_test'}
-  assert uniter.get_config('small').task == 'pretrain' and not uniter.get_config('small').evals
+  small = uniter.get_config('small')
+  assert small.task == 'pretrain' and small.evals.val.type == 'loss'
+  assert not uniter.get_config('base').evals
   with pytest.raises(ValueError, match="expected SIZE\\[,task=TASK\\], got 'tsk=vqa'"):
     uniter.get_config('base,tsk=vqa')
   with pytest.raises(ValueError, match="config.task must be one of .* got 'nope'"):

@@ -157,6 +157,9 @@ def make_config(model: ml_collections.ConfigDict, size: str = '', task: str = 'p
     # The world's vocabulary has no [unused] block to skip (UNITER's 106 does so
     # in bert-base-cased): random words come from all of it.
     config.pretrain.random_token_min = 0
+    # Validation losses at the first and the last step.
+    config.evals = ml_collections.ConfigDict(dict(val=dict(
+        type='loss', split='validation', batch_size=128, log_steps=config.train.num_steps)))
   if task != 'pretrain':
     from vlpjax.tasks import get_task  # pylint: disable=g-import-not-at-top
     get_task(task).configure(config, size)

@@ -799,6 +799,46 @@ def _all_image_indices(table: Table, chunk: int = 4096) -> np.ndarray:
                   np.int64)
 
 
+def make_batch_assembler(data_config: ml_collections.ConfigDict, design: design_lib.Design, *,
+                         split: str, seed: int, process_count: int = 1) -> BatchAssembler:
+  """The tables of `split` and the design's pairing, as a `BatchAssembler`.
+
+  `assembler(0, indices)` gives the pairs of sentences `indices` drawn as in
+  epoch 0: deterministic, e.g. for a validation loss.
+  """
+  tokenizer = BertTokenizer(vocab_file(data_config), data_config.max_text_len,
+                            lowercase=data_config.lowercase)
+  images = ImageTable(_open(data_config, 'images', data_config.images_split),
+                      data_config.max_regions, name=table_name(data_config, 'images'),
+                      with_class_probs=design.needs_class_probs,
+                      cache=data_config.cache_images,
+                      cache_max_gib=data_config.cache_images_max_gib,
+                      widen_features=data_config.widen_features,
+                      shared_memory=data_config.worker_count > 0)
+  sentences = [Table(_open(data_config, 'captions', split), ('text', 'image_index'),
+                     name=table_name(data_config, 'captions'))]
+  check_same_images(data_config, 'captions', split)
+  num_answers = None
+  if data_config.qa:
+    sentences.append(Table(_open(data_config, 'vqa', split),
+                           ('question', 'image_index', 'answer_labels', 'answer_scores'),
+                           name=table_name(data_config, 'vqa')))
+    check_same_images(data_config, 'vqa', split)
+    num_answers = len(answer_vocab(data_config))
+  caption_groups = None
+  if design.pairing == design_lib.SECOND_CAPTION:
+    caption_groups = CaptionGroups.from_image_index(_all_image_indices(sentences[0]),
+                                                    images.num_images)
+  num_sentences = sum(len(s) for s in sentences)
+  shard_size = num_sentences // process_count
+  if shard_size == 0:
+    raise ValueError(f'{num_sentences} sentences cannot be shared by {process_count} processes')
+  return BatchAssembler(
+      design=design, tokenizer=tokenizer, images=images, sentences=sentences,
+      shard_size=shard_size, seed=seed, mismatch_prob=data_config.mismatch_prob,
+      num_answers=num_answers, caption_groups=caption_groups)
+
+
 def make_pretraining_iterator(data_config: ml_collections.ConfigDict, model_name: str, *,
                               global_batch_size: int, seed: int, mesh: Mesh | None = None,
                               data_axes: Sequence[str] = ('data', 'fsdp'),
@@ -840,37 +880,11 @@ def make_pretraining_iterator(data_config: ml_collections.ConfigDict, model_name
   if not 0 <= seed < 2**32:
     raise ValueError(f'data seed must be in [0, 2**32), got {seed}')
 
-  tokenizer = BertTokenizer(vocab_file(data_config), data_config.max_text_len,
-                            lowercase=data_config.lowercase)
-  images = ImageTable(_open(data_config, 'images', data_config.images_split),
-                      data_config.max_regions, name=table_name(data_config, 'images'),
-                      with_class_probs=design.needs_class_probs,
-                      cache=data_config.cache_images,
-                      cache_max_gib=data_config.cache_images_max_gib,
-                      widen_features=data_config.widen_features,
-                      shared_memory=data_config.worker_count > 0)
-  sentences = [Table(_open(data_config, 'captions', split), ('text', 'image_index'),
-                     name=table_name(data_config, 'captions'))]
-  check_same_images(data_config, 'captions', split)
-  num_answers = None
-  if data_config.qa:
-    sentences.append(Table(_open(data_config, 'vqa', split),
-                           ('question', 'image_index', 'answer_labels', 'answer_scores'),
-                           name=table_name(data_config, 'vqa')))
-    check_same_images(data_config, 'vqa', split)
-    num_answers = len(answer_vocab(data_config))
-  caption_groups = None
-  if design.pairing == design_lib.SECOND_CAPTION:
-    caption_groups = CaptionGroups.from_image_index(_all_image_indices(sentences[0]),
-                                                    images.num_images)
-  num_sentences = sum(len(s) for s in sentences)
-  shard_size = num_sentences // process_count
-  if shard_size == 0:
-    raise ValueError(f'{num_sentences} sentences cannot be shared by {process_count} processes')
-  assembler = BatchAssembler(
-      design=design, tokenizer=tokenizer, images=images, sentences=sentences,
-      shard_size=shard_size, seed=seed, mismatch_prob=data_config.mismatch_prob,
-      num_answers=num_answers, caption_groups=caption_groups)
+  assembler = make_batch_assembler(data_config, design, split=split, seed=seed,
+                                   process_count=process_count)
+  num_sentences, shard_size, images = (assembler.num_sentences, assembler.shard_size,
+                                       assembler.images)
+  sentences = assembler.sentences
 
   # Each process takes a contiguous equal shard (the remainder is left out of every
   # epoch), shuffled afresh each epoch.

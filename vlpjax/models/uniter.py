@@ -259,7 +259,7 @@ def wra_loss(outputs: dict[str, jax.Array], targets: dict[str, jax.Array],
     return {}
   distance = wra.ot_distance(outputs['text'], outputs['vision'], targets['text_mask'],
                              targets['region_mask'])
-  return {'wra': wra.wra_loss(distance, targets['matched'])}
+  return {'wra': wra.wra_loss(distance, targets['matched'], targets['real'])}
 
 
 DESIGN = design.Design(

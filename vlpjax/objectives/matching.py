@@ -11,6 +11,12 @@ import jax.numpy as jnp
 from vlpjax.objectives.common import cross_entropy
 
 
-def matching_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean 2-way cross-entropy over the batch: logits [B, 2], labels [B] -> scalar."""
-  return jnp.mean(cross_entropy(logits, labels))
+def matching_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None
+                  ) -> jax.Array:
+  """Mean 2-way cross-entropy over the batch: logits [B, 2], labels [B] -> scalar;
+  with `weights` [B] (0 on padded rows) the weighted mean."""
+  losses = cross_entropy(logits, labels)
+  if weights is None:
+    return jnp.mean(losses)
+  weights = weights.astype(jnp.float32)
+  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)

@@ -40,6 +40,8 @@ from vlpjax.objectives import masking, matching, mlm, qa, region
 Batch = Mapping[str, jax.Array]
 DesignOrName = str | design_lib.Design
 
+# The padding mask of evaluation batches (`vlpjax.evaluators.common.MASK_KEY`).
+MASK_KEY = '_mask'
 MATCHING_LOGITS = {'sentence_image': 'sentence_image_logits', 'alignment': 'alignment_logits',
                    'matched': 'matched_logits', 'itm': 'itm_logits'}
 REGION_COMPONENTS = ('region_kl', 'obj', 'attr', 'feat', 'mrfr', 'mrc', 'mrckl')
@@ -146,13 +148,15 @@ def make_inputs(design: DesignOrName, batch: Batch, rng: jax.Array, task: str,
   region_feats = batch['region_feats'].astype(jnp.float32)
   region_mask = batch['region_mask']
   matched = design.is_matched(batch['match_label'])
+  # Evaluation batches mark padded rows (`_mask` 0): every loss gives them weight 0.
+  real = batch.get(MASK_KEY, jnp.ones(matched.shape)).astype(jnp.float32)
   example_weight = (matched.astype(jnp.float32) if recipe.positives_only
-                    else jnp.ones(matched.shape, jnp.float32))
+                    else jnp.ones(matched.shape, jnp.float32)) * real
   kwargs = dict(input_ids=input_ids, text_mask=text_mask, token_type_ids=batch['token_type_ids'],
                 region_feats=region_feats, region_loc=batch['region_loc'],
                 region_mask=region_mask)
   targets = dict(match_label=batch['match_label'].astype(jnp.int32), matched=matched,
-                 text_mask=text_mask, region_mask=region_mask)
+                 text_mask=text_mask, region_mask=region_mask, real=real)
 
   if 'mlm' in components:
     length = input_ids.shape[1]
@@ -197,7 +201,7 @@ def make_inputs(design: DesignOrName, batch: Batch, rng: jax.Array, task: str,
   if 'qa' in components:
     labels, weights = qa.sample_answers(answer_rng, batch['answer_scores'],
                                         (batch['qa_valid'] > 0) & matched)
-    targets.update(answer_labels=labels, answer_weights=weights)
+    targets.update(answer_labels=labels, answer_weights=weights * real)
   return kwargs, targets
 
 
@@ -221,7 +225,7 @@ def compute_losses(design: DesignOrName, outputs: Mapping[str, jax.Array], targe
                                         targets['mlm_weights'])
     elif name in MATCHING_LOGITS:
       losses[name] = matching.matching_loss(_get(outputs, MATCHING_LOGITS[name]),
-                                            targets['match_label'])
+                                            targets['match_label'], targets['real'])
     elif name == 'region_kl':
       losses[name] = region.vilbert_region_loss(_get(outputs, 'region_logits'),
                                                 targets['class_probs'],
@@ -232,14 +236,15 @@ def compute_losses(design: DesignOrName, outputs: Mapping[str, jax.Array], targe
       if pre.lxmert_label_regions not in ('all', 'masked'):
         raise ValueError("config.pretrain.lxmert_label_regions must be 'all' or 'masked', "
                          f'got {pre.lxmert_label_regions!r}')
-      regions = (targets['region_mask'] if pre.lxmert_label_regions == 'all'
+      real_regions = targets['region_mask'] * targets['real'][:, None]
+      regions = (real_regions if pre.lxmert_label_regions == 'all'
                  else targets['region_picked'])
       losses[name] = region.lxmert_label_loss(_get(outputs, logits), targets[ids],
-                                              targets[conf], regions, targets['region_mask'])
+                                              targets[conf], regions, real_regions)
     elif name == 'feat':
-      losses[name] = region.lxmert_feature_loss(_get(outputs, 'feat_pred'),
-                                                targets['raw_region_feats'],
-                                                targets['region_picked'], targets['region_mask'])
+      losses[name] = region.lxmert_feature_loss(
+          _get(outputs, 'feat_pred'), targets['raw_region_feats'], targets['region_picked'],
+          targets['region_mask'] * targets['real'][:, None])
     elif name == 'qa':
       losses[name] = qa.qa_loss(_get(outputs, 'qa_logits'), targets['answer_labels'],
                                 targets['answer_weights'])

@@ -77,10 +77,15 @@ def ot_distance(text: jax.Array, vision: jax.Array, text_mask: jax.Array,
   return jnp.sum(cost * plan, axis=(1, 2))
 
 
-def wra_loss(distance: jax.Array, positive: jax.Array) -> jax.Array:
+def wra_loss(distance: jax.Array, positive: jax.Array, weights: jax.Array | None = None
+             ) -> jax.Array:
   """(sum of positive distances - sum of negative distances) / B.
 
-  distance: [B]; positive: [B] bool (matched pairs).
+  distance: [B]; positive: [B] bool (matched pairs); weights: [B] (0 on padded
+  rows) or None, for the weighted mean.
   """
   signed = jnp.where(positive, distance, -distance)
-  return jnp.mean(signed)
+  if weights is None:
+    return jnp.mean(signed)
+  weights = weights.astype(jnp.float32)
+  return jnp.sum(signed * weights) / jnp.maximum(jnp.sum(weights), 1.0)

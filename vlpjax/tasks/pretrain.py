@@ -9,10 +9,12 @@ The task interface (`vlpjax.tasks`): `prepare`, `make_model`,
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+import functools
+from typing import Any, Iterator, Mapping
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from vlpjax import flops
@@ -149,11 +151,73 @@ def flops_per_example(config: ml_collections.ConfigDict,
                                        input_specs['region_feats'].shape[1])
 
 
+class ValidationLossEvaluator:
+  """The pretraining losses, per objective, on a held-out split of the caption
+  (and vqa) tables: every sentence once, its pair drawn as in epoch 0, masked
+  with a fixed key per batch, so every evaluation sees the same inputs.
+
+  A loss is normalised within a batch as in training (MLM over masked tokens,
+  region losses over regions); the reported value is its average over batches
+  weighted by their real examples (padded rows weigh 0 in every loss). With mix
+  'sample' each task is evaluated on the whole split.
+  """
+
+  def __init__(self, name: str, eval_config: ml_collections.ConfigDict,
+               config: ml_collections.ConfigDict, model: nn.Module, mesh: jax.sharding.Mesh):
+    from vlpjax.evaluators import common  # pylint: disable=g-import-not-at-top
+    from vlpjax.models import get_design  # pylint: disable=g-import-not-at-top
+    self._common = common
+    self.name, self.log_steps, self.batch_size = name, eval_config.log_steps, eval_config.batch_size
+    self.assembler = pipeline.make_batch_assembler(
+        config.data, get_design(config.model.name), split=eval_config.split,
+        seed=config.seed if config.data.seed is None else config.data.seed)
+    self.sharding = pipeline.batch_sharding(mesh, tuple(config.mesh.data_axes),
+                                            self.batch_size)
+    self.objectives = objectives(config)
+
+    def losses(params, batch, rng, objective):
+      kwargs, targets = make_inputs(config, batch, rng, objective)
+      outputs = model.apply({'params': params}, **kwargs, deterministic=True)
+      total, named = compute_losses(config, outputs, targets, objective)
+      real = jnp.sum(batch[common.MASK_KEY].astype(jnp.float32))
+      if objective == pretraining.ALL:
+        named = {'loss': total, **named}
+      return named, real
+
+    self._losses = {o: jax.jit(functools.partial(losses, objective=o)) for o in self.objectives}
+    self._seed = config.seed
+
+  def run(self, params: Any, step: int) -> Iterator[tuple[str, float]]:
+    """Yields (loss name, value) and ('count', examples)."""
+    del step
+    common = self._common
+    sums: dict[str, float] = {}
+    count = 0.0
+    for objective in self.objectives:
+      count = 0.0
+      batches = common.eval_batches(self.assembler.num_sentences, self.batch_size,
+                                    lambda indices: self.assembler(0, indices), self.sharding)
+      for number, batch in enumerate(batches):
+        rng = jax.random.fold_in(jax.random.key(self._seed), number)
+        named, real = self._losses[objective](params, batch, rng)
+        real = float(real)  # the batch is global: the same on every process
+        for key, value in named.items():
+          sums[key] = sums.get(key, 0.0) + float(value) * real
+        count += real
+    for key, value in sums.items():
+      yield key, value / count
+    yield 'count', count
+
+
 def make_evaluators(config: ml_collections.ConfigDict, model: nn.Module,
-                    mesh: jax.sharding.Mesh, workdir: str) -> list[Any]:
-  """The evaluators of `config.evals` (pretraining has none yet)."""
-  del model, mesh, workdir
-  if config.get('evals'):
-    raise ValueError(f'config.evals {sorted(config.evals)}: the pretraining task has no '
-                     'evaluators')
-  return []
+                    mesh: jax.sharding.Mesh, workdir: str) -> list[ValidationLossEvaluator]:
+  """The `config.evals` entries (type 'loss': `ValidationLossEvaluator`)."""
+  from vlpjax.evaluators import common  # pylint: disable=g-import-not-at-top
+  del workdir  # no prediction files
+  evaluators = []
+  for name, eval_config in common.evaluator_configs(config.evals):
+    if eval_config.type != 'loss':
+      raise ValueError(f'config.evals.{name}.type={eval_config.type!r}: the pretraining task '
+                       "has evaluators of type 'loss'")
+    evaluators.append(ValidationLossEvaluator(name, eval_config, config, model, mesh))
+  return evaluators
