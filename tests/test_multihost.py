@@ -11,6 +11,7 @@ import ml_collections
 import pytest
 
 from vlpjax.data import pipeline
+from vlpjax.tasks import vqa
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 4
@@ -22,14 +23,15 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_two_processes(workdir: str, data_dir: str, cache_dir: str, *overrides: str) -> None:
+def run_two_processes(workdir: str, data_dir: str, cache_dir: str, *overrides: str,
+                      config: str = 'configs/visualbert.py:tiny') -> None:
   """Runs `vlpjax.main` as processes 0 and 1 of one job; raises if either fails."""
   port = free_port()
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='4', PYTHONPATH=REPO,
              JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo', JAX_COMPILATION_CACHE_DIR=cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   procs = [subprocess.Popen(
-      [sys.executable, '-m', 'vlpjax.main', '--config=configs/visualbert.py:tiny',
+      [sys.executable, '-m', 'vlpjax.main', f'--config={config}',
        f'--workdir={workdir}', f'--coordinator_address=localhost:{port}',
        '--num_processes=2', f'--process_id={i}',
        f'--config.data.data_dir={data_dir}', '--config.data.size=tiny',
@@ -65,3 +67,30 @@ def test_two_processes_stop_resume_and_match(tmp_path):
   assert sorted(got) == sorted(want) == list(range(1, NUM_STEPS + 1))
   for step in want:
     assert got[step] == pytest.approx(want[step], rel=1e-6), step
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_every_question_once(tmp_path):
+  """VQA fine-tuning over 2 processes: each evaluator scores every question of
+  its split once (16, with an eval batch of 24: the last batch is padded), the
+  statistics are summed and the prediction parts merged by process 0."""
+  data_dir, cache_dir = str(tmp_path / 'tfds'), str(tmp_path / 'jax_cache')
+  data_config = ml_collections.ConfigDict(dict(pipeline.default_data_config(), size='tiny',
+                                               data_dir=data_dir))
+  pipeline.dataset_info(data_config)
+  workdir = str(tmp_path / 'vqa')
+  run_two_processes(workdir, data_dir, cache_dir, '--config.evals.vqa_val.batch_size=24',
+                    '--config.evals.vqa_test.batch_size=24',
+                    '--config.evals.vqa_val.log_steps=2',
+                    config='configs/visualbert.py:tiny,task=vqa')
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    records = [json.loads(line) for line in f]
+  for name, split in (('vqa_val', 'validation'), ('vqa_test', 'test')):
+    questions = sorted(vqa.read_ground_truth(vqa.open_questions(
+        data_config, split, with_ground_truth=True)))
+    counts = [r[f'{name}/count'] for r in records if f'{name}/count' in r]
+    assert counts and all(c == len(questions) for c in counts), (name, counts)
+    with open(os.path.join(workdir, 'predictions', f'{name}_step{NUM_STEPS}.json'),
+              encoding='utf-8') as f:
+      assert sorted(p['question_id'] for p in json.load(f)) == questions
+  assert not [f for f in os.listdir(os.path.join(workdir, 'predictions')) if '.part-' in f]

@@ -87,14 +87,19 @@ class MetricWriter:
       if mfu:
         record['mfu'] = mfu
     self._last_step, self._last_time = step, now
+    if self._emit(step, record):
+      logging.info('%s', self.progress_line(step, record))
+    return record
+
+  def _emit(self, step: int, record: Mapping[str, float]) -> bool:
+    """Appends `record` to metrics.jsonl and TensorBoard; True if this process writes."""
     if self._writes:
       self._jsonl.write(json.dumps({'step': step, **record}) + '\n')
       self._jsonl.flush()
       for name, value in record.items():
         self._tensorboard.add_scalar(name, value, step)
       self._tensorboard.flush()
-      logging.info('%s', self.progress_line(step, record))
-    return record
+    return self._writes
 
   def write_eval(self, step: int, name: str, scalars: Mapping[str, float],
                  seconds: float) -> None:
@@ -102,12 +107,7 @@ class MetricWriter:
     `seconds` are left out of the training throughput and ETA."""
     self._last_time += seconds
     record = {f'{name}/{k}': float(v) for k, v in scalars.items()}
-    if self._writes:
-      self._jsonl.write(json.dumps({'step': step, **record}) + '\n')
-      self._jsonl.flush()
-      for key, value in record.items():
-        self._tensorboard.add_scalar(key, value, step)
-      self._tensorboard.flush()
+    if self._emit(step, record):
       logging.info('eval %s step %d/%d | %s | %s', name, step, self.total_steps,
                    ' '.join(f'{k} {v:.4g}' for k, v in scalars.items()),
                    format_duration(seconds))

@@ -257,6 +257,21 @@ def _all_processes_ok(ok: bool) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(np.int32(ok))).reshape(-1)
 
 
+def _on_every_process(work: Callable[[], Any], failure: str) -> None:
+  """Runs `work` here, then waits for every process: an error raises here, and
+  a failure elsewhere raises `RuntimeError(failure)` ({failed}: their indices)."""
+  error = None
+  try:
+    work()
+  except Exception as e:  # pylint: disable=broad-except
+    error = e
+  ok = _all_processes_ok(error is None)
+  if error is not None:
+    raise error
+  if not ok.all():
+    raise RuntimeError(failure.format(failed=np.flatnonzero(ok == 0).tolist()))
+
+
 def write_prediction_parts(path: str | epath.PathLike, records: Sequence[Mapping[str, Any]],
                            sort_key: str | Callable[[Mapping[str, Any]], Any] = INDEX_KEY,
                            drop_private_keys: bool = True) -> None:
@@ -282,33 +297,20 @@ def write_prediction_parts(path: str | epath.PathLike, records: Sequence[Mapping
     path.parent.mkdir(parents=True, exist_ok=True)
     part_path(path, index, count).write_text(lines)
 
+  def merge():
+    if index == 0:
+      merge_prediction_parts(path, count, sort_key, drop_private_keys)
+
   if count == 1:
     write_part()
-    merge_prediction_parts(path, 1, sort_key, drop_private_keys)
+    merge()
     return
   # Barriers are allgathers of an "ok" flag, not sync_global_devices: an error on
   # one process then reaches all of them instead of leaving them waiting.
-  error = None
-  try:
-    write_part()
-  except Exception as e:  # pylint: disable=broad-except
-    error = e
-  ok = _all_processes_ok(error is None)
-  if error is not None:
-    raise error
-  if not ok.all():
-    raise RuntimeError(f'{path}: processes {np.flatnonzero(ok == 0).tolist()} failed to '
-                       'write their prediction parts; see their logs')
-  if index == 0:
-    try:
-      merge_prediction_parts(path, count, sort_key, drop_private_keys)
-    except Exception as e:  # pylint: disable=broad-except
-      error = e
-  ok = _all_processes_ok(error is None)
-  if error is not None:
-    raise error
-  if not ok.all():
-    raise RuntimeError(f'{path}: process 0 failed to merge the prediction parts; see its log')
+  _on_every_process(write_part, f'{path}: processes {{failed}} failed to write their '
+                    'prediction parts; see their logs')
+  _on_every_process(merge, f'{path}: process 0 failed to merge the prediction parts; '
+                    'see its log')
 
 
 # ----------------------------------------------------------------------------
