@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vlpjax.data import pipeline, vlp_world
+from vlpjax.data import input_pipeline, tables, vlp_world
 from vlpjax.data.features_builder import images_features
 
 BATCH_SIZE = 256
@@ -95,7 +95,7 @@ def synthetic_config(data_dir: str):
   vocab = os.path.join(data_dir, 'vocab.txt')
   with open(vocab, 'w') as f:
     f.write('\n'.join(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + WORDS) + '\n')
-  config = pipeline.default_data_config()
+  config = input_pipeline.default_data_config()
   config.update(name='benchmark', data_dir=data_dir, vocab_file=vocab,
                 images_dataset='benchmark_images', captions_dataset='benchmark_captions')
   return config
@@ -103,17 +103,17 @@ def synthetic_config(data_dir: str):
 
 def embedded_config(data_dir: str):
   """The embedded world's default tables under `data_dir`, or None if not built."""
-  config = pipeline.default_data_config()
+  config = input_pipeline.default_data_config()
   config.update(data_dir=data_dir, build_if_missing=False)
   try:
-    info = pipeline.dataset_info(config)
+    info = tables.dataset_info(config)
   except Exception:  # pylint: disable=broad-except
     return None
   return config if info['feature_dim'] == FEATURE_DIM else None
 
 
 def bytes_per_image(config) -> float:
-  builder = tfds.builder(pipeline.table_name(config, 'images'), data_dir=config.data_dir)
+  builder = tfds.builder(tables.table_name(config, 'images'), data_dir=config.data_dir)
   files = [f for f in os.listdir(builder.data_dir) if '.array_record' in f]
   size = sum(os.path.getsize(os.path.join(builder.data_dir, f)) for f in files)
   return size / builder.info.splits[config.images_split].num_examples
@@ -124,8 +124,8 @@ def measure(config, worker_count: int, cache_images: bool, batches: int) -> dict
   config.update(worker_count=worker_count, cache_images=cache_images,
                 max_regions=NUM_REGIONS, max_text_len=TEXT_LEN)
   start = time.perf_counter()
-  iterator = pipeline.make_pretraining_iterator(config, 'lxmert',
-                                                global_batch_size=BATCH_SIZE, seed=0)
+  iterator = input_pipeline.make_pretraining_iterator(config, 'lxmert',
+                                                      global_batch_size=BATCH_SIZE, seed=0)
   first = next(iterator)
   startup = time.perf_counter() - start
   assert first['region_feats'].shape == (BATCH_SIZE, NUM_REGIONS, FEATURE_DIM)

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 
 import vlpjax
 from vlpjax import checkpointing, config_lib, evaluate, train
-from vlpjax.data import pipeline
+from vlpjax.data import input_pipeline, tables
 from vlpjax.tasks import vqa
 
 pytestmark = pytest.mark.usefixtures('compile_cache')
@@ -26,8 +26,8 @@ EVAL_BATCH = 24  # a multiple of the 8 devices that does not divide the splits (
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
   directory = str(tmp_path_factory.mktemp('tfds'))
-  pipeline.dataset_info(ml_collections.ConfigDict(dict(
-      pipeline.default_data_config(), size='tiny', data_dir=directory)))
+  tables.dataset_info(ml_collections.ConfigDict(dict(
+      input_pipeline.default_data_config(), size='tiny', data_dir=directory)))
   return directory
 
 
@@ -35,7 +35,7 @@ def tiny_config(design: str, data_dir: str, task: str = 'pretrain') -> ml_collec
   arg = 'tiny' if task == 'pretrain' else f'tiny,task={task}'
   config = importlib.import_module(f'configs.{design}').get_config(arg)
   config.data.update(size='tiny', data_dir=data_dir)
-  info = pipeline.dataset_info(config.data)
+  info = tables.dataset_info(config.data)
   # The label spaces of the tiny world.
   world = dict(vocab_size=info['vocab_size'], num_region_classes=info['num_object_classes'],
                num_object_labels=info['num_object_classes'] - 1,
@@ -55,7 +55,7 @@ def vqa_config(design: str, data_dir: str) -> ml_collections.ConfigDict:
 
 
 def split_questions(data_dir: str, split: str) -> list[int]:
-  config = ml_collections.ConfigDict(dict(pipeline.default_data_config(), size='tiny',
+  config = ml_collections.ConfigDict(dict(input_pipeline.default_data_config(), size='tiny',
                                           data_dir=data_dir))
   return sorted(vqa.read_ground_truth(vqa.open_questions(config, split,
                                                          with_ground_truth=True)))
@@ -124,7 +124,7 @@ def test_finetune_scores_every_question_once(data_dir, finetuned):
       predictions = json.load(f)
     assert sorted(p['question_id'] for p in predictions) == questions
     assert all(set(p) == {'question_id', 'answer'} for p in predictions)
-    answers = set(pipeline.answer_vocab(config.data))
+    answers = set(tables.answer_vocab(config.data))
     assert all(p['answer'] in answers for p in predictions)
   assert not [f for f in os.listdir(os.path.join(workdir, 'predictions')) if '.part-' in f]
 
@@ -201,7 +201,7 @@ def test_config_arguments_and_per_design_text_length():
 def test_load_answers_like_the_evaluator(data_dir, finetuned):
   workdir, config, _ = finetuned
   model = vlpjax.load(workdir)
-  assert model.step == 4 and model.answers == pipeline.answer_vocab(config.data)
+  assert model.step == 4 and model.answers == tables.answer_vocab(config.data)
   images = tfds.data_source('vlp_world/tiny_images', data_dir=data_dir)['train']
   questions = tfds.data_source('vlp_world/tiny_vqa', data_dir=data_dir)['validation']
   image_index = questions[0]['image_index']

@@ -10,7 +10,7 @@ import sys
 import ml_collections
 import pytest
 
-from vlpjax.data import pipeline
+from vlpjax.data import input_pipeline, tables
 from vlpjax.tasks import vqa
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +55,7 @@ def losses(workdir) -> dict[int, float]:
 def test_two_processes_stop_resume_and_match(tmp_path):
   data_dir, cache_dir = str(tmp_path / 'tfds'), str(tmp_path / 'jax_cache')
   # Build the tiny world once, not by both processes at the same time.
-  pipeline.dataset_info(ml_collections.ConfigDict(dict(pipeline.default_data_config(),
+  tables.dataset_info(ml_collections.ConfigDict(dict(input_pipeline.default_data_config(),
                                                        size='tiny', data_dir=data_dir)))
   resumed, reference = str(tmp_path / 'resumed'), str(tmp_path / 'reference')
   run_two_processes(resumed, data_dir, cache_dir, '--config.train.max_steps_this_run=2')
@@ -75,9 +75,9 @@ def test_two_processes_evaluate_every_question_once(tmp_path):
   its split once (16, with an eval batch of 24: the last batch is padded), the
   statistics are summed and the prediction parts merged by process 0."""
   data_dir, cache_dir = str(tmp_path / 'tfds'), str(tmp_path / 'jax_cache')
-  data_config = ml_collections.ConfigDict(dict(pipeline.default_data_config(), size='tiny',
+  data_config = ml_collections.ConfigDict(dict(input_pipeline.default_data_config(), size='tiny',
                                                data_dir=data_dir))
-  pipeline.dataset_info(data_config)
+  tables.dataset_info(data_config)
   workdir = str(tmp_path / 'vqa')
   run_two_processes(workdir, data_dir, cache_dir, '--config.evals.vqa_val.batch_size=24',
                     '--config.evals.vqa_test.batch_size=24',

@@ -1,4 +1,5 @@
-"""Tests of the streaming pretraining pipeline and the tokenizer.
+"""Tests of the streaming pretraining input pipeline (`vlpjax.data.tables`, `examples`,
+`input_pipeline`) and the tokenizer.
 
 Most tests read small hand-made tables in the data contract's format whose
 content identifies itself: image i's region k has feature value 10 * i + k, and
@@ -18,7 +19,9 @@ import tensorflow_datasets as tfds
 import transformers
 from jax.sharding import Mesh
 
-from vlpjax.data import pipeline
+from vlpjax.data import examples
+from vlpjax.data import input_pipeline
+from vlpjax.data import tables
 from vlpjax.data import vlp_world
 from vlpjax.data import world as world_lib
 from vlpjax.data.features_builder import images_features
@@ -150,7 +153,7 @@ def data_config(tmp_path_factory):
   vocab = os.path.join(data_dir, 'vocab.txt')
   with open(vocab, 'w') as f:
     f.write('\n'.join(VOCAB) + '\n')
-  config = pipeline.default_data_config()
+  config = input_pipeline.default_data_config()
   config.update(name='pipeline_test', data_dir=data_dir, vocab_file=vocab,
                 images_dataset='pipeline_test_images/full',
                 captions_dataset='pipeline_test_captions', vqa_dataset='pipeline_test_vqa',
@@ -159,8 +162,9 @@ def data_config(tmp_path_factory):
 
 
 def _iterator(config, design, batch_size=8, seed=0, **kwargs):
-  return pipeline.make_pretraining_iterator(config, design, global_batch_size=batch_size,
-                                            seed=seed, **kwargs)
+  return input_pipeline.make_pretraining_iterator(config, design,
+                                                  global_batch_size=batch_size, seed=seed,
+                                                  **kwargs)
 
 
 def _take(iterator, n):
@@ -235,16 +239,16 @@ def _gathered(first_slot):
 def test_region_inputs_per_design():
   corners = np.array([[0, 0, .5, .5], [.25, .25, 1, 1], [0, 0, 0, 0]], np.float32)
   for design in ('lxmert', 'visualbert'):
-    inputs = pipeline.region_inputs(design, _gathered(0))
+    inputs = examples.region_inputs(design, _gathered(0))
     np.testing.assert_allclose(inputs['region_loc'][0], corners)
     np.testing.assert_array_equal(inputs['region_mask'], [[1, 1, 0]])
     np.testing.assert_array_equal(inputs['region_feats'], _gathered(0)['feats'])
 
-  uniter = pipeline.region_inputs('uniter', _gathered(0))
+  uniter = examples.region_inputs('uniter', _gathered(0))
   np.testing.assert_allclose(uniter['region_loc'][0], [
       [0, 0, .5, .5, .5, .5, .25], [.25, .25, 1, 1, .75, .75, .5625], [0] * 7])
 
-  vilbert = pipeline.region_inputs('vilbert', _gathered(1))
+  vilbert = examples.region_inputs('vilbert', _gathered(1))
   assert vilbert['region_feats'].shape == (1, 4, 2)
   np.testing.assert_allclose(vilbert['region_feats'][0], [[2., 3.], [1., 2.], [3., 4.], [0, 0]])
   np.testing.assert_allclose(vilbert['region_loc'][0], [
@@ -253,20 +257,20 @@ def test_region_inputs_per_design():
   np.testing.assert_array_equal(vilbert['object_ids'], [[0, 3, 4, 0]])
   np.testing.assert_array_equal(vilbert['object_conf'], [[0, 1, 1, 0]])
   with pytest.raises(ValueError, match="config.model.name must be one of .* got 'bert'"):
-    pipeline.region_inputs('bert', _gathered(0))
+    examples.region_inputs('bert', _gathered(0))
 
 
 def test_hashed_uniform():
-  u = pipeline.hashed_uniform(3, np.arange(100_000), 1)
+  u = examples.hashed_uniform(3, np.arange(100_000), 1)
   assert u.min() >= 0 and u.max() < 1
   assert abs(u.mean() - 0.5) < 0.01
-  np.testing.assert_array_equal(u, pipeline.hashed_uniform(3, np.arange(100_000), 1))
-  assert not np.array_equal(u, pipeline.hashed_uniform(4, np.arange(100_000), 1))
+  np.testing.assert_array_equal(u, examples.hashed_uniform(3, np.arange(100_000), 1))
+  assert not np.array_equal(u, examples.hashed_uniform(4, np.arange(100_000), 1))
 
 
 def test_caption_groups_partner():
   image_of_caption = np.array([2, 0, 2, 1, 2, 0])
-  groups = pipeline.CaptionGroups.from_image_index(image_of_caption, 4)
+  groups = examples.CaptionGroups.from_image_index(image_of_caption, 4)
   rng = np.random.default_rng(0)
   for caption in range(6):
     image = image_of_caption[caption]
@@ -281,13 +285,13 @@ def test_caption_groups_partner():
 
 
 @pytest.mark.parametrize('table,keys', [
-    ('pipeline_test_images/full', pipeline.IMAGE_KEYS + ('class_probs',)),
+    ('pipeline_test_images/full', tables.IMAGE_KEYS + ('class_probs',)),
     ('pipeline_test_captions', ('caption_id', 'text', 'image_index', 'image_id')),
     ('pipeline_test_vqa', ('question', 'image_index', 'answer_labels', 'answer_scores'))])
 def test_record_decoder_matches_tfds(data_config, table, keys):
   source = tfds.data_source(table, split='train', data_dir=data_config.data_dir)
-  decoder = pipeline.RecordDecoder(source.dataset_info.features, keys)
-  assert pipeline.RecordDecoder.supports(source.dataset_info.features, keys)
+  decoder = tables.RecordDecoder(source.dataset_info.features, keys)
+  assert tables.RecordDecoder.supports(source.dataset_info.features, keys)
   for index in range(len(source)):
     want = source[index]
     got = decoder(source.data_source[index])
@@ -394,7 +398,7 @@ def test_widened_features_are_the_stored_values_in_float32(data_config, design):
 def test_images_are_cached_by_default_when_they_fit(data_config):
   source = tfds.data_source('pipeline_test_images/full', split='train',
                             data_dir=data_config.data_dir)
-  table = lambda **kw: pipeline.ImageTable(source, MAX_REGIONS, name='t',
+  table = lambda **kw: tables.ImageTable(source, MAX_REGIONS, name='t',
                                            with_class_probs=True, **kw)
   assert table(cache=None).cache and not table(cache=None, cache_max_gib=1e-9).cache
   assert not table(cache=False).cache and table(cache=True, cache_max_gib=1e-9).cache
@@ -506,7 +510,7 @@ def test_clear_errors(data_config):
 
 
 def test_dataset_info(data_config):
-  info = pipeline.dataset_info(data_config)
+  info = tables.dataset_info(data_config)
   assert info['feature_dim'] == FEATURE_DIM
   assert info['num_object_classes'] == NUM_CLASSES
   assert info['vocab_size'] == len(VOCAB)
@@ -522,15 +526,15 @@ def test_dataset_info(data_config):
 @pytest.fixture(scope='module')
 def world_config(tmp_path_factory):
   """The tiny embedded world, built on first use by the pipeline itself."""
-  config = pipeline.default_data_config()
+  config = input_pipeline.default_data_config()
   config.update(size='tiny', data_dir=str(tmp_path_factory.mktemp('world')),
                 max_regions=vlp_world.WORLD_SIZES['tiny'].num_regions, prefetch_batches=0)
-  pipeline.dataset_info(config)  # builds the tables it reads
+  tables.dataset_info(config)  # builds the tables it reads
   return config
 
 
 def test_embedded_world_info(world_config):
-  info = pipeline.dataset_info(world_config)
+  info = tables.dataset_info(world_config)
   size = vlp_world.WORLD_SIZES['tiny']
   assert info['feature_dim'] == size.feature_dim
   assert info['num_object_classes'] == len(world_lib.OBJECT_CLASSES)
@@ -549,7 +553,7 @@ def test_embedded_world_join(world_config, design):
                             data_dir=world_config.data_dir)
   captions = tfds.data_source('vlp_world/tiny_captions', split='train',
                               data_dir=world_config.data_dir)
-  tokenizer = BertTokenizer(pipeline.vocab_file(world_config), 64)  # no truncation
+  tokenizer = BertTokenizer(tables.vocab_file(world_config), 64)  # no truncation
   caption_ids = {}
   for record in captions:
     ids = tokenizer.encode([record['text'].decode()])['input_ids'][0]
@@ -612,5 +616,5 @@ def test_embedded_world_workers(world_config, design, cache_images):
 def test_float16_conversion_is_exact():
   every_half = np.arange(2**16, dtype=np.uint16).view(np.float16).reshape(256, 256)
   converted = np.zeros((256, 256), np.float32)
-  pipeline._convert_into(converted, every_half)  # pylint: disable=protected-access
+  tables._convert_into(converted, every_half)  # pylint: disable=protected-access
   np.testing.assert_array_equal(converted, every_half.astype(np.float32))  # NaNs equal too

@@ -14,7 +14,7 @@ from vlpjax import train
 from vlpjax.data import annotations_builder as ab
 from vlpjax.data import features_builder as fb
 from vlpjax.data import formats
-from vlpjax.data import pipeline
+from vlpjax.data import input_pipeline
 
 # COCO ids -> their feature-file names, as in LXMERT's mscoco TSVs.
 COCO = {9: 'train2014', 25: 'train2014', 30: 'train2014', 42: 'val2014', 73: 'val2014'}
@@ -321,12 +321,12 @@ def test_pipeline_refuses_text_built_against_an_images_table_rebuilt_since(tmp_p
   build_captions(tmp_path, 'caps')
   vocab = tmp_path / 'vocab.txt'
   vocab.write_text('[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nimage\n')
-  config = pipeline.default_data_config()
+  config = input_pipeline.default_data_config()
   config.update(name='coco', data_dir=str(tmp_path / 'data'), vocab_file=str(vocab),
                 images_dataset='lxmert_tsv/tiny_coco', captions_dataset='coco_captions/caps',
                 max_text_len=8, max_regions=4, prefetch_batches=0)
-  batches = lambda: pipeline.make_pretraining_iterator(config, 'lxmert', global_batch_size=2,
-                                                       seed=0)
+  batches = lambda: input_pipeline.make_pretraining_iterator(config, 'lxmert',
+                                                             global_batch_size=2, seed=0)
   next(batches())
   # The images table rebuilt under its name, its files in the other order: the
   # captions' image rows now hold other images.

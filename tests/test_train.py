@@ -20,7 +20,7 @@ import pytest
 from configs import visualbert
 from vlpjax import checkpointing, config_lib, metrics as metrics_lib, optim, sharding
 from vlpjax import state as state_lib, step as step_lib, train
-from vlpjax.data import pipeline, tokenizer
+from vlpjax.data import input_pipeline, tables, tokenizer
 from vlpjax.models import get_design, get_model
 from vlpjax.tasks import pretrain as pretrain_task
 
@@ -43,7 +43,7 @@ def run_config(data_dir: str, **train_overrides) -> ml_collections.ConfigDict:
   config = config_lib.make_config(visualbert.model_config('tiny'), 'tiny')
   config.data.size = 'tiny'
   config.data.data_dir = data_dir
-  config.model.vocab_size = pipeline.dataset_info(config.data)['vocab_size']
+  config.model.vocab_size = tables.dataset_info(config.data)['vocab_size']
   config.train.update(global_batch_size=8, num_steps=SCHEDULE_STEPS,
                       max_steps_this_run=NUM_STEPS, log_every_steps=1)
   config.train.update(train_overrides)
@@ -227,9 +227,9 @@ def test_gradient_accumulation_gives_the_full_batch_update(data_dir):
   config.mesh.shape = (1, 1, 1)
   config.model.dropout_rate = config.model.attention_dropout_rate = 0.0
   config = pretrain_task.with_vocab_token_ids(
-      config, tokenizer.read_vocab(pipeline.vocab_file(config.data)))
-  batch = next(pipeline.make_pretraining_iterator(config.data, 'visualbert',
-                                                  global_batch_size=8, seed=0))
+      config, tokenizer.read_vocab(tables.vocab_file(config.data)))
+  batch = next(input_pipeline.make_pretraining_iterator(config.data, 'visualbert',
+                                                        global_batch_size=8, seed=0))
   full_metrics, full_params = one_step_on_one_device(config, batch)
   config.train.grad_accum_steps = 4
   micro_metrics, micro_params = one_step_on_one_device(config, batch)
@@ -282,7 +282,7 @@ def test_qa_task_needs_qa_data(data_dir, tmp_path):
   config = config_lib.make_config(lxmert.model_config('tiny'), 'tiny')
   assert config.data.qa   # make_config turns QA data on for LXMERT's 'qa' task
   config.data.update(size='tiny', data_dir=data_dir, qa=False)
-  info = pipeline.dataset_info(config.data)
+  info = tables.dataset_info(config.data)
   config.model.update(vocab_size=info['vocab_size'], num_object_labels=8, num_attr_labels=10,
                       num_answers=34)
   with pytest.raises(ValueError, match="'qa' but config.data.qa is False"):
@@ -350,8 +350,8 @@ def fresh_state(data_dir):
   rules = sharding.logical_axis_rules(config)
   model = get_model(config.model)
   tx, _ = optim.make_optimizer(config.train, get_design(config.model.name))
-  iterator = pipeline.make_pretraining_iterator(config.data, 'visualbert',
-                                                global_batch_size=8, seed=0)
+  iterator = input_pipeline.make_pretraining_iterator(config.data, 'visualbert',
+                                                      global_batch_size=8, seed=0)
   input_specs = step_lib.model_input_specs(config, pretrain_task, 'all', train.peek_batch_spec(iterator))
   abstract, shardings = state_lib.abstract_train_state(model, tx, input_specs, mesh, rules)
   state = state_lib.init_train_state(model, tx, input_specs, config.seed, shardings)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from vlpjax.data import pipeline
+from vlpjax.data import examples as examples_lib
+from vlpjax.data import input_pipeline, tables
 from vlpjax.data import vlp_world
 from vlpjax.data.tokenizer import BertTokenizer
 from vlpjax.models import DESIGNS, get_model
@@ -28,16 +29,16 @@ BATCH = 4
 def data_config(tmp_path_factory):
   """The tiny world, built once for the module."""
   config = ml_collections.ConfigDict(dict(
-      pipeline.default_data_config(), size='tiny',
+      input_pipeline.default_data_config(), size='tiny',
       data_dir=str(tmp_path_factory.mktemp('tfds')),
       max_regions=vlp_world.WORLD_SIZES['tiny'].num_regions, prefetch_batches=0))
-  pipeline.dataset_info(config)  # builds the tables
+  tables.dataset_info(config)  # builds the tables
   return config
 
 
 @pytest.fixture(scope='module')
 def info(data_config):
-  return pipeline.dataset_info(data_config)
+  return tables.dataset_info(data_config)
 
 
 def tiny_model_config(design, info):
@@ -228,7 +229,7 @@ def test_kl_loss_against_numpy():
 
 
 def _tokenizer(data_config, max_len):
-  return BertTokenizer(pipeline.vocab_file(data_config), max_len)
+  return BertTokenizer(tables.vocab_file(data_config), max_len)
 
 
 def test_mask_slot_survives_truncation(data_config):
@@ -283,7 +284,8 @@ def test_examples_match_the_records(data_config, info):
     assert batch['question_id'].dtype == np.int64
     np.testing.assert_array_equal(batch['question_id'], [r['question_id'] for r in records])
     images = vqa.open_examples(data_config, design, split='validation')[0].images
-    regions = pipeline.region_batch(design, images, np.array([r['image_index'] for r in records]))
+    regions = examples_lib.region_batch(design, images,
+                                        np.array([r['image_index'] for r in records]))
     for key in vqa.REGION_KEYS:
       np.testing.assert_array_equal(batch[key], regions[key])
     tokenizer = _tokenizer(data_config, 8)
@@ -416,7 +418,7 @@ def test_read_answer_vocab_formats_and_errors(tmp_path):
 
 def test_answer_vocab_file_remaps_the_table(data_config, tmp_path):
   """A user vocabulary (other order, some answers missing) gets the scores by string."""
-  table_answers = pipeline.answer_vocab(data_config)
+  table_answers = tables.answer_vocab(data_config)
   own = list(reversed(table_answers[:-3]))
   path = tmp_path / 'ans2label.json'
   path.write_text(json.dumps({a: i for i, a in enumerate(own)}))

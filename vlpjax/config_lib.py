@@ -118,12 +118,12 @@ def make_config(model: ml_collections.ConfigDict, size: str = '', task: str = 'p
   evaluators with its `configure`)."""
   # Imported here so that importing a config module stays light.
   from vlpjax import checkpointing, sharding  # pylint: disable=g-import-not-at-top
-  from vlpjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from vlpjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from vlpjax.models import design as design_lib  # pylint: disable=g-import-not-at-top
   from vlpjax.objectives import pretraining  # pylint: disable=g-import-not-at-top
   design = design_lib.get_design(model.name)
   pretrain = pretraining.default_pretrain_config(design)
-  data = pipeline.default_data_config()
+  data = input_pipeline.default_data_config()
   # The original's text length; the embedded world's sentences are shorter.
   data.max_text_len = (design.world_text_len if size in WORLD_SIZES
                        else design.max_text_len)

@@ -23,7 +23,7 @@ import optax
 
 from vlpjax import checkpointing, config_lib, flops, metrics as metrics_lib, sharding
 from vlpjax import optim, state as state_lib, step as step_lib
-from vlpjax.data import pipeline, tokenizer
+from vlpjax.data import tables, tokenizer
 from vlpjax.evaluators import common as evaluators
 from vlpjax.models import get_design
 from vlpjax.tasks import get_task
@@ -101,7 +101,7 @@ def write_run_files(config: ml_collections.ConfigDict, workdir: str, task: Modul
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, RUN_CONFIG), 'w', encoding='utf-8') as f:
     f.write(config.to_json_best_effort(indent=2))
-  files = {RUN_VOCAB: list(tokenizer.read_vocab(pipeline.vocab_file(config.data))),
+  files = {RUN_VOCAB: list(tokenizer.read_vocab(tables.vocab_file(config.data))),
            **task.inference_files(config)}
   for name, lines in files.items():
     with open(os.path.join(workdir, name), 'w', encoding='utf-8') as f:

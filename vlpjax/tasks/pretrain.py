@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlpjax import flops
-from vlpjax.data import pipeline, tokenizer
+from vlpjax.data import examples, input_pipeline, tables, tokenizer
 from vlpjax.models import get_model
 from vlpjax.objectives import pretraining
 
@@ -28,13 +28,13 @@ Batch = Mapping[str, jax.Array]
 def prepare(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks the config against the data and sets the vocabulary's token ids;
   returns the config the run uses."""
-  info = pipeline.dataset_info(config.data)
+  info = tables.dataset_info(config.data)
   check_against_data(config, info)
   return with_vocab_token_ids(config, tokenizer.read_vocab(info['vocab_file']))
 
 
 def check_against_data(config: ml_collections.ConfigDict, info: Mapping[str, Any]) -> None:
-  """Checks the model config against `pipeline.dataset_info`: feature width,
+  """Checks the model config against `tables.dataset_info`: feature width,
   vocabulary, and the class/answer counts the enabled objectives predict, which
   must also cover the largest object/attribute ids of the images table (an id
   past a head's labels gives a NaN loss, not an error)."""
@@ -48,7 +48,7 @@ def check_against_data(config: ml_collections.ConfigDict, info: Mapping[str, Any
     # Label of id k: first_label + k.
     if max_id is not None and model[field] < max_id + first_label + 1:
       raise ValueError(f'config.model.{field}={model[field]} is too small: the images table '
-                       f'{pipeline.table_name(config.data, "images")!r} has {what} up to '
+                       f'{tables.table_name(config.data, "images")!r} has {what} up to '
                        f'{max_id}; set --config.model.{field} to at least '
                        f'{max_id + first_label + 1} (the detector\'s label count) or use '
                        'matching data')
@@ -112,9 +112,9 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
-                        ) -> pipeline.PretrainingIterator:
+                        ) -> input_pipeline.PretrainingIterator:
   """Endless, resumable global batches of image-text pairs."""
-  return pipeline.make_pretraining_iterator(
+  return input_pipeline.make_pretraining_iterator(
       config.data, config.model.name, global_batch_size=config.train.global_batch_size,
       seed=config.seed, mesh=mesh, data_axes=tuple(config.mesh.data_axes))
 
@@ -168,11 +168,11 @@ class ValidationLossEvaluator:
     from vlpjax.models import get_design  # pylint: disable=g-import-not-at-top
     self._common = common
     self.name, self.log_steps, self.batch_size = name, eval_config.log_steps, eval_config.batch_size
-    self.assembler = pipeline.make_batch_assembler(
+    self.assembler = examples.make_batch_assembler(
         config.data, get_design(config.model.name), split=eval_config.split,
         seed=config.seed if config.data.seed is None else config.data.seed)
-    self.sharding = pipeline.batch_sharding(mesh, tuple(config.mesh.data_axes),
-                                            self.batch_size)
+    self.sharding = input_pipeline.batch_sharding(mesh, tuple(config.mesh.data_axes),
+                                                  self.batch_size)
     self.objectives = objectives(config)
 
     def losses(params, batch, rng, objective):

@@ -32,11 +32,12 @@ Batches (`VqaExamples`, `make_examples`, `make_question_iterator`):
   input_ids, text_mask, token_type_ids int32 [B, T]; answer_slot int32 [B]
   (position of [MASK]; 0 for 'pooled_mlp', which does not read it);
   region_feats [B, R, F] (the table's dtype), region_loc float32 [B, R, L],
-  region_mask int32 [B, R] (the design's region inputs, `pipeline.region_batch`);
-  answer_scores float32 [B, A]; has_answers float32 [B] (1 when the question
-  has at least one answer in the answer vocabulary: 0 for test questions, which
-  have no answers); question_id int64 [B] (evaluation batches only: training
-  needs none, and an int64 does not survive as a `jax.Array` without x64).
+  region_mask int32 [B, R] (the design's region inputs,
+  `vlpjax.data.examples.region_batch`); answer_scores float32 [B, A]; has_answers
+  float32 [B] (1 when the question has at least one answer in the answer
+  vocabulary: 0 for test questions, which have no answers); question_id int64 [B]
+  (evaluation batches only: training needs none, and an int64 does not survive
+  as a `jax.Array` without x64).
 
 Evaluation is pure functions the evaluator composes: `predict` (argmax, on
 the device), `answer_strings`, `prediction_records` (the server's file),
@@ -63,16 +64,15 @@ import os
 import re
 from typing import Any, Iterator, Mapping, Sequence
 
-from absl import flags
 import flax.linen as nn
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from vlpjax.data import pipeline
+from vlpjax.data import examples as examples_lib
+from vlpjax.data import input_pipeline, tables
 from vlpjax.data.tokenizer import BertTokenizer
 from vlpjax.models import DESIGNS, get_model
 from vlpjax.models import heads as heads_lib
@@ -413,10 +413,6 @@ def _vocab_digest(answers: Sequence[str]) -> str:
 # Examples.
 
 
-def _text(value: Any) -> str:
-  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
-
-
 def encode_questions(tokenizer: BertTokenizer, questions: Sequence[str],
                      append_mask_slot: bool) -> dict[str, np.ndarray]:
   """Tokenises questions; with `append_mask_slot`, each gets VisualBERT's answer slot.
@@ -510,8 +506,8 @@ class VqaExamples:
   """
   design: str
   tokenizer: BertTokenizer
-  images: pipeline.ImageTable
-  questions: pipeline.Table
+  images: tables.ImageTable
+  questions: tables.Table
   num_answers: int
   append_mask_slot: bool
   label_map: np.ndarray | None = None
@@ -524,10 +520,10 @@ class VqaExamples:
     """The batch of vqa records `indices` [B] (see the module docstring)."""
     indices = np.asarray(indices, np.int64).reshape(-1)
     records = self.questions.read(indices)
-    batch = encode_questions(self.tokenizer, [_text(r['question']) for r in records],
+    batch = encode_questions(self.tokenizer, [tables.as_text(r['question']) for r in records],
                              self.append_mask_slot)
     image_index = np.array([r['image_index'] for r in records], np.int64).reshape(-1)
-    regions = pipeline.region_batch(self.design, self.images, image_index)
+    regions = examples_lib.region_batch(self.design, self.images, image_index)
     batch.update({k: regions[k] for k in REGION_KEYS})
     batch.update(answer_targets(records, self.num_answers, self.label_map))
     if self.with_question_id:
@@ -540,8 +536,8 @@ class VqaExamples:
     return self.examples(indices)
 
 
-def make_examples(design: str, tokenizer: BertTokenizer, images: pipeline.ImageTable,
-                  vqa_table: pipeline.Table, num_answers: int, indices: Sequence[int],
+def make_examples(design: str, tokenizer: BertTokenizer, images: tables.ImageTable,
+                  vqa_table: tables.Table, num_answers: int, indices: Sequence[int],
                   append_mask_slot: bool, label_map: np.ndarray | None = None
                   ) -> dict[str, np.ndarray]:
   """The batch of vqa records `indices` [B]; see `VqaExamples.examples`."""
@@ -550,15 +546,15 @@ def make_examples(design: str, tokenizer: BertTokenizer, images: pipeline.ImageT
 
 
 def open_questions(data_config: ml_collections.ConfigDict, split: str, *,
-                   with_ground_truth: bool = False) -> pipeline.Table:
+                   with_ground_truth: bool = False) -> tables.Table:
   """The vqa table's `split`: QUESTION_KEYS, plus 'answers' (and 'answer_type' when
   the table has it) with `with_ground_truth` (slower to read: keep it off for training)."""
-  source = pipeline._open(data_config, 'vqa', split)  # pylint: disable=protected-access
+  source = tables.open_table(data_config, 'vqa', split)
   keys = QUESTION_KEYS
   if with_ground_truth:
     keys = ('question_id', 'answers') + tuple(
         k for k in ('answer_type',) if k in source.dataset_info.features)
-  return pipeline.Table(source, keys, name=pipeline.table_name(data_config, 'vqa'))
+  return tables.Table(source, keys, name=tables.table_name(data_config, 'vqa'))
 
 
 def open_examples(data_config: ml_collections.ConfigDict, design: str, *, split: str,
@@ -574,19 +570,18 @@ def open_examples(data_config: ml_collections.ConfigDict, design: str, *, split:
   if design not in DESIGNS:
     raise ValueError(f'design must be one of {DESIGNS}, got {design!r}')
   head = resolve_head(design, head)
-  tokenizer = BertTokenizer(pipeline.vocab_file(data_config), data_config.max_text_len,
+  tokenizer = BertTokenizer(tables.vocab_file(data_config), data_config.max_text_len,
                             lowercase=data_config.lowercase)
-  # pylint: disable-next=protected-access
-  images_source = pipeline._open(data_config, 'images', data_config.images_split)
-  images = pipeline.ImageTable(
-      images_source, data_config.max_regions, name=pipeline.table_name(data_config, 'images'),
+  images_source = tables.open_table(data_config, 'images', data_config.images_split)
+  images = tables.ImageTable(
+      images_source, data_config.max_regions, name=tables.table_name(data_config, 'images'),
       with_class_probs=False, cache=data_config.cache_images,
       cache_max_gib=data_config.cache_images_max_gib,
       widen_features=data_config.widen_features,
       shared_memory=data_config.worker_count > 0)
   questions = open_questions(data_config, split)
-  pipeline.check_same_images(data_config, 'vqa', split)
-  table_answers = pipeline.answer_vocab(data_config)
+  tables.check_same_images(data_config, 'vqa', split)
+  table_answers = tables.answer_vocab(data_config)
   answers, label_map = table_answers, None
   if answer_vocab_file:
     answers = read_answer_vocab(answer_vocab_file)
@@ -607,7 +602,7 @@ def make_question_iterator(data_config: ml_collections.ConfigDict, design: str, 
                         global_batch_size: int, seed: int, mesh: Mesh | None = None,
                         data_axes: Sequence[str] = ('data', 'fsdp'), split: str = 'train',
                         head: str | None = None, answer_vocab_file: str | None = None
-                        ) -> pipeline.PretrainingIterator:
+                        ) -> input_pipeline.PretrainingIterator:
   """Endless, shuffled (afresh each epoch), resumable VQA training batches.
 
   range(questions) -> this process's contiguous shard -> shuffle(seed) ->
@@ -617,7 +612,7 @@ def make_question_iterator(data_config: ml_collections.ConfigDict, design: str, 
   question_id; global `jax.Array`s sharded over `data_axes` when `mesh` is given.
 
   Args:
-    data_config: `pipeline.default_data_config()` fields.
+    data_config: `input_pipeline.default_data_config()` fields.
     design: one of vlpjax.models.DESIGNS.
     global_batch_size: examples per step over all processes.
     seed: run seed; `data.seed` overrides it for the data order when set.
@@ -625,16 +620,9 @@ def make_question_iterator(data_config: ml_collections.ConfigDict, design: str, 
     head: HEAD_KINDS; None: HEADS[design]. 'mask_slot' appends `? [MASK]`.
     answer_vocab_file: see `open_examples`.
   """
-  process_index, process_count = jax.process_index(), jax.process_count()
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f'global_batch_size {global_batch_size} must be a positive multiple '
-                     f'of the process count {process_count}')
-  local_batch_size = global_batch_size // process_count
-  sharding = None if mesh is None else pipeline.batch_sharding(mesh, data_axes,
-                                                               global_batch_size)
-  seed = seed if data_config.seed is None else data_config.seed
-  if not 0 <= seed < 2**32:
-    raise ValueError(f'data seed must be in [0, 2**32), got {seed}')
+  process_count = jax.process_count()
+  local_batch_size, seed, sharding = input_pipeline.batch_layout(
+      data_config, global_batch_size, seed, mesh, data_axes)
   head = resolve_head(design, head)
   examples, answers = open_examples(data_config, design, split=split, head=head,
                                     answer_vocab_file=answer_vocab_file,
@@ -645,37 +633,17 @@ def make_question_iterator(data_config: ml_collections.ConfigDict, design: str, 
     raise ValueError(f'{num_questions} questions of split {split!r} over {process_count} '
                      f'processes leave {shard_size} per process, fewer than the local '
                      f'batch of {local_batch_size}')
-  # Contiguous equal shards (the remainder sits out every epoch), reshuffled each epoch.
-  dataset = grain.MapDataset.range(num_questions)
-  dataset = dataset[process_index * shard_size:(process_index + 1) * shard_size]
-  dataset = dataset.shuffle(seed=seed).repeat()
-  dataset = dataset.batch(local_batch_size, drop_remainder=True).map_with_index(
-      examples.examples_fn)
+  stream = input_pipeline.endless_batches(data_config, num_questions, local_batch_size, seed,
+                                          examples.examples_fn)
   fingerprint = dict(
       task='vqa', design=design, head=head, seed=seed, global_batch_size=global_batch_size,
       process_count=process_count, split=split, num_questions=num_questions,
       num_images=examples.images.num_images,
-      tables=[pipeline.table_name(data_config, t) for t in ('images', 'vqa')],
+      tables=[tables.table_name(data_config, t) for t in ('images', 'vqa')],
       max_text_len=data_config.max_text_len, max_regions=data_config.max_regions,
       num_answers=len(answers), answers=_vocab_digest(answers),
       worker_count=data_config.worker_count)
-  return pipeline.PretrainingIterator(iter(_stream(dataset, data_config)), fingerprint,
-                                      sharding)
-
-
-def _stream(dataset: grain.MapDataset, data_config: ml_collections.ConfigDict
-            ) -> grain.IterDataset:
-  """Prefetching as the pretraining pipeline does it: worker processes or a thread."""
-  if data_config.worker_count > 0:
-    if not flags.FLAGS.is_parsed():
-      # grain's worker processes read absl flags; outside an absl app use defaults.
-      flags.FLAGS.mark_as_parsed()
-    return dataset.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=data_config.worker_count,
-                                     per_worker_buffer_size=data_config.worker_buffer_size))
-  return dataset.to_iter_dataset(grain.ReadOptions(
-      num_threads=min(1, data_config.prefetch_batches),
-      prefetch_buffer_size=data_config.prefetch_batches))
+  return input_pipeline.PretrainingIterator(iter(stream), fingerprint, sharding)
 
 
 # ----------------------------------------------------------------------------
@@ -749,15 +717,15 @@ class GroundTruth:
 
 def ground_truth_of(record: Mapping[str, Any]) -> GroundTruth:
   """A vqa record's GroundTruth ('answers', and 'answer_type' if the table stores it)."""
-  answers = tuple(_text(a) for a in record['answers'])
+  answers = tuple(tables.as_text(a) for a in record['answers'])
   if 'answer_type' in record:
-    answer_type = _text(record['answer_type'])
+    answer_type = tables.as_text(record['answer_type'])
   else:
     answer_type = derive_answer_type(answers) if answers else None
   return GroundTruth(answers, answer_type)
 
 
-def read_ground_truth(table: pipeline.Table, indices: Sequence[int] | None = None,
+def read_ground_truth(table: tables.Table, indices: Sequence[int] | None = None,
                       chunk: int = 4096) -> dict[int, GroundTruth]:
   """question_id -> GroundTruth for rows `indices` (None: all) of a vqa table
   opened with `open_questions(..., with_ground_truth=True)`."""
@@ -845,7 +813,7 @@ def configure(config: ml_collections.ConfigDict, size: str) -> None:
 
 def _answers(config: ml_collections.ConfigDict) -> list[str]:
   return (read_answer_vocab(config.vqa.answer_vocab_file) if config.vqa.answer_vocab_file
-          else pipeline.answer_vocab(config.data))
+          else tables.answer_vocab(config.data))
 
 
 ANSWERS_FILE = 'answers.txt'
@@ -859,7 +827,7 @@ def inference_files(config: ml_collections.ConfigDict) -> dict[str, list[str]]:
 def prepare(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks the model against the data (feature width, vocabulary) and the
   `config.vqa` choices; the config is used as it is."""
-  info = pipeline.dataset_info(config.data)
+  info = tables.dataset_info(config.data)
   if config.model.feature_dim != info['feature_dim']:
     raise ValueError(f'config.model.feature_dim={config.model.feature_dim} but the images '
                      f'table has features of width {info["feature_dim"]}')
@@ -877,7 +845,7 @@ def make_model(config: ml_collections.ConfigDict) -> VqaModel:
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, mesh: Mesh
-                        ) -> pipeline.PretrainingIterator:
+                        ) -> input_pipeline.PretrainingIterator:
   """Endless, resumable VQA batches of `config.vqa.train_split`."""
   return make_question_iterator(
       config.data, config.model.name, global_batch_size=config.train.global_batch_size,
@@ -957,8 +925,8 @@ class VqaEvaluator:
     self.ground_truth = read_ground_truth(truth_table)
     # Row order of the split, as `_index` counts.
     self.question_ids = np.fromiter(self.ground_truth, np.int64, len(self.ground_truth))
-    self.sharding = pipeline.batch_sharding(mesh, tuple(config.mesh.data_axes),
-                                            self.batch_size)
+    self.sharding = input_pipeline.batch_sharding(mesh, tuple(config.mesh.data_axes),
+                                                  self.batch_size)
     self.prediction_dir = os.path.join(workdir, 'predictions')
 
     def answer(params, batch):
@@ -1053,7 +1021,7 @@ class VqaPredictor:
     first = self.design.leading_slots
     feats[:, first:first + count] = features[:count]
     padded_boxes[:, first:first + count] = boxes[:count]
-    regions = pipeline.region_inputs(self.design, dict(
+    regions = examples_lib.region_inputs(self.design, dict(
         feats=feats, boxes=padded_boxes, count=np.full((num,), count, np.int32),
         image_w=np.full((num,), image_size[0], np.float32),
         image_h=np.full((num,), image_size[1], np.float32)))

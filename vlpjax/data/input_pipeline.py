@@ -1,0 +1,216 @@
+"""Streaming pretraining input pipeline: TFDS ArrayRecord tables -> global batches.
+
+The pipeline is a grain `MapDataset` over text-record indices:
+
+  range(num_sentences) -> this process's shard -> shuffle (reseeded each epoch)
+  -> repeat forever -> batch of indices -> `examples.BatchAssembler` (one
+  vectorised step per batch: read the text records, draw negatives, tokenise,
+  gather the image records of the batch in one ArrayRecord read, build each
+  design's region inputs)
+
+so an iterator's state is one integer per stream (grain's), restores exactly,
+and works with grain's orbax checkpoint handler. Batches become global
+`jax.Array`s with the batch axis over the mesh's data axes.
+
+`tables` opens and reads the tables; `examples` turns their records into the
+pairs, negatives and region inputs of a batch.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Sequence
+
+from absl import flags
+import grain
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from vlpjax.data import examples, tables
+from vlpjax.models import design as design_lib
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Data section of a run config."""
+  return ml_collections.ConfigDict(dict(
+      name='vlp_world',       # TFDS dataset; 'vlp_world' is the embedded world
+      size='default',         # embedded world size: 'default' or 'tiny'
+      data_dir=None,          # None: ~/tensorflow_datasets
+      # Full TFDS names of the tables ('dataset/config'); None: the embedded
+      # world's `<size>_<table>` configs.
+      images_dataset=None,
+      captions_dataset=None,
+      vqa_dataset=None,
+      images_split='train',   # the images table holds every image in one split
+      vocab_file=None,        # None: the dataset's vocab.txt; or a BERT vocab path
+      lowercase=None,         # None: follow the vocabulary (cased vocab: no lowercasing)
+      max_text_len=20,
+      max_regions=36,
+      mismatch_prob=0.5,
+      qa=False,               # LXMERT image-QA targets from the vqa table
+      # Hold the images table in memory, in each process that reads it (LXMERT's
+      # loader does): images x max_regions x (feature_dim x 2 + 24) bytes, about 4x
+      # faster batches. None: cache when that is at most cache_images_max_gib.
+      cache_images=None,
+      cache_images_max_gib=4.0,
+      # False: region_feats/class_probs in the table's dtype (float16), widened on the
+      # device by the train step; True: widened to float32 on the host.
+      widen_features=False,
+      worker_count=0,         # grain worker processes; 0: a prefetch thread in-process
+      worker_buffer_size=2,   # batches buffered per worker
+      prefetch_batches=2,     # batches prefetched in-process (worker_count=0)
+      seed=None,              # None: the run seed; an int fixes the data order alone
+      build_if_missing=True,  # build the embedded world if it is not under data_dir
+  ))
+
+
+# ----------------------------------------------------------------------------
+# Iterator.
+
+
+def batch_sharding(mesh: Mesh, data_axes: Sequence[str], global_batch_size: int
+                   ) -> NamedSharding:
+  """Sharding of a batch: axis 0 over the mesh's `data_axes` (those it has)."""
+  axes = tuple(a for a in data_axes if a in mesh.axis_names)
+  if not axes:
+    raise ValueError(f'mesh axes {mesh.axis_names} include none of data_axes {tuple(data_axes)}')
+  shards = int(np.prod([mesh.shape[a] for a in axes]))
+  if global_batch_size % shards:
+    raise ValueError(f'global_batch_size {global_batch_size} does not divide over the '
+                     f'{shards} devices of mesh axes {axes}')
+  return NamedSharding(mesh, PartitionSpec(axes))
+
+
+class PretrainingIterator(grain.DatasetIterator):
+  """Endless batches (dicts of arrays); global `jax.Array`s when given a sharding.
+
+  `get_state()` is JSON-serialisable (grain's iterator state plus a fingerprint of
+  the pipeline, so a state only restores into an identical pipeline); it also works
+  with grain's orbax handler (`grain.checkpoint.CheckpointSave(iterator)`).
+  """
+
+  def __init__(self, batches: grain.DatasetIterator, fingerprint: dict[str, Any],
+               sharding: NamedSharding | None):
+    super().__init__(batches)
+    self._fingerprint = json.loads(json.dumps(fingerprint))
+    self._sharding = sharding
+
+  def __next__(self) -> dict[str, Any]:
+    batch = next(self._parent)
+    if self._sharding is None:
+      return batch
+    return {k: jax.make_array_from_process_local_data(self._sharding, v)
+            for k, v in batch.items()}
+
+  def get_state(self) -> dict[str, Any]:
+    return dict(pipeline=self._fingerprint, grain=self._parent.get_state())
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if state.get('pipeline') != self._fingerprint:
+      raise ValueError('iterator state comes from a different pipeline: saved '
+                       f'{state.get("pipeline")}, this one {self._fingerprint}')
+    self._parent.set_state(state['grain'])
+
+
+def batch_layout(data_config: ml_collections.ConfigDict, global_batch_size: int, seed: int,
+                 mesh: Mesh | None, data_axes: Sequence[str]
+                 ) -> tuple[int, int, NamedSharding | None]:
+  """(this process's batch size, the data seed, the batch sharding or None).
+
+  The data seed is `data.seed` when set, else the run's `seed`.
+
+  Raises:
+    ValueError: a global batch the processes or the data axes do not divide, or
+      a seed outside [0, 2**32).
+  """
+  process_count = jax.process_count()
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f'global_batch_size {global_batch_size} must be a positive multiple '
+                     f'of the process count {process_count}')
+  sharding = None if mesh is None else batch_sharding(mesh, data_axes, global_batch_size)
+  seed = seed if data_config.seed is None else data_config.seed
+  if not 0 <= seed < 2**32:
+    raise ValueError(f'data seed must be in [0, 2**32), got {seed}')
+  return global_batch_size // process_count, seed, sharding
+
+
+def endless_batches(data_config: ml_collections.ConfigDict, num_examples: int,
+                    local_batch_size: int, seed: int,
+                    make_batch: Callable[[int, np.ndarray], dict[str, np.ndarray]]
+                    ) -> grain.IterDataset:
+  """This process's endless batches of examples [0, num_examples), prefetched.
+
+  Each process takes a contiguous equal shard (the remainder is left out of every
+  epoch), shuffled afresh each epoch (grain, from `seed`); `make_batch(batch_number,
+  indices [local_batch_size])` builds each batch, in `data.worker_count` worker
+  processes or a prefetch thread.
+  """
+  process_index, process_count = jax.process_index(), jax.process_count()
+  shard_size = num_examples // process_count
+  dataset = grain.MapDataset.range(num_examples)
+  dataset = dataset[process_index * shard_size:(process_index + 1) * shard_size]
+  dataset = dataset.shuffle(seed=seed).repeat()
+  dataset = dataset.batch(local_batch_size, drop_remainder=True).map_with_index(make_batch)
+  if data_config.worker_count > 0:
+    if not flags.FLAGS.is_parsed():
+      # grain's worker processes read absl flags; outside an absl app use defaults.
+      flags.FLAGS.mark_as_parsed()
+    return dataset.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=data_config.worker_count,
+                                     per_worker_buffer_size=data_config.worker_buffer_size))
+  return dataset.to_iter_dataset(grain.ReadOptions(
+      num_threads=min(1, data_config.prefetch_batches),
+      prefetch_buffer_size=data_config.prefetch_batches))
+
+
+def make_pretraining_iterator(data_config: ml_collections.ConfigDict, model_name: str, *,
+                              global_batch_size: int, seed: int, mesh: Mesh | None = None,
+                              data_axes: Sequence[str] = ('data', 'fsdp'),
+                              split: str = 'train') -> PretrainingIterator:
+  """Endless, resumable pretraining batches for design `model_name`.
+
+  Args:
+    data_config: see `default_data_config()`.
+    model_name: one of DESIGNS; sets the mismatch convention and region inputs.
+    global_batch_size: examples per step over all processes.
+    seed: run seed; `data.seed` overrides it for the data order when set.
+    mesh: if given, batches are global `jax.Array`s sharded over `data_axes`.
+    split: text split ('train', 'validation', 'test').
+
+  Returns:
+    An iterator of dicts (see the data contract): input_ids, text_mask,
+    token_type_ids int32 [B, T]; region_feats [B, R, F] (the table's float16;
+    float32 with `data.widen_features`); region_loc float32 [B, R, L];
+    region_mask int32 [B, R]; object_ids, attr_ids int32 [B, R]; object_conf,
+    attr_conf float32 [B, R]; class_probs [B, R, C] (ViLBERT, UNITER; dtype as
+    region_feats); match_label int32 [B]; answer_scores float32 [B, A] and
+    qa_valid float32 [B] when `data.qa`.
+  """
+  design = design_lib.get_design(model_name)
+  if data_config.qa and not design.recipe.image_qa:
+    raise ValueError(f'data.qa=True is image-QA pretraining (LXMERT\'s); {model_name} '
+                     'has no QA objective')
+  if not 0.0 <= data_config.mismatch_prob <= 1.0:
+    raise ValueError(f'data.mismatch_prob must be in [0, 1], got {data_config.mismatch_prob}')
+  process_count = jax.process_count()
+  local_batch_size, seed, sharding = batch_layout(data_config, global_batch_size, seed, mesh,
+                                                  data_axes)
+  assembler = examples.make_batch_assembler(data_config, design, split=split, seed=seed,
+                                            process_count=process_count)
+  num_sentences, shard_size, images = (assembler.num_sentences, assembler.shard_size,
+                                       assembler.images)
+  sentences = assembler.sentences
+
+  stream = endless_batches(data_config, num_sentences, local_batch_size, seed, assembler)
+  fingerprint = dict(
+      design=model_name, seed=seed, global_batch_size=global_batch_size,
+      process_count=process_count, split=split, num_sentences=num_sentences,
+      num_images=images.num_images,
+      tables=[tables.table_name(data_config, t)
+              for t in ('images', 'captions', 'vqa')[:1 + len(sentences)]],
+      max_text_len=data_config.max_text_len, max_regions=data_config.max_regions,
+      mismatch_prob=data_config.mismatch_prob, worker_count=data_config.worker_count)
+  # cache_images and widen_features change no value in the batches (widening is
+  # exact), so they are not part of the fingerprint.
+  return PretrainingIterator(iter(stream), fingerprint, sharding)
