@@ -225,11 +225,11 @@ def test_fused_and_explicit_attention_agree(imported):
   for key in ('text', 'vision', 'pooled'):
     np.testing.assert_allclose(fused[key], explicit[key], atol=1e-5)
   attention = explicit['attention']
-  assert attention['language_layers_0'].shape == (B, cfg.num_heads, T, T)
-  assert attention['relation_layers_1'].shape == (B, cfg.num_heads, R, R)
-  language_cross = attention['cross_layers_0/language_cross']
+  assert attention['text/layer_0'].shape == (B, cfg.num_heads, T, T)
+  assert attention['vision/layer_1'].shape == (B, cfg.num_heads, R, R)
+  language_cross = attention['text_to_vision/layer_0']
   assert language_cross.shape == (B, cfg.num_heads, T, R)
-  assert attention['cross_layers_1/vision_cross'].shape == (B, cfg.num_heads, R, T)
+  assert attention['vision_to_text/layer_1'].shape == (B, cfg.num_heads, R, T)
   # Padded regions get no attention from the text.
   np.testing.assert_allclose(language_cross[1, :, :, REGION_COUNTS[1]:], 0.0)
 

@@ -196,7 +196,7 @@ def test_parity_with_original(case, fixture, params):
   image_masked = np.pad(get('image_label') == 1, ((0, 0), (1, 0)))
   targets = dict(
       match_label=match_label, matched=match_label == 0, text_mask=text_mask,
-      region_mask=image_mask, mlm_targets=np.where(masked, labels, 0),
+      region_mask=image_mask, real=np.ones(len(match_label), np.float32), mlm_targets=np.where(masked, labels, 0),
       mlm_weights=masked.astype(np.float32), region_picked=image_masked,
       region_weights=image_masked.astype(np.float32), raw_region_feats=get('image_feat'),
       class_probs=np.pad(get('image_target'), ((0, 0), (1, 0), (0, 0))))
@@ -253,10 +253,12 @@ def test_dropout_and_attention_outputs(params):
                   static_argnames='deterministic')
   out = apply(variables, *args)
   attention = out['attention']
-  assert attention['co_0_text'].shape == (batch, config.bi_num_heads, text_len, regions)
-  assert attention['co_0_image'].shape == (batch, config.bi_num_heads, regions, text_len)
-  np.testing.assert_allclose(attention['co_0_text'][0, :, :, -1], 0.0)  # padded region
-  assert attention['image_1'].shape == (batch, config.v_num_heads, regions, regions)
+  text_to_vision = attention['text_to_vision/layer_0']
+  assert text_to_vision.shape == (batch, config.bi_num_heads, text_len, regions)
+  assert attention['vision_to_text/layer_0'].shape == (batch, config.bi_num_heads, regions,
+                                                       text_len)
+  np.testing.assert_allclose(text_to_vision[0, :, :, -1], 0.0)  # padded region
+  assert attention['vision/layer_1'].shape == (batch, config.v_num_heads, regions, regions)
   # An 'rbg' key: dropout masks compile much faster than with threefry on CPU.
   train = apply(variables, *args, deterministic=False,
                 rngs={'dropout': jax.random.key(2, impl='rbg')})

@@ -225,7 +225,7 @@ def test_fused_and_explicit_attention_agree(imported):
   explicit = run(cfg, imported['backbone'], pretraining=False, return_attention=True)
   for key in ('text', 'vision', 'pooled'):
     np.testing.assert_allclose(fused[key], explicit[key], atol=1e-5)
-  probs = explicit['attention']['layers_1']
+  probs = explicit['attention']['joint/layer_1']
   assert probs.shape == (B, cfg.num_heads, T + R, T + R)
   # Padded text and padded regions get no attention.
   np.testing.assert_allclose(probs[1, :, :, TEXT_LENGTHS[1]:T], 0.0)

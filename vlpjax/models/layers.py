@@ -10,6 +10,34 @@ on a mesh with rules from the config. Logical names used here:
 BERT conventions held throughout: exact-erf GELU, LayerNorm eps 1e-12, N(0, 0.02)
 init, attention that ignores padded keys exactly as an additive -10000 mask does
 (a boolean mask gives the same result for every query with at least one valid key).
+
+The backbone contract shared by the four designs (their `MODEL.__call__`):
+
+* Masks. `text_mask` [B, T] and `region_mask` [B, R] mark the real keys; an
+  optional full `attention_mask` [B, T+R, T+R] (1/True = the query may attend to
+  the key) over the concatenation [text (T positions); regions (R positions)] is
+  ANDed with them. Single-stream designs use it over their joint sequence;
+  two-stream designs take its blocks (`attention_mask_blocks`): text
+  self-attention [:T, :T], region self-attention [T:, T:], text queries over
+  region keys [:T, T:], region queries over text keys [T:, :T]. A query that an
+  `attention_mask` leaves with no key at all (e.g. regions under a seq2seq mask
+  in a two-stream cross-attention) gets a zero attention context (probabilities
+  all zero), so nothing it cannot see reaches it. Without `attention_mask` the
+  outputs are exactly those of the key masks alone.
+* Attention probabilities. `return_attention=True` adds `outputs['attention']`,
+  a dict keyed `f'{stream}/layer_{i}'` (see `attention_key`) -> float32
+  probabilities [B, heads, Q, K], `stream` one of `ATTENTION_STREAMS`:
+
+    joint           single-stream self-attention over [text; regions]
+                    (queries and keys both in that order), Q = K = T+R
+    text            text self-attention, [B, N, T, T]
+    vision          region self-attention, [B, N, R, R]
+    text_to_vision  text queries over region keys, [B, N, T, R]
+    vision_to_text  region queries over text keys, [B, N, R, T]
+
+  `i` counts the attention layers of that stream from 0 in the order they run
+  (LXMERT's text self-attentions: the language layers, then those inside the
+  cross layers).
 """
 from __future__ import annotations
 
@@ -27,6 +55,8 @@ Axes = Sequence[str | None]
 LAYER_NORM_EPS = 1e-12
 INIT_STD = 0.02
 ATTENTION_IMPLS = ('xla', 'cudnn', 'auto')
+# The streams of `outputs['attention']` (see the module docstring).
+ATTENTION_STREAMS = ('joint', 'text', 'vision', 'text_to_vision', 'vision_to_text')
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -136,11 +166,46 @@ def resolve_attention_impl(impl: str, dtype: Dtype) -> str | None:
   return impl
 
 
+def attention_key(stream: str, index: int) -> str:
+  """The `outputs['attention']` key of layer `index` of `stream` ('text/layer_0')."""
+  if stream not in ATTENTION_STREAMS:
+    raise ValueError(f'attention stream must be one of {ATTENTION_STREAMS}, got {stream!r}')
+  return f'{stream}/layer_{index}'
+
+
+def check_attention_mask(attention_mask: jax.Array | None, batch: int, num_text: int,
+                         num_regions: int) -> jax.Array | None:
+  """Checks a full attention mask [B, T+R, T+R] (a leading 1 broadcasts over the
+  batch) and returns it as bool (None stays None)."""
+  if attention_mask is None:
+    return None
+  length = num_text + num_regions
+  shape = tuple(attention_mask.shape)
+  if len(shape) != 3 or shape[1:] != (length, length) or shape[0] not in (1, batch):
+    raise ValueError(f'attention_mask must be [B, T+R, T+R] = [{batch}, {length}, {length}] '
+                     f'over [text (T={num_text}); regions (R={num_regions})], got {shape}')
+  return attention_mask.astype(bool)
+
+
+def attention_mask_blocks(attention_mask: jax.Array | None, num_text: int
+                          ) -> dict[str, jax.Array | None]:
+  """The blocks of a full mask [B, T+R, T+R] that two-stream designs use, keyed
+  by stream: 'text' [:T, :T], 'vision' [T:, T:], 'text_to_vision' [:T, T:],
+  'vision_to_text' [T:, :T]. All None for None."""
+  t = num_text
+  if attention_mask is None:
+    return dict(text=None, vision=None, text_to_vision=None, vision_to_text=None)
+  return dict(text=attention_mask[:, :t, :t], vision=attention_mask[:, t:, t:],
+              text_to_vision=attention_mask[:, :t, t:],
+              vision_to_text=attention_mask[:, t:, :t])
+
+
 def attend(query: jax.Array, key: jax.Array, value: jax.Array,
            key_mask: jax.Array | None, *, impl: str = 'xla',
            dropout_rate: float = 0.0, deterministic: bool = True,
            dropout_rng: jax.Array | None = None,
-           return_probs: bool = False) -> tuple[jax.Array, jax.Array | None]:
+           return_probs: bool = False,
+           attention_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
   """Scaled dot-product attention over heads.
 
   Args:
@@ -149,35 +214,55 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array,
     impl: 'xla', 'cudnn' or 'auto' (see `resolve_attention_impl`).
     dropout_rate: dropout on the attention probabilities (training only).
     return_probs: take the explicit path and also return probabilities [B, N, T, S].
+    attention_mask: [B, T, S] (B may be 1), nonzero where query t may attend to
+      key s; ANDed with `key_mask` and broadcast over heads. A query left with no
+      key gets a zero context (and zero probabilities). None: `key_mask` alone,
+      with exactly the outputs it gives.
 
   The fused kernels have no dropout on probabilities, so training with
   `dropout_rate > 0` takes the explicit path; both paths give the same outputs.
+  The fused path passes the combined mask as a boolean [B, 1, T, S].
 
   Returns:
-    (context [B, T, N, D], probs [B, N, T, S] or None).
+    (context [B, T, N, D], probs [B, N, T, S] float32 or None).
   """
   mask = None if key_mask is None else key_mask.astype(bool)[:, None, None, :]
+  has_key = None  # [B, 1, T]: whether query t has any key left (full masks only)
+  if attention_mask is not None:
+    shape = (query.shape[1], key.shape[1])
+    if attention_mask.ndim != 3 or tuple(attention_mask.shape[1:]) != shape:
+      raise ValueError(f'attention_mask must be [B, {shape[0]}, {shape[1]}] (queries, keys), '
+                       f'got {tuple(attention_mask.shape)}')
+    full = attention_mask.astype(bool)[:, None, :, :]
+    mask = full if mask is None else jnp.logical_and(mask, full)
+    has_key = jnp.any(mask, axis=-1)
   use_dropout = dropout_rate > 0.0 and not deterministic
   if not (return_probs or use_dropout):
     impl_name = resolve_attention_impl(impl, query.dtype)
-    if impl_name == 'cudnn' and mask is not None:
+    if mask is not None and (impl_name == 'cudnn' or has_key is not None):
       # cuDNN takes a boolean mask broadcastable to [B, N, T, S] in full.
       mask = jnp.broadcast_to(mask, (query.shape[0], 1, query.shape[1], key.shape[1]))
     context = jax.nn.dot_product_attention(query, key, value, mask=mask,
                                            implementation=impl_name)
+    if has_key is not None:
+      context = jnp.where(has_key[:, 0, :, None, None], context,
+                          jnp.zeros((), context.dtype))
     return context, None
   depth = query.shape[-1]
   scores = jnp.einsum('btnd,bsnd->bnts', query, key) / jnp.sqrt(depth).astype(query.dtype)
   scores = scores.astype(jnp.float32)
   if mask is not None:
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(query.dtype)
+  probs32 = jax.nn.softmax(scores, axis=-1)
+  if has_key is not None:
+    probs32 = jnp.where(has_key[..., None], probs32, 0.0)
+  probs = probs32.astype(query.dtype)
   kept = probs
   if use_dropout:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
     kept = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(probs.dtype)
   context = jnp.einsum('bnts,bsnd->btnd', kept, value)
-  return context, probs
+  return context, probs32
 
 
 class Attention(nn.Module):
@@ -207,9 +292,12 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array, context_mask: jax.Array | None,
-               deterministic: bool = True, return_probs: bool = False
+               deterministic: bool = True, return_probs: bool = False,
+               attention_mask: jax.Array | None = None
                ) -> tuple[jax.Array, jax.Array | None]:
-    """x: [B, T, E]; context: [B, S, C]; context_mask: [B, S] -> ([B, T, out], probs)."""
+    """x: [B, T, E]; context: [B, S, C]; context_mask: [B, S]; attention_mask:
+    [B, T, S] or None (see `attend`) -> ([B, T, out], probs [B, N, T, S] float32
+    or None)."""
     query = self.project(x, 'query')
     key = self.project(context, 'key')
     value = self.project(context, 'value')
@@ -219,7 +307,7 @@ class Attention(nn.Module):
     heads, probs = attend(query, key, value, context_mask, impl=self.attention_impl,
                           dropout_rate=self.attention_dropout_rate,
                           deterministic=deterministic, dropout_rng=dropout_rng,
-                          return_probs=return_probs)
+                          return_probs=return_probs, attention_mask=attention_mask)
     heads = constrain(heads, ('batch', 'length', 'heads', 'kv'))
     out = HeadsDense(self.num_heads, self.hidden // self.num_heads,
                      self.out_features or x.shape[-1], dtype=self.dtype,
@@ -262,14 +350,17 @@ class TransformerLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool = True,
-               return_probs: bool = False) -> tuple[jax.Array, jax.Array | None]:
-    """x: [B, T, E]; mask: [B, T] -> ([B, T, E], probs [B, N, T, T] or None)."""
+               return_probs: bool = False, attention_mask: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array | None]:
+    """x: [B, T, E]; mask: [B, T] key mask; attention_mask: [B, T, T] or None
+    (ANDed with `mask`, see `attend`) -> ([B, T, E], probs [B, N, T, T] float32
+    or None)."""
     x, probs = Attention(
         self.num_heads, x.shape[-1], dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate,
         attention_impl=self.attention_impl, dtype=self.dtype,
         param_dtype=self.param_dtype, name='attention')(
-            x, x, mask, deterministic, return_probs)
+            x, x, mask, deterministic, return_probs, attention_mask)
     x = FeedForward(self.intermediate_size, self.dropout_rate, dtype=self.dtype,
                     param_dtype=self.param_dtype, name='ffn')(x, deterministic)
     return constrain(x, ('batch', 'length', 'embed')), probs
@@ -346,6 +437,7 @@ def maybe_remat(layer_cls: type[nn.Module], remat: bool) -> type[nn.Module]:
   """Wraps a layer class in `nn.remat` (recompute activations in backward) if asked.
 
   Call the layer with all arguments positional: `deterministic` and
-  `return_probs` (positions 3 and 4 counting self) are static.
+  `return_probs` (positions 3 and 4 counting self) are static; an attention mask
+  after them (position 5) is traced.
   """
   return nn.remat(layer_cls, static_argnums=(3, 4)) if remat else layer_cls

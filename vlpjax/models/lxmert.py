@@ -61,7 +61,7 @@ class CrossLayer(nn.Module):
   Submodules: cross_attention (used in both directions), language_self_attention,
   vision_self_attention, language_ffn, vision_ffn. Streams and masks come as
   pairs so that `layers.maybe_remat` (static deterministic/return_probs at
-  positions 3 and 4) applies.
+  positions 3 and 4) applies; the attention-mask blocks (position 5) are traced.
   """
   num_heads: int
   intermediate_size: int
@@ -74,15 +74,19 @@ class CrossLayer(nn.Module):
   @nn.compact
   def __call__(self, streams: tuple[jax.Array, jax.Array],
                masks: tuple[jax.Array, jax.Array], deterministic: bool = True,
-               return_probs: bool = False
+               return_probs: bool = False,
+               attention_masks: dict[str, jax.Array | None] | None = None
                ) -> tuple[tuple[jax.Array, jax.Array], dict[str, jax.Array] | None]:
-    """streams: (text [B, T, H], vision [B, R, H]); masks: ([B, T], [B, R]).
+    """streams: (text [B, T, H], vision [B, R, H]); masks: ([B, T], [B, R]) key
+    masks; attention_masks: `layers.attention_mask_blocks` of a full mask (or None).
 
-    Returns ((text, vision), probs) with probs (if asked) under 'language_cross'
-    [B, N, T, R], 'vision_cross' [B, N, R, T], 'language_self', 'vision_self'.
+    Returns ((text, vision), probs) with probs (if asked) keyed by stream:
+    'text_to_vision' [B, N, T, R], 'vision_to_text' [B, N, R, T], 'text'
+    [B, N, T, T], 'vision' [B, N, R, R] (self-attentions).
     """
     text, vision = streams
     text_mask, vision_mask = masks
+    blocks = attention_masks or {}
     attention = functools.partial(
         layers.Attention, self.num_heads, text.shape[-1], dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate,
@@ -91,18 +95,20 @@ class CrossLayer(nn.Module):
                             dtype=self.dtype, param_dtype=self.param_dtype)
     cross = attention(name='cross_attention')
     # Both directions read the streams as they entered the layer.
-    new_text, language_cross = cross(text, vision, vision_mask, deterministic, return_probs)
-    new_vision, vision_cross = cross(vision, text, text_mask, deterministic, return_probs)
+    new_text, language_cross = cross(text, vision, vision_mask, deterministic, return_probs,
+                                     blocks.get('text_to_vision'))
+    new_vision, vision_cross = cross(vision, text, text_mask, deterministic, return_probs,
+                                     blocks.get('vision_to_text'))
     new_text, language_self = attention(name='language_self_attention')(
-        new_text, new_text, text_mask, deterministic, return_probs)
+        new_text, new_text, text_mask, deterministic, return_probs, blocks.get('text'))
     new_vision, vision_self = attention(name='vision_self_attention')(
-        new_vision, new_vision, vision_mask, deterministic, return_probs)
+        new_vision, new_vision, vision_mask, deterministic, return_probs, blocks.get('vision'))
     new_text = ffn(name='language_ffn')(new_text, deterministic)
     new_vision = ffn(name='vision_ffn')(new_vision, deterministic)
     probs = None
     if return_probs:
-      probs = dict(language_cross=language_cross, vision_cross=vision_cross,
-                   language_self=language_self, vision_self=vision_self)
+      probs = dict(text_to_vision=language_cross, vision_to_text=vision_cross,
+                   text=language_self, vision=vision_self)
     return ((layers.constrain(new_text, TEXT_AXES), layers.constrain(new_vision, VISION_AXES)),
             probs)
 
@@ -148,7 +154,8 @@ class Lxmert(nn.Module):
   def __call__(self, input_ids: jax.Array, text_mask: jax.Array, region_feats: jax.Array,
                region_loc: jax.Array, region_mask: jax.Array,
                token_type_ids: jax.Array | None = None, deterministic: bool = True,
-               return_attention: bool = False) -> dict[str, Any]:
+               return_attention: bool = False,
+               attention_mask: jax.Array | None = None) -> dict[str, Any]:
     """Runs both streams and the cross layers.
 
     Args:
@@ -156,14 +163,26 @@ class Lxmert(nn.Module):
       region_feats: [B, R, F]; region_loc: [B, R, 4] normalised boxes;
       region_mask: [B, R] (1 = real region).
       token_type_ids: [B, T] (default 0).
+      attention_mask: [B, T+R, T+R] or None over [text; regions], ANDed with
+        the key masks: [:T, :T] in the language layers and the cross layers'
+        text self-attention, [T:, T:] in the relationship layers and the
+        cross layers' vision self-attention, [:T, T:] / [T:, :T] in the
+        cross-attention's text->vision / vision->text directions.
 
     Returns:
       dict with 'text' [B, T, H], 'vision' [B, R, H], 'pooled' [B, H],
-      'word_embeddings' [V, H] and, if `return_attention`, 'attention' with
-      'language_layers_i' [B, N, T, T], 'relation_layers_i' [B, N, R, R] and
-      'cross_layers_i/{language_cross,vision_cross,language_self,vision_self}'.
+      'word_embeddings' [V, H] and, if `return_attention`, 'attention' in the
+      schema of `layers.ATTENTION_STREAMS` (float32): 'text/layer_i' [B, N, T, T]
+      (i < num_language_layers: the language layers, then one per cross layer),
+      'vision/layer_i' [B, N, R, R] (the relationship layers, then one per
+      cross layer), 'text_to_vision/layer_k' [B, N, T, R] and
+      'vision_to_text/layer_k' [B, N, R, T] (cross layer k).
     """
     self.check_inputs(input_ids, region_feats, region_loc)
+    num_text = input_ids.shape[1]
+    attention_mask = layers.check_attention_mask(attention_mask, input_ids.shape[0], num_text,
+                                                 region_feats.shape[1])
+    blocks = layers.attention_mask_blocks(attention_mask, num_text)
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
     common = dict(dropout_rate=self.dropout_rate,
                   attention_dropout_rate=self.attention_dropout_rate,
@@ -180,23 +199,26 @@ class Lxmert(nn.Module):
     single_layer = layers.maybe_remat(layers.TransformerLayer, self.remat)
     for i in range(self.num_language_layers):
       name = f'language_layers_{i}'
-      text, attention[name] = single_layer(
+      text, attention[layers.attention_key('text', i)] = single_layer(
           self.num_heads, self.intermediate_size, **common, name=name)(
-              text, text_mask, deterministic, return_attention)
+              text, text_mask, deterministic, return_attention, blocks['text'])
     for i in range(self.num_relation_layers):
       name = f'relation_layers_{i}'
-      vision, attention[name] = single_layer(
+      vision, attention[layers.attention_key('vision', i)] = single_layer(
           self.num_heads, self.intermediate_size, **common, name=name)(
-              vision, region_mask, deterministic, return_attention)
+              vision, region_mask, deterministic, return_attention, blocks['vision'])
       vision = layers.constrain(vision, VISION_AXES)
     cross_layer = layers.maybe_remat(CrossLayer, self.remat)
-    for i in range(self.num_cross_layers):
-      name = f'cross_layers_{i}'
+    # Self-attentions inside cross layer k are layer num_*_layers + k of their stream.
+    offsets = dict(text=self.num_language_layers, vision=self.num_relation_layers,
+                   text_to_vision=0, vision_to_text=0)
+    for k in range(self.num_cross_layers):
       (text, vision), probs = cross_layer(
-          self.num_heads, self.intermediate_size, **common, name=name)(
-              (text, vision), (text_mask, region_mask), deterministic, return_attention)
-      for kind, value in (probs or {}).items():
-        attention[f'{name}/{kind}'] = value
+          self.num_heads, self.intermediate_size, **common, name=f'cross_layers_{k}')(
+              (text, vision), (text_mask, region_mask), deterministic, return_attention,
+              blocks)
+      for stream, value in (probs or {}).items():
+        attention[layers.attention_key(stream, offsets[stream] + k)] = value
 
     outputs = dict(
         text=text, vision=vision, word_embeddings=word_table,
@@ -240,7 +262,8 @@ class LxmertForPreTraining(Lxmert):
   def __call__(self, input_ids: jax.Array, text_mask: jax.Array, region_feats: jax.Array,
                region_loc: jax.Array, region_mask: jax.Array, mlm_positions: jax.Array,
                token_type_ids: jax.Array | None = None, deterministic: bool = True,
-               return_attention: bool = False) -> dict[str, Any]:
+               return_attention: bool = False,
+               attention_mask: jax.Array | None = None) -> dict[str, Any]:
     """Backbone arguments plus mlm_positions [B, P] (text positions to predict).
 
     Returns the backbone dict plus 'mlm_logits' [B, P, V], 'matched_logits'
@@ -250,7 +273,7 @@ class LxmertForPreTraining(Lxmert):
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
     outputs = Lxmert(**layers.backbone_fields(self, Lxmert), name='backbone')(
         input_ids, text_mask, region_feats, region_loc, region_mask, token_type_ids,
-        deterministic, return_attention)
+        deterministic, return_attention, attention_mask=attention_mask)
     outputs['mlm_logits'] = heads.MaskedLMHead(dtype=dtype, param_dtype=param_dtype,
                                                name='mlm_head')(
         outputs['text'], mlm_positions, outputs['word_embeddings'])

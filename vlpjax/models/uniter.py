@@ -107,8 +107,8 @@ class Uniter(UniterFields):
   def __call__(self, input_ids: jax.Array, text_mask: jax.Array, region_feats: jax.Array,
                region_loc: jax.Array, region_mask: jax.Array,
                token_type_ids: jax.Array | None = None, deterministic: bool = True,
-               return_attention: bool = False, masked_regions: jax.Array | None = None
-               ) -> dict[str, jax.Array]:
+               return_attention: bool = False, masked_regions: jax.Array | None = None,
+               attention_mask: jax.Array | None = None) -> dict[str, jax.Array]:
     """Encodes text and regions jointly.
 
     Args:
@@ -122,10 +122,14 @@ class Uniter(UniterFields):
       return_attention: also return per-layer attention probabilities.
       masked_regions: [B, R] bool, regions masked for MRFR/MRC (their features
         should already be zeroed); they get `mask_embedding[1]` added.
+      attention_mask: [B, T+R, T+R] or None, 1 where a query of [text; regions]
+        may attend to a key of [text; regions] (the joint sequence's own order),
+        ANDed with text_mask/region_mask in every layer (see `layers`).
 
     Returns:
       dict with 'text' [B, T, H], 'vision' [B, R, H], 'pooled' [B, H],
-      'word_embeddings' [V, H] and, if asked, 'attention' {'layer_i': [B, N, T+R, T+R]}.
+      'word_embeddings' [V, H] and, if asked, 'attention' in the schema of
+      `layers.ATTENTION_STREAMS`: {'joint/layer_i': float32 [B, N, T+R, T+R]}.
     """
     if region_feats.shape[-1] != self.feature_dim:
       raise ValueError(f'UNITER feature_dim is {self.feature_dim} but region_feats has '
@@ -143,6 +147,9 @@ class Uniter(UniterFields):
                             param_dtype=param_dtype, name='image_embeddings')(
                                 region_feats, region_loc, type_table[IMAGE_TOKEN_TYPE],
                                 masked_regions, deterministic)
+    num_text = input_ids.shape[1]
+    attention_mask = layers.check_attention_mask(attention_mask, input_ids.shape[0], num_text,
+                                                 region_feats.shape[1])
     x = jnp.concatenate([text, image], axis=1)
     mask = jnp.concatenate([text_mask, region_mask], axis=1)
     layer_cls = layers.maybe_remat(layers.TransformerLayer, self.remat)
@@ -151,9 +158,8 @@ class Uniter(UniterFields):
       x, probs = layer_cls(self.num_heads, self.intermediate_size, self.dropout_rate,
                            self.attention_dropout_rate, self.attention_impl, dtype=dtype,
                            param_dtype=param_dtype, name=f'layer_{i}')(
-                               x, mask, deterministic, return_attention)
-      attention[f'layer_{i}'] = probs
-    num_text = input_ids.shape[1]
+                               x, mask, deterministic, return_attention, attention_mask)
+      attention[layers.attention_key('joint', i)] = probs
     outputs = dict(
         text=x[:, :num_text],
         vision=layers.constrain(x[:, num_text:], ('batch', 'regions', 'embed')),
@@ -189,13 +195,15 @@ class UniterPreTraining(UniterFields):
   def __call__(self, input_ids: jax.Array, text_mask: jax.Array, region_feats: jax.Array,
                region_loc: jax.Array, region_mask: jax.Array, mlm_positions: jax.Array,
                token_type_ids: jax.Array | None = None, deterministic: bool = True,
-               return_attention: bool = False, masked_regions: jax.Array | None = None
-               ) -> dict[str, jax.Array]:
+               return_attention: bool = False, masked_regions: jax.Array | None = None,
+               attention_mask: jax.Array | None = None) -> dict[str, jax.Array]:
     """Backbone outputs plus 'mlm_logits' [B, P, V] at `mlm_positions` [B, P],
     'itm_logits' [B, 2] (1 = positive pair), 'mrfr_pred' [B, R, F] and
-    'mrc_logits' [B, R, num_region_classes] over every region."""
+    'mrc_logits' [B, R, num_region_classes] over every region. `attention_mask`
+    [B, T+R, T+R] goes to the backbone (see `Uniter.__call__`)."""
     outputs = self.backbone(input_ids, text_mask, region_feats, region_loc, region_mask,
-                            token_type_ids, deterministic, return_attention, masked_regions)
+                            token_type_ids, deterministic, return_attention, masked_regions,
+                            attention_mask)
     dtype = jnp.dtype(self.dtype)
     # The MRFR decoder reuses the image input projection, transposed.
     img_kernel = nn.meta.unbox(

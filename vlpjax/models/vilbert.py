@@ -73,7 +73,8 @@ class CoAttentionLayer(nn.Module):
 
   Both attentions read the block's inputs. Submodules: text_attention (text
   queries over image keys), image_attention (image queries over text keys),
-  text_ffn, image_ffn.
+  text_ffn, image_ffn. The attention-mask blocks (position 5, after the static
+  deterministic/return_probs) are traced under `layers.maybe_remat`.
   """
   bi_hidden_size: int
   bi_num_heads: int
@@ -88,15 +89,19 @@ class CoAttentionLayer(nn.Module):
   @nn.compact
   def __call__(self, streams: tuple[jax.Array, jax.Array],
                masks: tuple[jax.Array, jax.Array], deterministic: bool = True,
-               return_probs: bool = False
+               return_probs: bool = False,
+               attention_masks: dict[str, jax.Array | None] | None = None
                ) -> tuple[tuple[jax.Array, jax.Array], dict[str, jax.Array | None]]:
-    """streams: (text [B, T, Ht], image [B, R, Hv]); masks: ([B, T], [B, R]).
+    """streams: (text [B, T, Ht], image [B, R, Hv]); masks: ([B, T], [B, R]) key
+    masks; attention_masks: `layers.attention_mask_blocks` of a full mask (this
+    block reads 'text_to_vision' [B, T, R] and 'vision_to_text' [B, R, T]) or None.
 
-    Returns ((text [B, T, Ht], image [B, R, Hv]), {'text': [B, N, T, R] or None,
-    'image': [B, N, R, T] or None}).
+    Returns ((text [B, T, Ht], image [B, R, Hv]), {'text_to_vision':
+    [B, N, T, R] or None, 'vision_to_text': [B, N, R, T] or None}).
     """
     text, image = streams
     text_mask, image_mask = masks
+    blocks = attention_masks or {}
     attention = functools.partial(
         layers.Attention, self.bi_num_heads, self.bi_hidden_size,
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
@@ -104,14 +109,14 @@ class CoAttentionLayer(nn.Module):
     ffn = functools.partial(layers.FeedForward, dropout_rate=self.dropout_rate,
                             dtype=self.dtype, param_dtype=self.param_dtype)
     new_text, text_probs = attention(name='text_attention')(
-        text, image, image_mask, deterministic, return_probs)
+        text, image, image_mask, deterministic, return_probs, blocks.get('text_to_vision'))
     new_image, image_probs = attention(name='image_attention')(
-        image, text, text_mask, deterministic, return_probs)
+        image, text, text_mask, deterministic, return_probs, blocks.get('vision_to_text'))
     new_text = ffn(self.intermediate_size, name='text_ffn')(new_text, deterministic)
     new_image = ffn(self.v_intermediate_size, name='image_ffn')(new_image, deterministic)
     return ((layers.constrain(new_text, ('batch', 'length', 'embed')),
              layers.constrain(new_image, ('batch', 'regions', 'embed'))),
-            dict(text=text_probs, image=image_probs))
+            dict(text_to_vision=text_probs, vision_to_text=image_probs))
 
 
 def layer_schedule(num_layers: int, v_num_layers: int, v_biattention_id: Sequence[int],
@@ -176,7 +181,8 @@ class Vilbert(VilbertFields):
   def __call__(self, input_ids: jax.Array, text_mask: jax.Array, region_feats: jax.Array,
                region_loc: jax.Array, region_mask: jax.Array,
                token_type_ids: jax.Array | None = None, deterministic: bool = True,
-               return_attention: bool = False) -> dict[str, jax.Array]:
+               return_attention: bool = False,
+               attention_mask: jax.Array | None = None) -> dict[str, jax.Array]:
     """Encodes the two streams.
 
     Args:
@@ -188,18 +194,28 @@ class Vilbert(VilbertFields):
       token_type_ids: [B, T] (default 0).
       deterministic: no dropout when True.
       return_attention: also return attention probabilities per layer.
+      attention_mask: [B, T+R, T+R] or None over [text; regions] (region 0 the
+        [IMG] token), ANDed with the key masks: [:T, :T] in the text layers,
+        [T:, T:] in the image layers, [:T, T:] / [T:, :T] in the Co-TRMs' text /
+        image attention.
 
     Returns:
       dict with 'text' [B, T, Ht], 'vision' [B, R, Hv], 'pooled' [B, bi]
       (text_pooled * image_pooled), 'text_pooled' and 'image_pooled' [B, bi],
-      'word_embeddings' [V, Ht] and, if asked, 'attention': {'text_i',
-      'image_i': self-attention [B, N, L, L]; 'co_k_text' [B, N, T, R],
-      'co_k_image' [B, N, R, T]}.
+      'word_embeddings' [V, Ht] and, if asked, 'attention' in the schema of
+      `layers.ATTENTION_STREAMS` (float32): 'text/layer_i' [B, N, T, T] (text
+      layer i), 'vision/layer_i' [B, v_N, R, R] (image layer i),
+      'text_to_vision/layer_k' [B, bi_N, T, R] and 'vision_to_text/layer_k'
+      [B, bi_N, R, T] (Co-TRM k).
     """
     if region_feats.shape[-1] != self.feature_dim:
       raise ValueError(f'ViLBERT feature_dim is {self.feature_dim} but region_feats has '
                        f'shape {region_feats.shape}')
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+    num_text = input_ids.shape[1]
+    attention_mask = layers.check_attention_mask(attention_mask, input_ids.shape[0], num_text,
+                                                 region_feats.shape[1])
+    blocks = layers.attention_mask_blocks(attention_mask, num_text)
     text, word_table = layers.TextEmbeddings(
         self.vocab_size, self.hidden_size, self.max_position_embeddings,
         self.type_vocab_size, self.dropout_rate, dtype=dtype, param_dtype=param_dtype,
@@ -216,21 +232,24 @@ class Vilbert(VilbertFields):
     attention = {}
     for kind, i in layer_schedule(self.num_layers, self.v_num_layers, self.v_biattention_id,
                                   self.t_biattention_id):
+      # Text and image layers run in index order, so i counts their stream's layers.
       if kind == 'text':
-        text, attention[f'text_{i}'] = transformer(
+        text, attention[layers.attention_key('text', i)] = transformer(
             self.num_heads, self.intermediate_size, **common, name=f'text_layer_{i}')(
-                text, text_mask, deterministic, return_attention)
+                text, text_mask, deterministic, return_attention, blocks['text'])
       elif kind == 'image':
-        image, attention[f'image_{i}'] = transformer(
+        image, attention[layers.attention_key('vision', i)] = transformer(
             self.v_num_heads, self.v_intermediate_size, **common, name=f'image_layer_{i}')(
-                image, region_mask, deterministic, return_attention)
+                image, region_mask, deterministic, return_attention, blocks['vision'])
         image = layers.constrain(image, ('batch', 'regions', 'embed'))
       else:
         (text, image), probs = co_layer(
             self.bi_hidden_size, self.bi_num_heads, self.intermediate_size,
             self.v_intermediate_size, **common, name=f'co_layer_{i}')(
-                (text, image), (text_mask, region_mask), deterministic, return_attention)
-        attention[f'co_{i}_text'], attention[f'co_{i}_image'] = probs['text'], probs['image']
+                (text, image), (text_mask, region_mask), deterministic, return_attention,
+                blocks)
+        for stream, value in probs.items():
+          attention[layers.attention_key(stream, i)] = value
 
     pooler = functools.partial(layers.Pooler, self.bi_hidden_size, nn.relu, dtype=dtype,
                                param_dtype=param_dtype)
@@ -264,12 +283,14 @@ class VilbertPreTraining(VilbertFields):
   def __call__(self, input_ids: jax.Array, text_mask: jax.Array, region_feats: jax.Array,
                region_loc: jax.Array, region_mask: jax.Array, mlm_positions: jax.Array,
                token_type_ids: jax.Array | None = None, deterministic: bool = True,
-               return_attention: bool = False) -> dict[str, jax.Array]:
+               return_attention: bool = False,
+               attention_mask: jax.Array | None = None) -> dict[str, jax.Array]:
     """Backbone outputs plus 'mlm_logits' [B, P, V] at `mlm_positions` [B, P],
     'alignment_logits' [B, 2] (0 = aligned) and 'region_logits'
-    [B, R, num_region_classes] (region 0, the [IMG] token, included)."""
+    [B, R, num_region_classes] (region 0, the [IMG] token, included).
+    `attention_mask` [B, T+R, T+R] goes to the backbone (see `Vilbert.__call__`)."""
     outputs = self.backbone(input_ids, text_mask, region_feats, region_loc, region_mask,
-                            token_type_ids, deterministic, return_attention)
+                            token_type_ids, deterministic, return_attention, attention_mask)
     pooled = self.pooled_dropout(outputs['pooled'], deterministic=deterministic)
     return dict(
         outputs,

@@ -115,7 +115,8 @@ class VisualBert(nn.Module):
                region_loc: jax.Array, region_mask: jax.Array,
                token_type_ids: jax.Array | None = None, deterministic: bool = True,
                return_attention: bool = False,
-               visual_token_type_ids: jax.Array | None = None) -> dict[str, Any]:
+               visual_token_type_ids: jax.Array | None = None,
+               attention_mask: jax.Array | None = None) -> dict[str, Any]:
     """Runs the joint stack.
 
     Args:
@@ -124,11 +125,15 @@ class VisualBert(nn.Module):
         box input); region_mask: [B, R] (1 = real region).
       token_type_ids: [B, T] (default 0).
       visual_token_type_ids: [B, R] (default `visual_token_type`).
+      attention_mask: [B, T+R, T+R] or None, 1 where a query of [text; regions]
+        may attend to a key of [text; regions] (the joint sequence's own order),
+        ANDed with text_mask/region_mask in every layer (see `layers`).
 
     Returns:
       dict with 'text' [B, T, H], 'vision' [B, R, H] (the region part of the
       joint sequence), 'pooled' [B, H] (tanh on [CLS]), 'word_embeddings'
-      [V, H] and, if `return_attention`, 'attention': {'layers_i': [B, N, T+R, T+R]}.
+      [V, H] and, if `return_attention`, 'attention' in the schema of
+      `layers.ATTENTION_STREAMS`: {'joint/layer_i': float32 [B, N, T+R, T+R]}.
     """
     del region_loc
     layers.check_inputs(input_ids, region_feats, feature_dim=self.feature_dim,
@@ -144,15 +149,17 @@ class VisualBert(nn.Module):
         self.type_vocab_size, self.special_visual_initialize, self.dropout_rate,
         dtype=dtype, param_dtype=param_dtype, name='embeddings')(
             input_ids, token_type_ids, region_feats, visual_token_type_ids, deterministic)
+    attention_mask = layers.check_attention_mask(attention_mask, input_ids.shape[0], num_text,
+                                                 region_feats.shape[1])
     mask = jnp.concatenate([text_mask, region_mask], axis=1)
     layer_cls = layers.maybe_remat(layers.TransformerLayer, self.remat)
     attention = {}
     for i in range(self.num_layers):
-      name = f'layers_{i}'
-      x, attention[name] = layer_cls(
+      x, attention[layers.attention_key('joint', i)] = layer_cls(
           self.num_heads, self.intermediate_size, self.dropout_rate,
           self.attention_dropout_rate, self.attention_impl, dtype=dtype,
-          param_dtype=param_dtype, name=name)(x, mask, deterministic, return_attention)
+          param_dtype=param_dtype, name=f'layers_{i}')(
+              x, mask, deterministic, return_attention, attention_mask)
     outputs = dict(
         text=layers.constrain(x[:, :num_text], TEXT_AXES),
         vision=layers.constrain(x[:, num_text:], VISION_AXES),
@@ -177,7 +184,8 @@ class VisualBertForPreTraining(VisualBert):
                region_loc: jax.Array, region_mask: jax.Array, mlm_positions: jax.Array,
                token_type_ids: jax.Array | None = None, deterministic: bool = True,
                return_attention: bool = False,
-               visual_token_type_ids: jax.Array | None = None) -> dict[str, Any]:
+               visual_token_type_ids: jax.Array | None = None,
+               attention_mask: jax.Array | None = None) -> dict[str, Any]:
     """Backbone arguments plus mlm_positions [B, P] (text positions to predict).
 
     Returns the backbone dict plus 'mlm_logits' [B, P, V] and
@@ -186,7 +194,8 @@ class VisualBertForPreTraining(VisualBert):
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
     outputs = VisualBert(**layers.backbone_fields(self, VisualBert), name='backbone')(
         input_ids, text_mask, region_feats, region_loc, region_mask, token_type_ids,
-        deterministic, return_attention, visual_token_type_ids=visual_token_type_ids)
+        deterministic, return_attention, visual_token_type_ids=visual_token_type_ids,
+        attention_mask=attention_mask)
     outputs['mlm_logits'] = heads.MaskedLMHead(dtype=dtype, param_dtype=param_dtype,
                                                name='mlm_head')(
         outputs['text'], mlm_positions, outputs['word_embeddings'])
