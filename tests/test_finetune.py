@@ -105,6 +105,17 @@ def test_vqa_starts_from_the_pretrained_backbone(data_dir, pretrained):
                                          abstract['backbone'], backbone_only=True)
   with pytest.raises(ValueError, match='does not fit the model'):
     checkpointing.restore_workdir_params(pretrained, abstract['backbone'])
+  # A converted pretraining checkpoint (a params save, as vlpjax.convert writes):
+  # its backbone alone is read for the task's model.
+  converted = os.path.join(os.path.dirname(pretrained), 'converted_uniter')
+  with ocp.StandardCheckpointer() as writer:
+    writer.save(converted, stored['params'])
+  assert checkpointing.stored_top_level_keys(converted) > {'backbone'}
+  backbone = checkpointing.restore_params(converted, abstract['backbone'], subtree='backbone')
+  for got, want in zip(jax.tree.leaves(backbone), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match=r'\(backbone\) does not fit the model'):
+    checkpointing.restore_params(converted, abstract['answer_head'], subtree='backbone')
 
 
 def test_finetune_scores_every_question_once(data_dir, finetuned):

@@ -461,13 +461,34 @@ def stored_top_level_keys(directory: str | os.PathLike) -> set[str]:
     return set(_stored_tree(checkpointer, directory)[1].keys())
 
 
-def restore_params(directory: str | os.PathLike, abstract_params: Any) -> Any:
+def _check_fits(what: str, stored: Any, abstract: Any) -> None:
+  """Raises ValueError naming the paths where the stored tree (metadata) and the
+  model's (ShapeDtypeStructs) differ: missing, unexpected or of another shape."""
+  stored_shapes = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in
+                   jax.tree_util.tree_leaves_with_path(stored)}
+  wanted_shapes = {jax.tree_util.keystr(p): tuple(a.shape) for p, a in
+                   jax.tree_util.tree_leaves_with_path(abstract)}
+  missing = sorted(set(wanted_shapes) - set(stored_shapes))
+  unexpected = sorted(set(stored_shapes) - set(wanted_shapes))
+  wrong = sorted(f'{k}: stored {stored_shapes[k]}, model {wanted_shapes[k]}'
+                 for k in set(wanted_shapes) & set(stored_shapes)
+                 if stored_shapes[k] != wanted_shapes[k])
+  if missing or unexpected or wrong:
+    raise ValueError(f'{what} does not fit the model: missing {missing[:10]} '
+                     f'({len(missing)}), unexpected {unexpected[:10]} ({len(unexpected)}), '
+                     f'shape mismatches {wrong[:10]} ({len(wrong)})')
+
+
+def restore_params(directory: str | os.PathLike, abstract_params: Any,
+                   subtree: str | None = None) -> Any:
   """Reads a params pytree saved with orbax (e.g. by `vlpjax.convert`).
 
   Args:
     directory: the checkpoint directory (a `StandardCheckpointer` save): local
       (relative to the working directory) or gs://.
     abstract_params: ShapeDtypeStructs with shardings for the tree to read.
+    subtree: read only the stored tree under this top-level key (e.g.
+      'backbone'), leaving the rest of the save unread.
 
   Raises:
     FileNotFoundError: `directory` does not exist.
@@ -477,20 +498,16 @@ def restore_params(directory: str | os.PathLike, abstract_params: Any) -> Any:
   """
   with ocp.StandardCheckpointer() as checkpointer:
     path, stored = _stored_tree(checkpointer, directory)
-    stored_shapes = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in
-                     jax.tree_util.tree_leaves_with_path(stored)}
-    wanted_shapes = {jax.tree_util.keystr(p): tuple(a.shape) for p, a in
-                     jax.tree_util.tree_leaves_with_path(abstract_params)}
-    missing = sorted(set(wanted_shapes) - set(stored_shapes))
-    unexpected = sorted(set(stored_shapes) - set(wanted_shapes))
-    wrong = sorted(f'{k}: stored {stored_shapes[k]}, model {wanted_shapes[k]}'
-                   for k in set(wanted_shapes) & set(stored_shapes)
-                   if stored_shapes[k] != wanted_shapes[k])
-    if missing or unexpected or wrong:
-      raise ValueError(f'{path} does not fit the model: missing {missing[:10]} '
-                       f'({len(missing)}), unexpected {unexpected[:10]} ({len(unexpected)}), '
-                       f'shape mismatches {wrong[:10]} ({len(wrong)})')
-    return checkpointer.restore(path, abstract_params)
+  _check_fits(f'{path}' + ('' if subtree is None else f' ({subtree})'),
+              stored if subtree is None else stored[subtree], abstract_params)
+  if subtree is None:
+    with ocp.StandardCheckpointer() as checkpointer:
+      return checkpointer.restore(path, abstract_params)
+  item = {subtree: abstract_params}
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))[subtree]
 
 
 def restore_workdir_params(workdir: str | os.PathLike, abstract_params: Any, *,
@@ -528,17 +545,7 @@ def restore_workdir_params(workdir: str | os.PathLike, abstract_params: Any, *,
         raise ValueError(f'{path}: no {"/".join(keys[:depth + 1])} (keys there: '
                          f'{sorted(stored)})')
       stored = stored[key]
-    stored_shapes = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in
-                     jax.tree_util.tree_leaves_with_path(stored)}
-    wanted_shapes = {jax.tree_util.keystr(p): tuple(a.shape) for p, a in
-                     jax.tree_util.tree_leaves_with_path(abstract_params)}
-    if stored_shapes != wanted_shapes:
-      differ = sorted(k for k in set(stored_shapes) | set(wanted_shapes)
-                      if stored_shapes.get(k) != wanted_shapes.get(k))
-      raise ValueError(f'{path}: the stored {"/".join(keys)} does not fit the model at '
-                       f'{differ[:10]} ({len(differ)} paths): stored '
-                       f'{[stored_shapes.get(k) for k in differ[:3]]}, model '
-                       f'{[wanted_shapes.get(k) for k in differ[:3]]}')
+    _check_fits(f'{path} ({"/".join(keys)})', stored, abstract_params)
     item = abstract_params
     for key in reversed(keys):
       item = {key: item}

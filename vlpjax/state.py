@@ -123,8 +123,9 @@ def init_from(source: str, model_config: ml_collections.ConfigDict, state: Train
   'workdir:DIR': the backbone of the newest checkpoint of a vlpjax run in DIR
   (pretraining, or another task), e.g. to fine-tune a pretrained model.
   'orbax:DIR': the full params of this model, or only its backbone's (the tree
-  under params['backbone'], as `vlpjax.convert` writes for a backbone), read
-  straight into the state's shardings. 'bert:DIR': a transformers BertModel into
+  under params['backbone'], as `vlpjax.convert` writes for a backbone, or the
+  backbone of another model's params, e.g. a converted pretraining checkpoint
+  for a fine-tuning task), read straight into the state's shardings. 'bert:DIR': a transformers BertModel into
   the text side (`vlpjax.checkpoints.hf.import_bert`). DIR is local (relative to
   the working directory) or gs://.
   The optimiser state stays fresh (zero moments).
@@ -143,6 +144,11 @@ def init_from(source: str, model_config: ml_collections.ConfigDict, state: Train
     stored = checkpointing.stored_top_level_keys(directory)
     if 'backbone' in params and 'backbone' not in stored:
       params['backbone'] = checkpointing.restore_params(directory, abstract.params['backbone'])
+    elif 'backbone' in params and stored != set(params):
+      # Another model's params around the same backbone (a converted pretraining
+      # checkpoint for a fine-tuning task): its backbone alone.
+      params['backbone'] = checkpointing.restore_params(directory, abstract.params['backbone'],
+                                                        subtree='backbone')
     else:
       params = checkpointing.restore_params(directory, abstract.params)
   else:
