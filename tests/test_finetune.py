@@ -92,7 +92,7 @@ def test_vqa_starts_from_the_pretrained_backbone(data_dir, pretrained):
       a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
       abstract)
   loaded, step = checkpointing.restore_workdir_params(pretrained, abstract['backbone'],
-                                                      backbone_only=True)
+                                                      subtree='backbone')
   assert step == 4
   # The newest checkpoint (step 4) read whole, without a target.
   with ocp.StandardCheckpointer() as reader:
@@ -102,7 +102,7 @@ def test_vqa_starts_from_the_pretrained_backbone(data_dir, pretrained):
     np.testing.assert_array_equal(got, want)
   with pytest.raises(FileNotFoundError, match='no train checkpoint'):
     checkpointing.restore_workdir_params(os.path.dirname(pretrained) + '/none',
-                                         abstract['backbone'], backbone_only=True)
+                                         abstract['backbone'], subtree='backbone')
   with pytest.raises(ValueError, match='does not fit the model'):
     checkpointing.restore_workdir_params(pretrained, abstract['backbone'])
   # A converted pretraining checkpoint (a params save, as vlpjax.convert writes):
@@ -226,3 +226,28 @@ def test_load_answers_like_the_evaluator(data_dir, finetuned):
   assert answers == [evaluated[int(q['question_id'])] for q in rows]
   with pytest.raises(ValueError, match=r'features must be \[N, 40\]'):
     model.answer(['?'], np.zeros((2, 3)), np.zeros((2, 4)), (1, 1))
+
+
+def test_lxmert_vqa_head_starts_from_its_pretraining_qa_head(data_dir, tmp_path):
+  pretrain = tiny_config('lxmert', data_dir)
+  assert pretrain.data.qa  # LXMERT's image-QA objective
+  pretrain.train.num_steps = 1
+  pretrain.evals = ml_collections.ConfigDict()
+  train.train_and_evaluate(pretrain, str(tmp_path / 'pre'))
+  answers = tables.answer_vocab(pretrain.data)
+  with open(tmp_path / 'pre' / 'answers.txt', encoding='utf-8') as f:
+    assert f.read().splitlines() == answers
+  config = vqa_config('lxmert', data_dir)
+  config.evals = ml_collections.ConfigDict()
+  config.train.update(num_steps=1, learning_rate=0.0)  # the initial params are saved
+  config.init.source = f'workdir:{tmp_path / "pre"}'
+  train.train_and_evaluate(config, str(tmp_path / 'vqa'))
+  head, _ = checkpointing.restore_workdir_params(tmp_path / 'pre', subtree='answer_head')
+  tuned, _ = checkpointing.restore_workdir_params(tmp_path / 'vqa', subtree='answer_head')
+  # Same answer vocabulary: the whole head is the pretrained one.
+  for got, want in zip(jax.tree.leaves(tuned), jax.tree.leaves(head)):
+    np.testing.assert_array_equal(got, want)
+  config.vqa.head_from_pretraining = False
+  train.train_and_evaluate(config, str(tmp_path / 'fresh'))
+  fresh, _ = checkpointing.restore_workdir_params(tmp_path / 'fresh', subtree='answer_head')
+  assert not np.array_equal(fresh['output']['kernel'], head['output']['kernel'])

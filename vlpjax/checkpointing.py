@@ -510,16 +510,37 @@ def restore_params(directory: str | os.PathLike, abstract_params: Any,
         partial_restore=True))[subtree]
 
 
-def restore_workdir_params(workdir: str | os.PathLike, abstract_params: Any, *,
-                          backbone_only: bool = False, step: int | None = None
+def _newest_state(workdir: str | os.PathLike, step: int | None = None) -> tuple[epath.Path, int]:
+  """(path of the state item, step) of checkpoint `step` (None: the newest) of a workdir."""
+  directory = absolute_path(workdir) / 'checkpoints'
+  steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()
+                 ) if directory.is_dir() else []
+  if not steps or (step is not None and step not in steps):
+    raise FileNotFoundError(f'{workdir}: no train checkpoint{"" if step is None else f" of step {step}"} '
+                            f'under {directory} (has {steps})')
+  step = steps[-1] if step is None else step
+  return directory / str(step) / STATE, step
+
+
+def workdir_param_keys(workdir: str | os.PathLike) -> set[str]:
+  """Top-level keys of the params of a workdir's newest train checkpoint."""
+  path, _ = _newest_state(workdir)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    return set(checkpointer.metadata(path).item_metadata.tree.get('params', {}))
+
+
+def restore_workdir_params(workdir: str | os.PathLike, abstract_params: Any = None, *,
+                          subtree: str | None = None, step: int | None = None
                           ) -> tuple[Any, int]:
   """Params of a train checkpoint in a vlpjax workdir (pretraining or any task),
-  reading only those arrays: all of `params`, or only `params['backbone']`.
+  reading only those arrays: all of `params`, or only `params[subtree]` (e.g.
+  'backbone').
 
   Args:
     workdir: the run's workdir (its checkpoints/).
-    abstract_params: ShapeDtypeStructs with shardings of what to read (the
-      backbone's alone with `backbone_only`).
+    abstract_params: ShapeDtypeStructs with shardings of what to read; None:
+      numpy arrays of the stored shapes.
+    subtree: a top-level key of the params, to read that part alone.
     step: the checkpoint; None: the newest.
 
   Returns:
@@ -529,15 +550,8 @@ def restore_workdir_params(workdir: str | os.PathLike, abstract_params: Any, *,
     FileNotFoundError: the workdir has no train checkpoint (of `step`).
     ValueError: what is stored does not fit `abstract_params` (paths named).
   """
-  directory = absolute_path(workdir) / 'checkpoints'
-  steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()
-                 ) if directory.is_dir() else []
-  if not steps or (step is not None and step not in steps):
-    raise FileNotFoundError(f'{workdir}: no train checkpoint{"" if step is None else f" of step {step}"} '
-                            f'under {directory} (has {steps})')
-  step = steps[-1] if step is None else step
-  path = directory / str(step) / STATE
-  keys = ('params', 'backbone') if backbone_only else ('params',)
+  path, step = _newest_state(workdir, step)
+  keys = ('params',) + ((subtree,) if subtree else ())
   with ocp.PyTreeCheckpointer() as checkpointer:
     stored = checkpointer.metadata(path).item_metadata.tree
     for depth, key in enumerate(keys):
@@ -545,13 +559,17 @@ def restore_workdir_params(workdir: str | os.PathLike, abstract_params: Any, *,
         raise ValueError(f'{path}: no {"/".join(keys[:depth + 1])} (keys there: '
                          f'{sorted(stored)})')
       stored = stored[key]
-    _check_fits(f'{path} ({"/".join(keys)})', stored, abstract_params)
-    item = abstract_params
+    if abstract_params is None:
+      item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored)
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    else:
+      _check_fits(f'{path} ({"/".join(keys)})', stored, abstract_params)
+      item = abstract_params
+      restore_args = ocp.checkpoint_utils.construct_restore_args(item)
     for key in reversed(keys):
-      item = {key: item}
+      item, restore_args = {key: item}, {key: restore_args}
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True))
+        item=item, restore_args=restore_args, partial_restore=True))
   for key in keys:
     restored = restored[key]
   logging.info('read %s of %s (step %d)', '/'.join(keys), workdir, step)

@@ -102,14 +102,14 @@ def with_grad_buffers(state: TrainState, shardings: TrainState
   return state.replace(grads=grads), shardings
 
 
-def _to_host(tree: Any) -> Any:
+def to_host(tree: Any) -> Any:
   """Global arrays -> numpy on every process (gathers across processes)."""
   if jax.process_count() > 1:
     return multihost_utils.process_allgather(tree, tiled=True)
   return jax.device_get(tree)
 
 
-def _from_host(tree: Any, shardings: Any) -> Any:
+def from_host(tree: Any, shardings: Any) -> Any:
   """Numpy (the same on every process) -> global arrays in `shardings`."""
   return jax.tree.map(
       lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
@@ -139,7 +139,7 @@ def init_from(source: str, model_config: ml_collections.ConfigDict, state: Train
   params = dict(state.params)
   if kind == 'workdir':
     params['backbone'], _ = checkpointing.restore_workdir_params(
-        directory, abstract.params['backbone'], backbone_only=True)
+        directory, abstract.params['backbone'], subtree='backbone')
   elif kind == 'orbax':
     stored = checkpointing.stored_top_level_keys(directory)
     if 'backbone' in params and 'backbone' not in stored:
@@ -153,8 +153,8 @@ def init_from(source: str, model_config: ml_collections.ConfigDict, state: Train
       params = checkpointing.restore_params(directory, abstract.params)
   else:
     from vlpjax.checkpoints import hf  # pylint: disable=g-import-not-at-top
-    host = _to_host(params['backbone'])
-    params['backbone'] = _from_host(hf.import_bert(model_config, directory, host),
+    host = to_host(params['backbone'])
+    params['backbone'] = from_host(hf.import_bert(model_config, directory, host),
                                     jax.tree.map(lambda a: a.sharding,
                                                  abstract.params['backbone']))
   logging.info('init: params from %s', source)

@@ -148,6 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state = state_lib.init_train_state(model, tx, input_specs, config.seed, shardings)
       if config.init.source:
         state = state_lib.init_from(config.init.source, config.model, state, abstract)
+        state = state.replace(params=task.init_heads(config, state.params, abstract.params))
     if state_lib.keeps_grad_buffers(config.train):
       state, shardings = state_lib.with_grad_buffers(state, shardings)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

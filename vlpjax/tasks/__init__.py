@@ -13,6 +13,7 @@ task says how):
   compute_losses(config, outputs, targets, objective) -> (total, {name: loss})
   flops_per_example(config, input_specs) -> float
   inference_files(config) -> {file name: lines}   written into the workdir
+  init_heads(config, params, abstract_params)   heads from `init.source`, after it
   predictor(config, workdir, step)       `vlpjax.load`'s object
   make_evaluators(config, model, mesh, workdir) -> [Evaluator]   (`vlpjax.evaluators`)
 

@@ -93,9 +93,16 @@ def with_vocab_token_ids(config: ml_collections.ConfigDict,
 
 
 def inference_files(config: ml_collections.ConfigDict) -> dict[str, list[str]]:
-  """Files inference needs beyond the vocabulary: none."""
-  del config
-  return {}
+  """Files inference needs beyond the vocabulary: the QA head's answers (image-QA
+  pretraining), which a fine-tuned head may start from."""
+  return {'answers.txt': tables.answer_vocab(config.data)} if config.data.qa else {}
+
+
+def init_heads(config: ml_collections.ConfigDict, params: Mapping[str, Any],
+               abstract_params: Mapping[str, Any]) -> Mapping[str, Any]:
+  """Heads start as initialised (or as `init.source` gave them)."""
+  del config, abstract_params
+  return params
 
 
 def predictor(config: ml_collections.ConfigDict, workdir: str, step: int | None) -> Any:

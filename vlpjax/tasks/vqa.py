@@ -60,6 +60,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 from typing import Any, Iterator, Mapping, Sequence
@@ -112,6 +113,9 @@ def default_vqa_config() -> ml_collections.ConfigDict:
       # table's answers.txt. Labels are matched to it by string.
       answer_vocab_file=ml_collections.config_dict.placeholder(str),
       dropout_rate=ml_collections.config_dict.placeholder(float),  # None: model.dropout_rate
+      # With init.source='workdir:DIR' of a run with a QA head (LXMERT's image-QA
+      # pretraining), start 'pooled_mlp' from it, answers matched by string.
+      head_from_pretraining=True,
   ))
 
 
@@ -822,6 +826,32 @@ ANSWERS_FILE = 'answers.txt'
 def inference_files(config: ml_collections.ConfigDict) -> dict[str, list[str]]:
   """The answer vocabulary, one a line (`load` reads it back)."""
   return {ANSWERS_FILE: list(_answers(config))}
+
+
+def init_heads(config: ml_collections.ConfigDict, params: Mapping[str, Any],
+               abstract_params: Mapping[str, Any]) -> dict[str, Any]:
+  """Starts the 'pooled_mlp' head from the QA head of the `init.source` workdir's
+  run, as LXMERT fine-tunes from its pretraining QA head: hidden layer and
+  LayerNorm copied, each answer's output column copied from the same answer's
+  (`transfer_answer_head`). Without such a head (or with
+  `vqa.head_from_pretraining=False`) the fresh head stays.
+  """
+  from vlpjax import checkpointing, state as state_lib  # pylint: disable=g-import-not-at-top
+  kind, _, directory = config.init.source.partition(':')
+  name = HEAD_PARAM_NAMES['pooled_mlp']
+  answers_file = os.path.join(directory, ANSWERS_FILE)
+  if (kind != 'workdir' or not config.vqa.head_from_pretraining
+      or resolve_head(config.model.name, config.vqa.head) != 'pooled_mlp'
+      or name not in checkpointing.workdir_param_keys(directory)
+      or not os.path.isfile(answers_file)):
+    return dict(params)
+  pretrained, step = checkpointing.restore_workdir_params(directory, subtree=name)
+  head, matched = transfer_answer_head(pretrained, state_lib.to_host(params[name]),
+                                       read_answer_vocab(answers_file), _answers(config))
+  logging.info('init: %s from %s (step %d), %d of %d answers matched', name, directory,
+               step, matched, len(_answers(config)))
+  shardings = jax.tree.map(lambda a: a.sharding, abstract_params[name])
+  return dict(params, **{name: state_lib.from_host(head, shardings)})
 
 
 def prepare(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
