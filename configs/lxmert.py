@@ -2,6 +2,8 @@
 
 Usage:
   python -m vlpjax.main --config=configs/lxmert.py:base --workdir=/tmp/lxmert
+  # Fine-tune a pretraining run (workdir /tmp/lxmert_small) on VQA:
+  python -m vlpjax.main --config=configs/lxmert.py:small,task=vqa --workdir=/tmp/lxmert_vqa --config.init.source=workdir:/tmp/lxmert_small
 
 Config args: 'base' (published shapes, as HF `LxmertForPreTraining`), 'small'
 (2/2/2 layers of width 256, heads sized for the embedded world), 'tiny' (for

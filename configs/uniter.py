@@ -2,6 +2,8 @@
 
 Usage:
   python -m vlpjax.main --config=configs/uniter.py:base --workdir=/tmp/uniter
+  # Fine-tune a pretraining run (workdir /tmp/uniter_small) on VQA:
+  python -m vlpjax.main --config=configs/uniter.py:small,task=vqa --workdir=/tmp/uniter_vqa --config.init.source=workdir:/tmp/uniter_small
 
 Sizes: 'base' (12 x 768, 12 heads), 'large' (24 x 1024, 16 heads, FFN 4096),
 'small' (4 x 256, heads sized for the embedded world: the README's main job) and

@@ -2,6 +2,8 @@
 
 Usage:
   python -m vlpjax.main --config=configs/vilbert.py:base --workdir=/tmp/vilbert
+  # Fine-tune a pretraining run (workdir /tmp/vilbert_small) on VQA:
+  python -m vlpjax.main --config=configs/vilbert.py:small,task=vqa --workdir=/tmp/vilbert_vqa --config.init.source=workdir:/tmp/vilbert_small
 
 Sizes: 'base' (BERT-base text stream; image stream 6 x 1024, 8 heads, FFN 1024;
 6 Co-TRM layers of width 1024 after text layers 5..10 and image layers -1..4)

@@ -2,6 +2,8 @@
 
 Usage:
   python -m vlpjax.main --config=configs/visualbert.py:base --workdir=/tmp/visualbert
+  # Fine-tune a pretraining run (workdir /tmp/visualbert_small) on VQA:
+  python -m vlpjax.main --config=configs/visualbert.py:small,task=vqa --workdir=/tmp/visualbert_vqa --config.init.source=workdir:/tmp/visualbert_small
 
 Config args: 'base' (BERT-base, 2048-d BUTD features as VQA/COCO), 'base_nlvr2'
 (1024-d features), 'base_vcr' (512-d features), 'small' (4 x 256, sized for the

@@ -5,6 +5,8 @@ per-design config defaults."""
 import importlib
 import json
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -20,6 +22,7 @@ from vlpjax.data import input_pipeline, tables
 from vlpjax.tasks import vqa
 
 pytestmark = pytest.mark.usefixtures('compile_cache')
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL_BATCH = 24  # a multiple of the 8 devices that does not divide the splits (16)
 
 
@@ -150,8 +153,22 @@ def test_evaluate_reproduces_the_runs_last_evaluation(data_dir, finetuned):
         assert value == pytest.approx(last[f'{name}/{metric}'], abs=1e-9), (name, metric)
   with open(os.path.join(workdir, 'eval_step4.json'), encoding='utf-8') as f:
     assert json.load(f).keys() == results.keys()
-  with pytest.raises(FileNotFoundError, match='no checkpoint of step 3'):
+  with pytest.raises(FileNotFoundError, match='no train checkpoint of step 3'):
     evaluate.evaluate(vqa_config('uniter', data_dir), workdir, checkpoint_step=3)
+  # The command line, as the README shows it, on the same run.
+  os.remove(os.path.join(workdir, 'eval_step4.json'))
+  overrides = [f'--config.data.data_dir={data_dir}', '--config.data.size=tiny',
+               *(f'--config.model.{k}={v}' for k, v in config.model.items()
+                 if k in ('vocab_size', 'num_region_classes')),
+               '--config.evals.vqa_val.batch_size=24', '--config.evals.vqa_test.batch_size=24']
+  done = subprocess.run(
+      [sys.executable, '-m', 'vlpjax.evaluate', '--config=configs/uniter.py:tiny,task=vqa',
+       f'--workdir={workdir}', '--checkpoint_step=4', *overrides],
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO),
+      capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  with open(os.path.join(workdir, 'eval_step4.json'), encoding='utf-8') as f:
+    assert json.load(f)['vqa_val']['count'] == results['vqa_val']['count']
 
 
 @pytest.mark.slow

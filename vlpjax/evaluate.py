@@ -23,13 +23,6 @@ from ml_collections import config_flags
 
 from vlpjax import config_lib, sharding
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Run config file, e.g. configs/lxmert.py:small,task=vqa.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The run\'s workdir (its checkpoints/).')
-_STEP = flags.DEFINE_integer('checkpoint_step', None, 'Checkpoint to evaluate; default: newest.')
-flags.mark_flags_as_required(['config', 'workdir'])
-
-
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
              checkpoint_step: int | None = None) -> dict[str, dict[str, float]]:
   """Runs `config.evals` on a checkpoint of `workdir`: {evaluator: {metric: value}}.
@@ -53,19 +46,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   input_specs = step_lib.model_input_specs(config, task, task.objectives(config)[0],
                                            train.peek_batch_spec(iterator))
   abstract, _ = state_lib.abstract_train_state(model, tx, input_specs, mesh, rules)
-  checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint)
-  try:
-    step = checkpoint_step if checkpoint_step is not None else checkpointer.latest_step()
-    if step is None or step not in checkpointer.all_steps():
-      raise FileNotFoundError(f'{workdir}: no checkpoint of step {step} (has '
-                              f'{checkpointer.all_steps()})')
-    state = checkpointer.restore(step, abstract, iterator)
-  finally:
-    checkpointer.close()
+  # The params alone: the optimiser and data position do not matter here, so
+  # any batch size or schedule evaluates the checkpoint.
+  params, step = checkpointing.restore_workdir_params(workdir, abstract.params,
+                                                      step=checkpoint_step)
   results = {}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for evaluator in task.make_evaluators(config, model, mesh, workdir):
-      results[evaluator.name] = dict(evaluator.run(state.params, step))
+      results[evaluator.name] = dict(evaluator.run(params, step))
       logging.info('eval %s step %d | %s', evaluator.name, step,
                    ' '.join(f'{k} {v:.4g}' for k, v in results[evaluator.name].items()))
   if jax.process_index() == 0:
@@ -74,11 +62,24 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   return results
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  evaluate(_CONFIG.value, _WORKDIR.value, _STEP.value)
+def main() -> None:
+  """The command line. Its flags are defined here, not at import, so that the
+  library function `evaluate` imports beside other commands' flags."""
+  config = config_flags.DEFINE_config_file(
+      'config', None, 'Run config file, e.g. configs/lxmert.py:small,task=vqa.',
+      lock_config=True)
+  workdir = flags.DEFINE_string('workdir', None, "The run's workdir (its checkpoints/).")
+  step = flags.DEFINE_integer('checkpoint_step', None,
+                              'Checkpoint to evaluate; default: newest.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+  def run(argv: list[str]) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    evaluate(config.value, workdir.value, step.value)
+
+  app.run(run, flags_parser=config_lib.flags_parser(config))
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=config_lib.flags_parser(_CONFIG))
+  main()
