@@ -119,24 +119,24 @@ def default_vqa_config() -> ml_collections.ConfigDict:
   ))
 
 
+def _choose(field: str, value: str, choices: Sequence[str]) -> str:
+  """`value` if it is one of `choices`, else a ValueError naming `vqa.<field>`."""
+  if value not in choices:
+    raise ValueError(f'vqa.{field} must be one of {tuple(choices)}, got {value!r}')
+  return value
+
+
 def resolve_head(design: str, head: str | None = None) -> str:
   """`head`, or the design's default (HEADS); errors name the valid choices."""
   if design not in HEADS:
     raise ValueError(f'unknown design {design!r}; expected one of {tuple(HEADS)}')
-  head = HEADS[design] if head is None else head
-  if head not in HEAD_KINDS:
-    raise ValueError(f'vqa.head must be one of {HEAD_KINDS}, got {head!r}')
-  return head
+  return _choose('head', HEADS[design] if head is None else head, HEAD_KINDS)
 
 
 def resolve_loss(head: str, loss: str | None = None) -> str:
   """`loss`, or the head's default (DEFAULT_LOSS)."""
-  if head not in HEAD_KINDS:
-    raise ValueError(f'vqa.head must be one of {HEAD_KINDS}, got {head!r}')
-  loss = DEFAULT_LOSS[head] if loss is None else loss
-  if loss not in LOSS_KINDS:
-    raise ValueError(f'vqa.loss must be one of {LOSS_KINDS}, got {loss!r}')
-  return loss
+  head = _choose('head', head, HEAD_KINDS)
+  return _choose('loss', DEFAULT_LOSS[head] if loss is None else loss, LOSS_KINDS)
 
 
 # ----------------------------------------------------------------------------
