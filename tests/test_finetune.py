@@ -216,6 +216,12 @@ def test_config_arguments_and_per_design_text_length():
   config = uniter.get_config('base,task=vqa')
   assert config.task == 'vqa' and config.train.num_steps == vqa.RECIPES['uniter']['num_steps']
   assert config.train.learning_rate == 8e-5 and set(config.evals) == {'vqa_val', 'vqa_test'}
+  assert config.train.head_lr_multiplier == 10.0
+  # A task sets its own text length: a question, not a caption (pair).
+  for design, length in vqa.TEXT_LENGTHS.items():
+    module = importlib.import_module(f'configs.{design}')
+    assert module.get_config('base,task=vqa').data.max_text_len == length
+    assert module.get_config('small,task=vqa').data.max_text_len == vqa.WORLD_TEXT_LENGTH
   small = uniter.get_config('small')
   assert small.task == 'pretrain' and small.evals.val.type == 'loss'
   assert not uniter.get_config('base').evals

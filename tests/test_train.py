@@ -332,6 +332,26 @@ def test_clip_by_global_norm_matches_optax(scale):
                                                         rel=1e-6)
 
 
+def test_head_lr_multiplier_scales_only_the_heads_updates():
+  train_config = config_lib.train_config('uniter')
+  train_config.update(num_steps=10, warmup_fraction=0.0)
+  params = {'backbone': {'dense': {'kernel': np.ones((3, 2), np.float32)}},
+            'answer_head': {'kernel': np.ones((2, 4), np.float32),
+                            'bias': np.zeros((4,), np.float32)}}
+  grads = jax.tree.map(lambda p: np.full_like(p, 0.5), params)
+  updates = {}
+  for multiplier in (1.0, 10.0):
+    train_config.head_lr_multiplier = multiplier
+    tx, _ = optim.make_optimizer(train_config, get_design('uniter'))
+    updates[multiplier], _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_array_equal(updates[10.0]['backbone']['dense']['kernel'],
+                                updates[1.0]['backbone']['dense']['kernel'])
+  for got, base in zip(jax.tree.leaves(updates[10.0]['answer_head']),
+                       jax.tree.leaves(updates[1.0]['answer_head'])):
+    np.testing.assert_allclose(got, 10 * base, rtol=1e-6)  # decay included
+    assert np.abs(base).min() > 0
+
+
 def test_design_optimizer_defaults():
   uniter = config_lib.train_config('uniter')
   assert (uniter.learning_rate, uniter.adam_b2, uniter.weight_decay, uniter.grad_clip_norm,

@@ -54,6 +54,7 @@ def train_config(design: str) -> ml_collections.ConfigDict:
       global_batch_size=256,
       grad_accum_steps=1,        # microbatches per step; the update equals the full batch's
       end_learning_rate=0.0,     # linear decay from the peak after warmup to this
+      head_lr_multiplier=1.0,    # the task heads' learning rate / the backbone's
       max_steps_this_run=-1,     # stop (with a checkpoint) after this many steps; -1: no limit
       log_every_steps=50,
       # Keep the gradients' memory between steps (vlpjax.train.keeps_grad_buffers);

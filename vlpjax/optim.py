@@ -1,5 +1,6 @@
 """The optimiser: AdamW on BERT's warmup-then-linear-decay schedule, with
-global-norm clipping and the design's weight-decay rule."""
+global-norm clipping, the design's weight-decay rule and an optional learning-rate
+multiplier for the task heads."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -47,14 +48,34 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(optax.init_empty_state, update)
 
 
+def scale_heads(multiplier: float, backbone: str = 'backbone'
+                ) -> optax.GradientTransformation:
+  """Multiplies the updates of every top-level params entry but `backbone` (the
+  task's heads) by `multiplier`.
+
+  Applied after AdamW this is the heads' learning rate x `multiplier` (decay
+  included, as a PyTorch AdamW param group with that lr): UNITER fine-tunes its
+  heads at 10x the backbone's rate.
+  """
+  def update(updates, state, params=None):
+    del params
+    return {name: tree if name == backbone else jax.tree.map(lambda u: u * multiplier, tree)
+            for name, tree in updates.items()}, state
+
+  return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def make_optimizer(train_config: ml_collections.ConfigDict, design: Design
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Global-norm clipping (if `grad_clip_norm` > 0) then AdamW on the schedule,
-  decaying the parameters `design`'s rule decays."""
+  decaying the parameters `design`'s rule decays, then the heads' updates scaled
+  by `head_lr_multiplier` (if not 1)."""
   schedule = learning_rate_schedule(train_config)
-  adamw = optax.adamw(schedule, b1=train_config.adam_b1, b2=train_config.adam_b2,
-                      eps=train_config.adam_eps, weight_decay=train_config.weight_decay,
-                      mask=decay_mask(design))
+  transforms = [optax.adamw(schedule, b1=train_config.adam_b1, b2=train_config.adam_b2,
+                            eps=train_config.adam_eps, weight_decay=train_config.weight_decay,
+                            mask=decay_mask(design))]
   if train_config.grad_clip_norm > 0:
-    return optax.chain(clip_by_global_norm(train_config.grad_clip_norm), adamw), schedule
-  return adamw, schedule
+    transforms.insert(0, clip_by_global_norm(train_config.grad_clip_norm))
+  if train_config.head_lr_multiplier != 1:
+    transforms.append(scale_heads(train_config.head_lr_multiplier))
+  return (optax.chain(*transforms) if len(transforms) > 1 else transforms[0]), schedule

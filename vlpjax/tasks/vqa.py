@@ -779,33 +779,44 @@ RECIPES = {
     # 4 epochs of train + nominival (632,117 questions) at batch 32.
     'lxmert': dict(global_batch_size=32, learning_rate=5e-5, warmup_fraction=0.1,
                    num_steps=79_015, grad_clip_norm=5.0),
-    # 6k steps, warmup 600, AdamW (0.9, 0.98), wd 0.01, clip 2. The original
-    # batches by tokens (5,120 per GPU, 4 GPUs): about 256 questions.
+    # config/train-vqa-base-4gpu.json: 6k steps, warmup 600, AdamW (0.9, 0.98),
+    # wd 0.01, clip 2, the heads at 10x the lr. The original batches by tokens
+    # (5,120 per GPU, 4 GPUs, 5 accumulation steps): about 256 questions.
     'uniter': dict(global_batch_size=256, learning_rate=8e-5, warmup_fraction=0.1,
-                   num_steps=6_000, adam_b2=0.98, weight_decay=0.01, grad_clip_norm=2.0),
-    # 10 epochs of train (443,757 questions) at batch 64.
+                   num_steps=6_000, adam_b2=0.98, weight_decay=0.01, grad_clip_norm=2.0,
+                   head_lr_multiplier=10.0),
+    # configs/vqa/fine-tune.json: 10 epochs of train (443,757 questions) at batch
+    # 64, gradients clipped to norm 0.25.
     'visualbert': dict(global_batch_size=64, learning_rate=2e-5, warmup_fraction=0.1,
-                       num_steps=69_337),
-    # Not in TASKS.md: the other BCE recipes' values (lr 4e-5, 20 epochs of train
-    # at batch 256); check against vilbert-multi-task before quoting numbers.
-    'vilbert': dict(global_batch_size=256, learning_rate=4e-5, warmup_fraction=0.1,
-                    num_steps=34_669),
+                       num_steps=69_337, grad_clip_norm=0.25),
+    # vilbert-multi-task's vilbert_tasks.yml (VQA): 20 epochs of trainval
+    # (658,111 questions) at batch 128, lr 4e-5.
+    'vilbert': dict(global_batch_size=128, learning_rate=4e-5, warmup_fraction=0.1,
+                    num_steps=102_830),
 }
-# The embedded world ('small'/'tiny'): minutes on 2 CPU cores.
+# Question length in word pieces (with [CLS], [SEP] and VisualBERT's '? [MASK]'
+# slot): LXMERT's MAX_VQA_LENGTH, UNITER's max_txt_len, VisualBERT's
+# max_seq_length, vilbert-multi-task's max_seq_length.
+TEXT_LENGTHS = {'lxmert': 20, 'uniter': 60, 'visualbert': 128, 'vilbert': 23}
+# The embedded world ('small'/'tiny'): minutes on 2 CPU cores. Its questions
+# take at most 16 word pieces.
 WORLD_RECIPE = dict(global_batch_size=32, learning_rate=1e-4, warmup_fraction=0.1,
                     num_steps=600, log_every_steps=50, end_learning_rate=0.0)
+WORLD_TEXT_LENGTH = 20
 WORLD_EVAL_BATCH = 128
 
 
 def configure(config: ml_collections.ConfigDict, size: str) -> None:
   """Makes `config` (from `config_lib.make_config`) a VQA run: `config.vqa`,
-  the design's published recipe (the embedded world's for 'small'/'tiny'),
-  evaluators on validation (every 200 steps on the world) and test (at the end)."""
+  the design's published recipe and question length (the embedded world's for
+  'small'/'tiny'), evaluators on validation (every 200 steps on the world) and
+  test (at the end)."""
   from vlpjax import config_lib  # pylint: disable=g-import-not-at-top
   world = size in config_lib.WORLD_SIZES
   config.task = 'vqa'
   config.vqa = default_vqa_config()
   config.train.update(WORLD_RECIPE if world else RECIPES[config.model.name])
+  config.data.max_text_len = WORLD_TEXT_LENGTH if world else TEXT_LENGTHS[config.model.name]
   steps = config.train.num_steps
   batch = WORLD_EVAL_BATCH if world else 512
   config.evals = ml_collections.ConfigDict(dict(
