@@ -7,7 +7,9 @@ Every design at its 'tiny' config, dropout off.
 """
 import functools
 import importlib
+import re
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -251,7 +253,7 @@ def _recompute_probs(params, x, context, context_mask, attention_mask):
 @pytest.mark.parametrize('name,path,key,block', [
     ('uniter', ('layer_0', 'attention'), 'joint/layer_0', (slice(None), slice(None))),
     # LXMERT's shared cross-attention, text queries over region keys (its first call).
-    ('lxmert', ('cross_layers_0', 'cross_attention'), 'text_to_vision/layer_0',
+    ('lxmert', ('cross_layer_0', 'cross_attention'), 'text_to_vision/layer_0',
      (slice(0, T), slice(T, T + R))),
 ])
 def test_probabilities_are_the_layers_softmax(name, path, key, block):
@@ -287,6 +289,49 @@ def test_pretraining_passes_the_mask_through(design):
 def test_misshapen_mask_is_an_error(design):
   with pytest.raises(ValueError, match='attention_mask'):
     design.run(jnp.ones((B, T, T + R), bool))
+
+
+# (e) Backbone parameter names follow one pattern: streams `text` and `vision`,
+# containers `{kind}_layer_{i}`, cross-modal attention named by its direction as
+# the attention schema's streams are.
+
+_DENSE = r'(kernel|bias)'
+_NORM = r'(scale|bias)'
+_ATTENTION = rf'((query|key|value|output)/{_DENSE}|output_norm/{_NORM})'
+_FFN = rf'((intermediate|output)/{_DENSE}|output_norm/{_NORM})'
+_STREAM = r'(text|vision)'
+# LXMERT's `cross_attention` is one module for both directions.
+_FUSION_ATTENTION = rf'({_STREAM}_self|text_to_vision|vision_to_text|cross)_attention'
+BACKBONE_PATH = re.compile(rf"""
+    embeddings/((word|position|token_type)_embeddings/embedding|norm/{_NORM}
+                # VisualBERT's regions join its text under one LayerNorm.
+                |feature_projection/{_DENSE}|region_(position|token_type)_embeddings)
+  | region_embeddings/((feature|location)_projection/{_DENSE}
+                       |(feature|location)_norm/{_NORM}|norm/{_NORM}|mask_embedding)
+  | ({_STREAM}_)?layer_\d+/(attention/{_ATTENTION}|ffn/{_FFN})
+  | (cross|co)_layer_\d+/({_FUSION_ATTENTION}/{_ATTENTION}|{_STREAM}_ffn/{_FFN})
+  | ({_STREAM}_)?pooler/dense/{_DENSE}
+""", re.VERBOSE)
+# The layer containers (`{kind}_layer_{i}` less the index) and poolers of each design.
+LAYER_KINDS = dict(visualbert={'layer'}, uniter={'layer'},
+                   vilbert={'text_layer', 'vision_layer', 'co_layer'},
+                   lxmert={'text_layer', 'vision_layer', 'cross_layer'})
+POOLERS = dict(visualbert={'pooler'}, uniter={'pooler'}, lxmert={'pooler'},
+               vilbert={'text_pooler', 'vision_pooler'})
+
+
+def test_backbone_param_names_follow_the_pattern(design):
+  paths = ['/'.join(key) for key in traverse_util.flatten_dict(design.backbone_params)]
+  assert [p for p in paths if not BACKBONE_PATH.fullmatch(p)] == [], design.name
+  top = {p.split('/')[0] for p in paths}
+  layer_names = {name for name in top if re.fullmatch(r'.*layer_\d+', name)}
+  kinds = {name.rsplit('_', 1)[0] for name in layer_names}
+  assert kinds == LAYER_KINDS[design.name]
+  assert {name for name in top if name.endswith('pooler')} == POOLERS[design.name]
+  for kind in kinds:  # each kind's layers count from 0 without gaps
+    indices = sorted(int(name.rsplit('_', 1)[1]) for name in layer_names
+                     if name.rsplit('_', 1)[0] == kind)
+    assert indices == list(range(len(indices))), (kind, indices)
 
 
 # The layer underneath: `layers.attend` with a full mask.
@@ -338,8 +383,9 @@ def test_attention_mask_through_remat_and_bf16():
   plain = layers.TransformerLayer(4, 64)
   params = plain.init(jax.random.key(1), x, mask)
   remat = layers.maybe_remat(layers.TransformerLayer, True)(4, 64)
+  # Weighted by x: a LayerNorm output's plain sum is zero up to rounding.
   loss = lambda m: jax.jit(jax.value_and_grad(
-      lambda p: m.apply(p, x, mask, True, False, causal)[0].sum()))
+      lambda p: (m.apply(p, x, mask, True, False, causal)[0] * x).sum()))
   (want, want_grad), (got, got_grad) = loss(plain)(params), loss(remat)(params)
   np.testing.assert_allclose(got, want, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):

@@ -97,7 +97,7 @@ def text_forward(params, ids, mask, types, *, paths, shapes):
       shapes['type_vocab_size'], dropout_rate=0.0)
   text_params = {k: v for k, v in sub(paths['embeddings']).items()
                  if k in ('word_embeddings', 'position_embeddings', 'token_type_embeddings',
-                          'norm')}  # VisualBERT keeps its visual tables beside these
+                          'norm')}  # VisualBERT keeps its region params beside these
   x, _ = embeddings.apply({'params': text_params}, ids, types)
   layer = layers.TransformerLayer(shapes['num_attention_heads'], shapes['intermediate_size'],
                                   dropout_rate=0.0, attention_dropout_rate=0.0)
@@ -130,26 +130,29 @@ def test_bert_weights_reproduce_bert_text_outputs(design, tmp_path):
   if pooled is not None:
     np.testing.assert_allclose(pooled, expected.pooler_output.numpy(), atol=TOL)
 
-  # Exactly the text params changed (and VisualBERT's visual tables, copies of
-  # the loaded text tables: test_visualbert_visual_tables_copy_the_loaded_bert);
+  # Exactly the text params changed (and VisualBERT's region tables, copies of
+  # the loaded text tables: test_visualbert_region_tables_copy_the_loaded_bert);
   # everything else is as it was.
   text_prefixes = (paths['embeddings'] + '/', *(p + '/' for p in paths['layers']),
                    *([paths['pooler'] + '/'] if paths.get('pooler') else []))
   before, after = flat(params), flat(loaded)
   assert before.keys() == after.keys()
+  # VisualBERT's joint embeddings also hold its region params.
+  region_tables = (f'{paths["embeddings"]}/region_position_embeddings',
+                   f'{paths["embeddings"]}/region_token_type_embeddings')
   for key, value in before.items():
-    visual = key.startswith(f'{paths["embeddings"]}/visual_')
-    copied = key in (f'{paths["embeddings"]}/visual_position_embeddings',
-                     f'{paths["embeddings"]}/visual_token_type_embeddings')
+    copied = key in region_tables
+    region = copied or key.startswith(f'{paths["embeddings"]}/feature_projection/')
     is_text = key.startswith(text_prefixes) and (
-        not visual or copied and cfg.get('special_visual_initialize', False))
+        not region or copied and cfg.get('special_visual_initialize', False))
     assert np.array_equal(value, after[key]) != is_text, key
 
 
 @pytest.mark.parametrize('pretraining', [False, True])
-def test_visualbert_visual_tables_copy_the_loaded_bert(pretraining, tmp_path):
-  """special_visual_initialize (uclanlp/visualbert): the visual position and
-  token-type tables are copies of BERT's loaded tables, not of the random ones."""
+def test_visualbert_region_tables_copy_the_loaded_bert(pretraining, tmp_path):
+  """special_visual_initialize (uclanlp/visualbert): the region (HF: visual)
+  position and token-type tables are copies of BERT's loaded tables, not of the
+  random ones."""
   cfg = tiny_config('visualbert')
   assert cfg.special_visual_initialize
   params = random_params(cfg, pretraining=pretraining)
@@ -158,20 +161,20 @@ def test_visualbert_visual_tables_copy_the_loaded_bert(pretraining, tmp_path):
   save_random_bert(tmp_path, **shapes)
   bert = sd.read_state_dict(tmp_path)
   embeddings = paths['embeddings']
-  pairs = (('visual_position_embeddings', 'embeddings.position_embeddings.weight'),
-           ('visual_token_type_embeddings', 'embeddings.token_type_embeddings.weight'))
-  for visual, bert_key in pairs:  # so that the check below can fail
-    assert not np.allclose(backbone(params)[embeddings][visual], bert[bert_key])
+  pairs = (('region_position_embeddings', 'embeddings.position_embeddings.weight'),
+           ('region_token_type_embeddings', 'embeddings.token_type_embeddings.weight'))
+  for region, bert_key in pairs:  # so that the check below can fail
+    assert not np.allclose(backbone(params)[embeddings][region], bert[bert_key])
   loaded = hf.import_bert(cfg, tmp_path, params)
-  for visual, bert_key in pairs:
-    np.testing.assert_array_equal(backbone(loaded)[embeddings][visual], bert[bert_key],
-                                  err_msg=visual)
-  # Without special visual initialisation the visual tables stay as they were.
+  for region, bert_key in pairs:
+    np.testing.assert_array_equal(backbone(loaded)[embeddings][region], bert[bert_key],
+                                  err_msg=region)
+  # Without special visual initialisation the region tables stay as they were.
   cfg.special_visual_initialize = False
   kept = hf.import_bert(cfg, tmp_path, params)
-  for visual, _ in pairs:
-    np.testing.assert_array_equal(backbone(kept)[embeddings][visual],
-                                  backbone(params)[embeddings][visual], err_msg=visual)
+  for region, _ in pairs:
+    np.testing.assert_array_equal(backbone(kept)[embeddings][region],
+                                  backbone(params)[embeddings][region], err_msg=region)
 
 
 def test_pretraining_params_and_extra_bert_layers(tmp_path):

@@ -112,9 +112,9 @@ def test_bert_source_fills_the_text_side(tmp_path):
                                 state['encoder.layer.1.output.dense.weight'].T)
   np.testing.assert_array_equal(backbone['pooler']['dense']['bias'], state['pooler.dense.bias'])
   # The rest is freshly initialised (N(0, 0.02) kernels, LayerNorm 1/0).
-  image = backbone['image_embeddings']
-  assert 0.015 < np.std(image['img_linear']['kernel']) < 0.025
-  np.testing.assert_array_equal(image['norm']['scale'], 1.0)
+  regions = backbone['region_embeddings']
+  assert 0.015 < np.std(regions['feature_projection']['kernel']) < 0.025
+  np.testing.assert_array_equal(regions['norm']['scale'], 1.0)
 
 
 def test_hf_source(tmp_path):

@@ -144,7 +144,7 @@ def test_state_is_initialised_sharded_with_single_device_values():
   state = state_lib.init_train_state(model, tx, input_specs, config.seed, shardings)
   for array, wanted in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(shardings)):
     assert array.sharding == wanted
-  kernel = state.params['backbone']['layers_0']['ffn']['intermediate']['kernel']
+  kernel = state.params['backbone']['layer_0']['ffn']['intermediate']['kernel']
   assert kernel.addressable_shards[0].data.shape == (kernel.shape[0] // 4, kernel.shape[1] // 2)
   assert_trees_close(state, initial, rtol=0, atol=0)
 

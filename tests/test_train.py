@@ -302,20 +302,20 @@ def test_schedule_and_weight_decay_mask():
                              [0.0, 5e-5, 1e-4, 5e-5, 0.0], atol=1e-12)
   params = {'layer': {'dense': {'kernel': 0, 'bias': 0}, 'norm': {'scale': 0, 'bias': 0}},
             'word_embeddings': {'embedding': 0}, 'mrfr_bias': 0,
-            'image_embeddings': {'img_norm': {'scale': 0}, 'norm': {'scale': 0}}}
+            'region_embeddings': {'feature_norm': {'scale': 0}, 'norm': {'scale': 0}}}
   # LXMERT: BERT's rule by the last name.
   assert optim.decay_mask(get_design('lxmert'))(params) == {
       'layer': {'dense': {'kernel': True, 'bias': False},
                 'norm': {'scale': False, 'bias': False}},
       'word_embeddings': {'embedding': True}, 'mrfr_bias': True,
-      'image_embeddings': {'img_norm': {'scale': False}, 'norm': {'scale': False}}}
+      'region_embeddings': {'feature_norm': {'scale': False}, 'norm': {'scale': False}}}
   # UNITER: no decay on any name containing 'bias' or 'LayerNorm.weight'; its
-  # img_layer_norm is not called LayerNorm, so it decays.
+  # feature_norm (img_layer_norm there) is not called LayerNorm, so it decays.
   assert optim.decay_mask(get_design('uniter'))(params) == {
       'layer': {'dense': {'kernel': True, 'bias': False},
                 'norm': {'scale': False, 'bias': False}},
       'word_embeddings': {'embedding': True}, 'mrfr_bias': False,
-      'image_embeddings': {'img_norm': {'scale': True}, 'norm': {'scale': False}}}
+      'region_embeddings': {'feature_norm': {'scale': True}, 'norm': {'scale': False}}}
   assert optim.decay_mask(get_design('vilbert'))(params)['mrfr_bias'] is False
 
 

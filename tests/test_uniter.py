@@ -180,7 +180,7 @@ def test_parity_with_original(case, fixture, params):
   print(f'\nUNITER parity ({case}):')
   captured = state['intermediates']['backbone']
   check('embedding_output', packed(np.concatenate(
-      [captured['embeddings']['__call__'][0][0], captured['image_embeddings']['__call__'][0]],
+      [captured['embeddings']['__call__'][0][0], captured['region_embeddings']['__call__'][0]],
       axis=1)), 'embedding_output', lambda x: x[real])
   for i in range(config.num_layers):
     check(f'all_layers[{i}]', packed(captured[f'layer_{i}']['__call__'][0][0]), 'all_layers',
@@ -275,11 +275,11 @@ def test_import_errors_are_strict(checkpoint):
 def test_masked_regions_use_mask_row_one_only(params):
   """Row 0 of mask_embedding never contributes; row 1 goes to masked regions."""
   config = uniter_config.model_config('tiny')
-  module = uniter.ImageEmbeddings(config.hidden_size)
+  module = uniter.RegionEmbeddings(config.hidden_size)
   feats = jax.random.normal(jax.random.key(0), (1, 3, config.feature_dim))
   loc = jnp.zeros((1, 3, 7))
   type_embedding = jnp.zeros(config.hidden_size)
-  embedding_params = dict(params['backbone']['image_embeddings'])
+  embedding_params = dict(params['backbone']['region_embeddings'])
   table = embedding_params['mask_embedding']
   embedding_params['mask_embedding'] = table.copy()
   embedding_params['mask_embedding'][0] = 1.0  # must not matter

@@ -86,7 +86,7 @@ def test_parameter_counts():
 def test_layer_schedule():
   tiny = vilbert_config.model_config('tiny')
   order = json.load(open(os.path.join(REFERENCE, 'vilbert_tiny.json')))['layer_execution_order']
-  names = {'text': 'layer', 'image': 'v_layer', 'co': 'c_layer'}
+  names = {'text': 'layer', 'vision': 'v_layer', 'co': 'c_layer'}
   assert [f'{names[kind]}[{i}]' for kind, i in vilbert.layer_schedule(
       tiny.num_layers, tiny.v_num_layers, tiny.v_biattention_id, tiny.t_biattention_id)
          ] == order
@@ -95,8 +95,8 @@ def test_layer_schedule():
                                     base.v_biattention_id, base.t_biattention_id)
   expected = [('text', i) for i in range(6)] + [('co', 0)]
   for i in range(5):
-    expected += [('text', 6 + i), ('image', i), ('co', i + 1)]
-  assert schedule == expected + [('image', 5), ('text', 11)]
+    expected += [('text', 6 + i), ('vision', i), ('co', i + 1)]
+  assert schedule == expected + [('vision', 5), ('text', 11)]
   with pytest.raises(ValueError, match='must pair up'):
     vilbert.layer_schedule(12, 6, [0, 1], [11])
   with pytest.raises(ValueError, match=r't_biattention_id must be ascending'):
@@ -170,11 +170,11 @@ def test_parity_with_original(case, fixture, params):
 
   print(f'\nViLBERT parity ({case}):')
   check('txt_emb', captured['embeddings']['__call__'][0][0], real_text)
-  check('img_emb', captured['image_embeddings']['__call__'][0], real_image)
+  check('img_emb', captured['region_embeddings']['__call__'][0], real_image)
   for i in range(config.num_layers):
     check(f'layer_t{i}', captured[f'text_layer_{i}']['__call__'][0][0], real_text)
   for i in range(config.v_num_layers):
-    check(f'layer_v{i}', captured[f'image_layer_{i}']['__call__'][0][0], real_image)
+    check(f'layer_v{i}', captured[f'vision_layer_{i}']['__call__'][0][0], real_image)
   for k in range(len(config.v_biattention_id)):
     (text, image), _ = captured[f'co_layer_{k}']['__call__'][0]
     check(f'layer_c{k}_t', text, real_text)

@@ -158,9 +158,9 @@ def test_special_visual_initialize_copies_the_text_tables():
     params = jax.jit(embeddings.init)(jax.random.key(0), ids, ids, feats,
                                       jnp.ones((1, 2), jnp.int32))
     params = nn.unbox(params)['params']
-    same_positions = np.array_equal(params['visual_position_embeddings'],
+    same_positions = np.array_equal(params['region_position_embeddings'],
                                     params['position_embeddings']['embedding'])
-    same_types = np.array_equal(params['visual_token_type_embeddings'],
+    same_types = np.array_equal(params['region_token_type_embeddings'],
                                 params['token_type_embeddings']['embedding'])
     assert same_positions == same_types == copy
 

@@ -10,7 +10,7 @@
 * `import_bert` loads a `BertModel` (or `BertForPreTraining`) checkpoint into the
   text part of any of the four designs (each design's `bert_text_paths` says
   where), leaving every other param as it was except what the design's
-  `after_bert_import` derives from BERT (VisualBERT's visual position/type
+  `after_bert_import` derives from BERT (VisualBERT's region position/type
   tables, copied as its `special_visual_initialize` does).
 
 Tied weights (the MLM decoder is the word table; VisualBERT's decoder bias is
@@ -114,25 +114,24 @@ def lxmert_rules(model_config: ml_collections.ConfigDict, pretraining: bool) -> 
   key, path = _prefixes(LXMERT_PREFIX, pretraining)
   rules = bert_rules(lxmert.bert_text_paths(model_config), torch_prefix=key,
                      path_prefix=path)
-  visual = f'{key}encoder.visn_fc'
-  rules += (sd.linear_rules(f'{visual}.visn_fc', f'{path}visual_embeddings/feature_projection') +
-            sd.layer_norm_rules(f'{visual}.visn_layer_norm',
-                                f'{path}visual_embeddings/feature_norm') +
-            sd.linear_rules(f'{visual}.box_fc', f'{path}visual_embeddings/box_projection') +
-            sd.layer_norm_rules(f'{visual}.box_layer_norm', f'{path}visual_embeddings/box_norm'))
+  visual, regions = f'{key}encoder.visn_fc', f'{path}region_embeddings'
+  rules += (sd.linear_rules(f'{visual}.visn_fc', f'{regions}/feature_projection') +
+            sd.layer_norm_rules(f'{visual}.visn_layer_norm', f'{regions}/feature_norm') +
+            sd.linear_rules(f'{visual}.box_fc', f'{regions}/location_projection') +
+            sd.layer_norm_rules(f'{visual}.box_layer_norm', f'{regions}/location_norm'))
   for i in range(model_config.num_relation_layers):
-    rules += transformer_layer_rules(f'{key}encoder.r_layers.{i}',
-                                     f'{path}relation_layers_{i}')
+    rules += transformer_layer_rules(f'{key}encoder.r_layers.{i}', f'{path}vision_layer_{i}')
   for i in range(model_config.num_cross_layers):
-    torch_layer, layer = f'{key}encoder.x_layers.{i}', f'{path}cross_layers_{i}'
+    torch_layer, layer = f'{key}encoder.x_layers.{i}', f'{path}cross_layer_{i}'
+    # HF's one `visual_attention` serves both directions, as our `cross_attention`.
     rules += attention_rules(f'{torch_layer}.visual_attention.att',
                              f'{torch_layer}.visual_attention.output', f'{layer}/cross_attention')
-    for torch_name, name in (('lang', 'language'), ('visn', 'vision')):
-      rules += attention_rules(f'{torch_layer}.{torch_name}_self_att.self',
-                               f'{torch_layer}.{torch_name}_self_att.output',
-                               f'{layer}/{name}_self_attention')
-      rules += ffn_rules(f'{torch_layer}.{torch_name}_inter', f'{torch_layer}.{torch_name}_output',
-                         f'{layer}/{name}_ffn')
+    for torch_stream, stream in (('lang', 'text'), ('visn', 'vision')):
+      rules += attention_rules(f'{torch_layer}.{torch_stream}_self_att.self',
+                               f'{torch_layer}.{torch_stream}_self_att.output',
+                               f'{layer}/{stream}_self_attention')
+      rules += ffn_rules(f'{torch_layer}.{torch_stream}_inter',
+                         f'{torch_layer}.{torch_stream}_output', f'{layer}/{stream}_ffn')
   if pretraining:
     rules += _mlm_head_rules('mlm_head')
     rules += sd.linear_rules('cls.seq_relationship', 'matched_head')
@@ -155,9 +154,10 @@ def visualbert_rules(model_config: ml_collections.ConfigDict, pretraining: bool)
                      path_prefix=path)
   embeddings = f'{key}embeddings'
   rules += sd.linear_rules(f'{embeddings}.visual_projection',
-                           f'{path}embeddings/visual_projection')
-  for name in ('visual_position_embeddings', 'visual_token_type_embeddings'):
-    rules.append(Rule(f'{embeddings}.{name}.weight', f'{path}embeddings/{name}'))
+                           f'{path}embeddings/feature_projection')
+  for torch_name, name in (('visual_position_embeddings', 'region_position_embeddings'),
+                           ('visual_token_type_embeddings', 'region_token_type_embeddings')):
+    rules.append(Rule(f'{embeddings}.{torch_name}.weight', f'{path}embeddings/{name}'))
   if pretraining:
     rules += _mlm_head_rules('mlm_head')
     rules += sd.linear_rules('cls.seq_relationship', 'sentence_image_head')
@@ -288,7 +288,7 @@ def import_bert(model_config: ml_collections.ConfigDict, bert_dir: str | os.Path
     `params` with the text embeddings, text layers (and pooler) replaced, then
     passed through the design's `after_bert_import(backbone_params,
     model_config)` if it has one (VisualBERT copies the loaded position/type
-    tables into its visual ones).
+    tables into its region ones).
 
   Raises:
     CheckpointMismatchError: too few BERT layers, or shapes that do not fit

@@ -50,12 +50,12 @@ def uniter_rules(model_config, pretraining: bool) -> list[Rule]:
   `uniter.`) or a bare `UniterModel` state dict (False), tied copies excluded."""
   backbone = [
       *hf.bert_rules(uniter.bert_text_paths(model_config)),  # embeddings, layers, pooler
-      *sd.linear_rules('img_embeddings.img_linear', 'image_embeddings/img_linear'),
-      *sd.layer_norm_rules('img_embeddings.img_layer_norm', 'image_embeddings/img_norm'),
-      *sd.linear_rules('img_embeddings.pos_linear', 'image_embeddings/pos_linear'),
-      *sd.layer_norm_rules('img_embeddings.pos_layer_norm', 'image_embeddings/pos_norm'),
-      Rule('img_embeddings.mask_embedding.weight', 'image_embeddings/mask_embedding'),
-      *sd.layer_norm_rules('img_embeddings.LayerNorm', 'image_embeddings/norm'),
+      *sd.linear_rules('img_embeddings.img_linear', 'region_embeddings/feature_projection'),
+      *sd.layer_norm_rules('img_embeddings.img_layer_norm', 'region_embeddings/feature_norm'),
+      *sd.linear_rules('img_embeddings.pos_linear', 'region_embeddings/location_projection'),
+      *sd.layer_norm_rules('img_embeddings.pos_layer_norm', 'region_embeddings/location_norm'),
+      Rule('img_embeddings.mask_embedding.weight', 'region_embeddings/mask_embedding'),
+      *sd.layer_norm_rules('img_embeddings.LayerNorm', 'region_embeddings/norm'),
   ]
   if not pretraining:
     return backbone
@@ -81,16 +81,16 @@ def vilbert_rules(model_config, pretraining: bool) -> list[Rule]:
   backbone = [
       # Text embeddings and layers (the ReLU text pooler is not BERT's).
       *hf.bert_rules(vilbert.bert_text_paths(model_config), with_pooler=False),
-      *sd.linear_rules('v_embeddings.image_embeddings', 'image_embeddings/features'),
+      *sd.linear_rules('v_embeddings.image_embeddings', 'region_embeddings/feature_projection'),
       *sd.linear_rules('v_embeddings.image_location_embeddings',
-                       'image_embeddings/locations'),
-      *sd.layer_norm_rules('v_embeddings.LayerNorm', 'image_embeddings/norm'),
+                       'region_embeddings/location_projection'),
+      *sd.layer_norm_rules('v_embeddings.LayerNorm', 'region_embeddings/norm'),
       *[rule for i in range(model_config.v_num_layers)
-        for rule in hf.transformer_layer_rules(f'encoder.v_layer.{i}', f'image_layer_{i}')],
+        for rule in hf.transformer_layer_rules(f'encoder.v_layer.{i}', f'vision_layer_{i}')],
       *[rule for k in range(len(model_config.v_biattention_id))
         for rule in _co_layer_rules(f'encoder.c_layer.{k}', f'co_layer_{k}')],
       *sd.linear_rules('t_pooler.dense', 'text_pooler/dense'),
-      *sd.linear_rules('v_pooler.dense', 'image_pooler/dense'),
+      *sd.linear_rules('v_pooler.dense', 'vision_pooler/dense'),
   ]
   if not pretraining:
     return backbone
@@ -110,17 +110,19 @@ def vilbert_rules(model_config, pretraining: bool) -> list[Rule]:
 def _co_layer_rules(p: str, path: str) -> list[Rule]:
   """ViLBERT `BertConnectionLayer`. In `biattention`, `*1` projects the image
   stream and `*2` the text stream; `biOutput.dense1/LayerNorm1` finish the image
-  queries' context and `dense2/LayerNorm2` the text queries'."""
+  queries' context (our vision_to_text_attention) and `dense2/LayerNorm2` the
+  text queries' (text_to_vision_attention)."""
   bi, out = f'{p}.biattention', f'{p}.biOutput'
   rules = []
-  for stream, query, key_value, output in (('image', 1, 2, 1), ('text', 2, 1, 2)):
-    attention = f'{path}/{stream}_attention'
+  for direction, query, key_value, output in (('vision_to_text', 1, 2, 1),
+                                              ('text_to_vision', 2, 1, 2)):
+    attention = f'{path}/{direction}_attention'
     rules += [*sd.linear_rules(f'{bi}.query{query}', f'{attention}/query'),
               *sd.linear_rules(f'{bi}.key{key_value}', f'{attention}/key'),
               *sd.linear_rules(f'{bi}.value{key_value}', f'{attention}/value'),
               *sd.linear_rules(f'{out}.dense{output}', f'{attention}/output'),
               *sd.layer_norm_rules(f'{out}.LayerNorm{output}', f'{attention}/output_norm')]
-  return (rules + hf.ffn_rules(f'{p}.v_intermediate', f'{p}.v_output', f'{path}/image_ffn') +
+  return (rules + hf.ffn_rules(f'{p}.v_intermediate', f'{p}.v_output', f'{path}/vision_ffn') +
           hf.ffn_rules(f'{p}.t_intermediate', f'{p}.t_output', f'{path}/text_ffn'))
 
 

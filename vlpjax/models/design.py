@@ -98,7 +98,7 @@ class Design:
       as the original's rule.
     bert_text_paths: model config -> where BERT's text weights live.
     after_bert_import: (backbone params, model config) -> params, run after
-      BERT's text weights are loaded (VisualBERT copies them into its visual
+      BERT's text weights are loaded (VisualBERT copies them into its region
       tables).
   """
   name: str

@@ -36,7 +36,7 @@ The backbone contract shared by the four designs (their `MODEL.__call__`):
     vision_to_text  region queries over text keys, [B, N, R, T]
 
   `i` counts the attention layers of that stream from 0 in the order they run
-  (LXMERT's text self-attentions: the language layers, then those inside the
+  (LXMERT's text self-attentions: its text layers, then those inside the
   cross layers).
 """
 from __future__ import annotations

@@ -1,15 +1,16 @@
 """LXMERT (Tan & Bansal, 2019): two streams joined by cross-modality layers.
 
-Order: text embeddings and region embeddings; all language layers on the text;
-all object-relationship layers on the regions; then the cross layers, each
+Order: text embeddings and region embeddings; all language layers on the text
+(`text_layer_{i}`); all object-relationship layers on the regions
+(`vision_layer_{i}`); then the cross layers (`cross_layer_{k}`), each
 running cross-attention (ONE module shared by both directions, as the original),
 then per-modality self-attention, then per-modality FFN. Pooler: tanh on the
-language [CLS] after the cross layers. Regions have no position or type
+text [CLS] after the cross layers. Regions have no position or type
 embedding: `(LN(Linear(feat)) + LN(Linear(box))) / 2` + dropout, boxes being
 (x1, y1, x2, y2) divided by the image width/height.
 
 Param names map one to one onto HF `LxmertModel`/`LxmertForPreTraining`
-(see `vlpjax.checkpoints.hf`); the language layers are BERT-shaped
+(see `vlpjax.checkpoints.hf`); the text layers are BERT-shaped
 `TransformerLayer`s, so BERT weights load into them.
 """
 from __future__ import annotations
@@ -32,10 +33,10 @@ TEXT_AXES = ('batch', 'length', 'embed')
 VISION_AXES = ('batch', 'regions', 'embed')
 
 
-class VisualFeatureEmbeddings(nn.Module):
+class RegionEmbeddings(nn.Module):
   """`(LN(Dense(feat)) + LN(Dense(box))) / 2` + dropout: [B, R, F], [B, R, 4] -> [B, R, H].
 
-  Submodules: feature_projection, feature_norm, box_projection, box_norm.
+  Submodules: feature_projection, feature_norm, location_projection, location_norm.
   """
   hidden_size: int
   dropout_rate: float
@@ -50,7 +51,8 @@ class VisualFeatureEmbeddings(nn.Module):
     norm = functools.partial(layers.LayerNorm, dtype=self.dtype, param_dtype=self.param_dtype)
     feats = norm(name='feature_norm')(
         dense(('feature', 'embed'), name='feature_projection')(region_feats))
-    boxes = norm(name='box_norm')(dense(('loc', 'embed'), name='box_projection')(region_loc))
+    boxes = norm(name='location_norm')(
+        dense(('loc', 'embed'), name='location_projection')(region_loc))
     x = nn.Dropout(self.dropout_rate)((feats + boxes) / 2, deterministic=deterministic)
     return layers.constrain(x, VISION_AXES)
 
@@ -58,10 +60,12 @@ class VisualFeatureEmbeddings(nn.Module):
 class CrossLayer(nn.Module):
   """One cross-modality layer (HF `LxmertXLayer`).
 
-  Submodules: cross_attention (used in both directions), language_self_attention,
-  vision_self_attention, language_ffn, vision_ffn. Streams and masks come as
-  pairs so that `layers.maybe_remat` (static deterministic/return_probs at
-  positions 3 and 4) applies; the attention-mask blocks (position 5) are traced.
+  Submodules: cross_attention (ONE module whose weights both directions,
+  text_to_vision and vision_to_text, share, as the original's
+  `visual_attention`), text_self_attention, vision_self_attention, text_ffn,
+  vision_ffn. Streams and masks come as pairs so that `layers.maybe_remat`
+  (static deterministic/return_probs at positions 3 and 4) applies; the
+  attention-mask blocks (position 5) are traced.
   """
   num_heads: int
   intermediate_size: int
@@ -95,20 +99,20 @@ class CrossLayer(nn.Module):
                             dtype=self.dtype, param_dtype=self.param_dtype)
     cross = attention(name='cross_attention')
     # Both directions read the streams as they entered the layer.
-    new_text, language_cross = cross(text, vision, vision_mask, deterministic, return_probs,
+    new_text, text_to_vision = cross(text, vision, vision_mask, deterministic, return_probs,
                                      blocks.get('text_to_vision'))
-    new_vision, vision_cross = cross(vision, text, text_mask, deterministic, return_probs,
-                                     blocks.get('vision_to_text'))
-    new_text, language_self = attention(name='language_self_attention')(
+    new_vision, vision_to_text = cross(vision, text, text_mask, deterministic, return_probs,
+                                       blocks.get('vision_to_text'))
+    new_text, text_self = attention(name='text_self_attention')(
         new_text, new_text, text_mask, deterministic, return_probs, blocks.get('text'))
     new_vision, vision_self = attention(name='vision_self_attention')(
         new_vision, new_vision, vision_mask, deterministic, return_probs, blocks.get('vision'))
-    new_text = ffn(name='language_ffn')(new_text, deterministic)
+    new_text = ffn(name='text_ffn')(new_text, deterministic)
     new_vision = ffn(name='vision_ffn')(new_vision, deterministic)
     probs = None
     if return_probs:
-      probs = dict(text_to_vision=language_cross, vision_to_text=vision_cross,
-                   text=language_self, vision=vision_self)
+      probs = dict(text_to_vision=text_to_vision, vision_to_text=vision_to_text,
+                   text=text_self, vision=vision_self)
     return ((layers.constrain(new_text, TEXT_AXES), layers.constrain(new_vision, VISION_AXES)),
             probs)
 
@@ -117,7 +121,9 @@ class Lxmert(nn.Module):
   """LXMERT backbone (HF `LxmertModel`).
 
   Layer counts: num_language_layers / num_relation_layers / num_cross_layers are
-  the original's l_layers / r_layers / x_layers (9 / 5 / 5). The head sizes
+  the original's l_layers / r_layers / x_layers (9 / 5 / 5), the submodules
+  text_layer_{i} / vision_layer_{i} / cross_layer_{k} (after embeddings and
+  region_embeddings; then pooler, tanh on the text [CLS]). The head sizes
   (num_answers, num_object_labels, num_attr_labels) are used by
   `LxmertForPreTraining` only.
   """
@@ -164,8 +170,8 @@ class Lxmert(nn.Module):
       region_mask: [B, R] (1 = real region).
       token_type_ids: [B, T] (default 0).
       attention_mask: [B, T+R, T+R] or None over [text; regions], ANDed with
-        the key masks: [:T, :T] in the language layers and the cross layers'
-        text self-attention, [T:, T:] in the relationship layers and the
+        the key masks: [:T, :T] in the text layers and the cross layers'
+        text self-attention, [T:, T:] in the vision layers and the
         cross layers' vision self-attention, [:T, T:] / [T:, :T] in the
         cross-attention's text->vision / vision->text directions.
 
@@ -173,8 +179,8 @@ class Lxmert(nn.Module):
       dict with 'text' [B, T, H], 'vision' [B, R, H], 'pooled' [B, H],
       'word_embeddings' [V, H] and, if `return_attention`, 'attention' in the
       schema of `layers.ATTENTION_STREAMS` (float32): 'text/layer_i' [B, N, T, T]
-      (i < num_language_layers: the language layers, then one per cross layer),
-      'vision/layer_i' [B, N, R, R] (the relationship layers, then one per
+      (i < num_language_layers: the text layers, then one per cross layer),
+      'vision/layer_i' [B, N, R, R] (the vision layers, then one per
       cross layer), 'text_to_vision/layer_k' [B, N, T, R] and
       'vision_to_text/layer_k' [B, N, R, T] (cross layer k).
     """
@@ -191,21 +197,19 @@ class Lxmert(nn.Module):
         self.vocab_size, self.hidden_size, self.max_position_embeddings,
         self.type_vocab_size, self.dropout_rate, dtype=dtype, param_dtype=param_dtype,
         name='embeddings')(input_ids, token_type_ids, deterministic=deterministic)
-    vision = VisualFeatureEmbeddings(self.hidden_size, self.dropout_rate, dtype=dtype,
-                                     param_dtype=param_dtype, name='visual_embeddings')(
+    vision = RegionEmbeddings(self.hidden_size, self.dropout_rate, dtype=dtype,
+                              param_dtype=param_dtype, name='region_embeddings')(
         region_feats, region_loc, deterministic)
 
     attention = {}
     single_layer = layers.maybe_remat(layers.TransformerLayer, self.remat)
     for i in range(self.num_language_layers):
-      name = f'language_layers_{i}'
       text, attention[layers.attention_key('text', i)] = single_layer(
-          self.num_heads, self.intermediate_size, **common, name=name)(
+          self.num_heads, self.intermediate_size, **common, name=f'text_layer_{i}')(
               text, text_mask, deterministic, return_attention, blocks['text'])
     for i in range(self.num_relation_layers):
-      name = f'relation_layers_{i}'
       vision, attention[layers.attention_key('vision', i)] = single_layer(
-          self.num_heads, self.intermediate_size, **common, name=name)(
+          self.num_heads, self.intermediate_size, **common, name=f'vision_layer_{i}')(
               vision, region_mask, deterministic, return_attention, blocks['vision'])
       vision = layers.constrain(vision, VISION_AXES)
     cross_layer = layers.maybe_remat(CrossLayer, self.remat)
@@ -214,7 +218,7 @@ class Lxmert(nn.Module):
                    text_to_vision=0, vision_to_text=0)
     for k in range(self.num_cross_layers):
       (text, vision), probs = cross_layer(
-          self.num_heads, self.intermediate_size, **common, name=f'cross_layers_{k}')(
+          self.num_heads, self.intermediate_size, **common, name=f'cross_layer_{k}')(
               (text, vision), (text_mask, region_mask), deterministic, return_attention,
               blocks)
       for stream, value in (probs or {}).items():
@@ -293,7 +297,7 @@ def bert_text_paths(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Where BERT's embeddings, first layers and pooler sit in the backbone params
   (the original also initialised its language layers from BERT this way)."""
   return dict(embeddings='embeddings',
-              layers=[f'language_layers_{i}' for i in range(model_config.num_language_layers)],
+              layers=[f'text_layer_{i}' for i in range(model_config.num_language_layers)],
               pooler='pooler')
 
 

@@ -2,7 +2,7 @@
 
 Follows ChenRocks/UNITER `model/model.py` and `model/pretrain.py` (see shared
 MODELS.md). Text: word + position + type(0) embeddings, LayerNorm. Regions:
-`LN(LN_img(W_img f) + LN_pos(W_pos p) + type_emb[1])`, the type table shared with
+`LN(LN_feat(W_feat f) + LN_loc(W_loc p) + type_emb[1])`, the type table shared with
 the text, p = [x1, y1, x2, y2, w, h, w*h] normalised. One BERT stack then runs
 over the concatenation of the padded text [B, T] and the padded regions [B, R].
 
@@ -33,14 +33,15 @@ LOC_DIM = 7  # [x1, y1, x2, y2, w, h, w*h]
 IMAGE_TOKEN_TYPE = 1
 
 
-class ImageEmbeddings(nn.Module):
+class RegionEmbeddings(nn.Module):
   """UNITER region embeddings (the original `UniterImageEmbeddings`).
 
-  Submodules: img_linear, img_norm, pos_linear, pos_norm, norm; param
-  `mask_embedding` [2, F]. Row 1 is added to the features of masked regions. The
-  original zeroes row 0 in place on every masked forward so that unmasked
-  regions get nothing; here row 0 is simply never read (it stays in the params
-  only so that checkpoints round-trip exactly).
+  Submodules: feature_projection, feature_norm, location_projection,
+  location_norm, norm; param `mask_embedding` [2, F]. Row 1 is added to the
+  features of masked regions. The original zeroes row 0 in place on every
+  masked forward so that unmasked regions get nothing; here row 0 is simply
+  never read (it stays in the params only so that checkpoints round-trip
+  exactly).
   """
   hidden_size: int
   dropout_rate: float = 0.1
@@ -66,12 +67,12 @@ class ImageEmbeddings(nn.Module):
     if masked_regions is not None:
       feats = feats + masked_regions[..., None].astype(self.dtype) * mask_table[1].astype(
           self.dtype)
-    image = norm(name='img_norm')(
-        dense(self.hidden_size, ('feature', 'embed'), name='img_linear')(feats))
-    loc = norm(name='pos_norm')(
-        dense(self.hidden_size, ('loc', 'embed'), name='pos_linear')(
+    feats = norm(name='feature_norm')(
+        dense(self.hidden_size, ('feature', 'embed'), name='feature_projection')(feats))
+    loc = norm(name='location_norm')(
+        dense(self.hidden_size, ('loc', 'embed'), name='location_projection')(
             region_loc.astype(self.dtype)))
-    x = norm(name='norm')(image + loc + type_embedding.astype(self.dtype))
+    x = norm(name='norm')(feats + loc + type_embedding.astype(self.dtype))
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     return layers.constrain(x, ('batch', 'regions', 'embed'))
 
@@ -99,8 +100,8 @@ class UniterFields(nn.Module):
 class Uniter(UniterFields):
   """UNITER backbone (the original `UniterModel`). See the module docstring.
 
-  Submodules: embeddings (TextEmbeddings), image_embeddings, layer_{i}
-  (TransformerLayer), pooler (tanh on [CLS]).
+  Submodules: embeddings (TextEmbeddings), region_embeddings (RegionEmbeddings),
+  layer_{i} (TransformerLayer), pooler (tanh on [CLS]).
   """
 
   @nn.compact
@@ -143,14 +144,14 @@ class Uniter(UniterFields):
     # The region type embedding is a row of the text's token type table (shared).
     type_table = nn.meta.unbox(
         text_embeddings.variables['params']['token_type_embeddings']['embedding'])
-    image = ImageEmbeddings(self.hidden_size, self.dropout_rate, dtype=dtype,
-                            param_dtype=param_dtype, name='image_embeddings')(
-                                region_feats, region_loc, type_table[IMAGE_TOKEN_TYPE],
-                                masked_regions, deterministic)
+    regions = RegionEmbeddings(self.hidden_size, self.dropout_rate, dtype=dtype,
+                               param_dtype=param_dtype, name='region_embeddings')(
+                                   region_feats, region_loc, type_table[IMAGE_TOKEN_TYPE],
+                                   masked_regions, deterministic)
     num_text = input_ids.shape[1]
     attention_mask = layers.check_attention_mask(attention_mask, input_ids.shape[0], num_text,
                                                  region_feats.shape[1])
-    x = jnp.concatenate([text, image], axis=1)
+    x = jnp.concatenate([text, regions], axis=1)
     mask = jnp.concatenate([text_mask, region_mask], axis=1)
     layer_cls = layers.maybe_remat(layers.TransformerLayer, self.remat)
     attention = {}
@@ -176,7 +177,7 @@ class UniterPreTraining(UniterFields):
 
   Submodules: backbone (Uniter), mlm (MaskedLMHead tied to the word table),
   itm (Dense on pooled), mrfr_transform (+ param `mrfr_bias` [F]: the output
-  projection is tied to the image input projection, h @ W_img + b), mrc
+  projection is tied to the region feature projection, h @ W_feat + b), mrc
   (ClassifierHead -> num_region_classes; MRC and MRC-kl share these logits).
   """
 
@@ -205,11 +206,11 @@ class UniterPreTraining(UniterFields):
                             token_type_ids, deterministic, return_attention, masked_regions,
                             attention_mask)
     dtype = jnp.dtype(self.dtype)
-    # The MRFR decoder reuses the image input projection, transposed.
-    img_kernel = nn.meta.unbox(
-        self.backbone.variables['params']['image_embeddings']['img_linear']['kernel'])
+    # The MRFR decoder reuses the region feature projection, transposed.
+    feature_kernel = nn.meta.unbox(self.backbone.variables['params']['region_embeddings']
+                                   ['feature_projection']['kernel'])
     mrfr_hidden = self.mrfr_transform(outputs['vision'])
-    mrfr_pred = jnp.einsum('brh,fh->brf', mrfr_hidden, img_kernel.astype(dtype))
+    mrfr_pred = jnp.einsum('brh,fh->brf', mrfr_hidden, feature_kernel.astype(dtype))
     return dict(
         outputs,
         mlm_logits=self.mlm(outputs['text'], mlm_positions, outputs['word_embeddings']),
@@ -249,7 +250,7 @@ def forward_flops(model: ml_collections.ConfigDict, text_len: int, regions: int,
 
 # LayerNorms that the original names other than `LayerNorm` (img_layer_norm,
 # pos_layer_norm, the MRFR/MRC heads' Sequential), so its rule decays them.
-_DECAYED_NORMS = ('img_norm', 'pos_norm', 'mrfr_transform', 'mrc')
+_DECAYED_NORMS = ('feature_norm', 'location_norm', 'mrfr_transform', 'mrc')
 
 
 def decays(path: tuple[str, ...]) -> bool:

@@ -1,19 +1,19 @@
 """ViLBERT (Lu et al., 2019): two streams joined by co-attention (Co-TRM) layers.
 
 Follows facebookresearch/vilbert-multi-task `vilbert/vilbert.py` (see shared
-MODELS.md). The text stream is BERT; the image stream has its own width
+MODELS.md). The text stream is BERT; the vision (region) stream has its own width
 (`v_hidden_size`), heads and FFN; Co-TRM layer k lets each stream attend to the
 other at width `bi_hidden_size` (no self-attention inside a Co-TRM), then each
 stream has its own output dense + residual LayerNorm and its own FFN.
 
 Layer schedule: for each pair (v_id, t_id) of `zip(v_biattention_id,
-t_biattention_id)`, run the text layers up to t_id and the image layers up to
-v_id, then the next Co-TRM; afterwards the remaining image and text layers (the
+t_biattention_id)`, run the text layers up to t_id and the vision layers up to
+v_id, then the next Co-TRM; afterwards the remaining vision and text layers (the
 streams are independent between Co-TRMs, so only the order across a Co-TRM
 matters).
 With the published 6/6 config ([0..5], [6..11]) text layers 0-5 run first, the
-image stream enters Co-TRM 0 straight from its embeddings, then five rounds of
-(text layer 6+i, image layer i, Co-TRM i+1), then image layer 5 and text layer 11.
+vision stream enters Co-TRM 0 straight from its embeddings, then five rounds of
+(text layer 6+i, vision layer i, Co-TRM i+1), then vision layer 5 and text layer 11.
 
 As in the original: text position ids are always arange(T), the co-attention
 masks are the two streams' key masks (the original's separate
@@ -41,10 +41,10 @@ from vlpjax.objectives import masking
 LOC_DIM = 5  # [x1, y1, x2, y2, area], normalised by the image size
 
 
-class ImageEmbeddings(nn.Module):
+class RegionEmbeddings(nn.Module):
   """`LN(Linear(F -> Hv)(feat) + Linear(5 -> Hv)(loc))` then dropout.
 
-  Submodules: features, locations, norm.
+  Submodules: feature_projection, location_projection, norm.
   """
   hidden_size: int
   dropout_rate: float = 0.1
@@ -59,9 +59,9 @@ class ImageEmbeddings(nn.Module):
       raise ValueError(f'ViLBERT region_loc must be [B, R, {LOC_DIM}] '
                        f'([x1, y1, x2, y2, area] normalised), got {region_loc.shape}')
     dense = functools.partial(layers.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
-    x = (dense(self.hidden_size, ('feature', 'embed'), name='features')(
+    x = (dense(self.hidden_size, ('feature', 'embed'), name='feature_projection')(
         region_feats.astype(self.dtype)) +
-         dense(self.hidden_size, ('loc', 'embed'), name='locations')(
+         dense(self.hidden_size, ('loc', 'embed'), name='location_projection')(
              region_loc.astype(self.dtype)))
     x = layers.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='norm')(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
@@ -71,10 +71,10 @@ class ImageEmbeddings(nn.Module):
 class CoAttentionLayer(nn.Module):
   """A Co-TRM block (`BertConnectionLayer`): cross-attention both ways, then FFNs.
 
-  Both attentions read the block's inputs. Submodules: text_attention (text
-  queries over image keys), image_attention (image queries over text keys),
-  text_ffn, image_ffn. The attention-mask blocks (position 5, after the static
-  deterministic/return_probs) are traced under `layers.maybe_remat`.
+  Both attentions read the block's inputs. Submodules: text_to_vision_attention
+  (text queries over region keys), vision_to_text_attention (region queries over
+  text keys), text_ffn, vision_ffn. The attention-mask blocks (position 5, after
+  the static deterministic/return_probs) are traced under `layers.maybe_remat`.
   """
   bi_hidden_size: int
   bi_num_heads: int
@@ -92,15 +92,15 @@ class CoAttentionLayer(nn.Module):
                return_probs: bool = False,
                attention_masks: dict[str, jax.Array | None] | None = None
                ) -> tuple[tuple[jax.Array, jax.Array], dict[str, jax.Array | None]]:
-    """streams: (text [B, T, Ht], image [B, R, Hv]); masks: ([B, T], [B, R]) key
+    """streams: (text [B, T, Ht], vision [B, R, Hv]); masks: ([B, T], [B, R]) key
     masks; attention_masks: `layers.attention_mask_blocks` of a full mask (this
     block reads 'text_to_vision' [B, T, R] and 'vision_to_text' [B, R, T]) or None.
 
-    Returns ((text [B, T, Ht], image [B, R, Hv]), {'text_to_vision':
+    Returns ((text [B, T, Ht], vision [B, R, Hv]), {'text_to_vision':
     [B, N, T, R] or None, 'vision_to_text': [B, N, R, T] or None}).
     """
-    text, image = streams
-    text_mask, image_mask = masks
+    text, vision = streams
+    text_mask, vision_mask = masks
     blocks = attention_masks or {}
     attention = functools.partial(
         layers.Attention, self.bi_num_heads, self.bi_hidden_size,
@@ -108,20 +108,21 @@ class CoAttentionLayer(nn.Module):
         attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype)
     ffn = functools.partial(layers.FeedForward, dropout_rate=self.dropout_rate,
                             dtype=self.dtype, param_dtype=self.param_dtype)
-    new_text, text_probs = attention(name='text_attention')(
-        text, image, image_mask, deterministic, return_probs, blocks.get('text_to_vision'))
-    new_image, image_probs = attention(name='image_attention')(
-        image, text, text_mask, deterministic, return_probs, blocks.get('vision_to_text'))
+    new_text, text_to_vision = attention(name='text_to_vision_attention')(
+        text, vision, vision_mask, deterministic, return_probs, blocks.get('text_to_vision'))
+    new_vision, vision_to_text = attention(name='vision_to_text_attention')(
+        vision, text, text_mask, deterministic, return_probs, blocks.get('vision_to_text'))
     new_text = ffn(self.intermediate_size, name='text_ffn')(new_text, deterministic)
-    new_image = ffn(self.v_intermediate_size, name='image_ffn')(new_image, deterministic)
+    new_vision = ffn(self.v_intermediate_size, name='vision_ffn')(new_vision, deterministic)
     return ((layers.constrain(new_text, ('batch', 'length', 'embed')),
-             layers.constrain(new_image, ('batch', 'regions', 'embed'))),
-            dict(text_to_vision=text_probs, vision_to_text=image_probs))
+             layers.constrain(new_vision, ('batch', 'regions', 'embed'))),
+            dict(text_to_vision=text_to_vision, vision_to_text=vision_to_text))
 
 
 def layer_schedule(num_layers: int, v_num_layers: int, v_biattention_id: Sequence[int],
                    t_biattention_id: Sequence[int]) -> list[tuple[str, int]]:
-  """The order the original runs layers in: [('text'|'image'|'co', index), ...]."""
+  """The order the original runs layers in: [('text'|'vision'|'co', index), ...],
+  each entry naming the layer `f'{kind}_layer_{index}'`."""
   if len(v_biattention_id) != len(t_biattention_id):
     raise ValueError(f'ViLBERT v_biattention_id {list(v_biattention_id)} and '
                      f't_biattention_id {list(t_biattention_id)} must pair up (same length)')
@@ -133,10 +134,10 @@ def layer_schedule(num_layers: int, v_num_layers: int, v_biattention_id: Sequenc
   schedule, v_start, t_start = [], 0, 0
   for k, (v_end, t_end) in enumerate(zip(v_biattention_id, t_biattention_id)):
     schedule += [('text', i) for i in range(t_start, t_end)]
-    schedule += [('image', i) for i in range(v_start, v_end)]
+    schedule += [('vision', i) for i in range(v_start, v_end)]
     schedule.append(('co', k))
     v_start, t_start = v_end, t_end
-  schedule += [('image', i) for i in range(v_start, v_num_layers)]
+  schedule += [('vision', i) for i in range(v_start, v_num_layers)]
   schedule += [('text', i) for i in range(t_start, num_layers)]
   return schedule
 
@@ -172,9 +173,9 @@ class VilbertFields(nn.Module):
 class Vilbert(VilbertFields):
   """ViLBERT backbone (the original `BertModel`). See the module docstring.
 
-  Submodules: embeddings (TextEmbeddings), image_embeddings, text_layer_{i},
-  image_layer_{i} (TransformerLayer), co_layer_{k} (CoAttentionLayer),
-  text_pooler, image_pooler (ReLU, -> bi_hidden_size).
+  Submodules: embeddings (TextEmbeddings), region_embeddings (RegionEmbeddings),
+  text_layer_{i}, vision_layer_{i} (TransformerLayer), co_layer_{k}
+  (CoAttentionLayer), text_pooler, vision_pooler (ReLU, -> bi_hidden_size).
   """
 
   @nn.compact
@@ -196,15 +197,15 @@ class Vilbert(VilbertFields):
       return_attention: also return attention probabilities per layer.
       attention_mask: [B, T+R, T+R] or None over [text; regions] (region 0 the
         [IMG] token), ANDed with the key masks: [:T, :T] in the text layers,
-        [T:, T:] in the image layers, [:T, T:] / [T:, :T] in the Co-TRMs' text /
-        image attention.
+        [T:, T:] in the vision layers, [:T, T:] / [T:, :T] in the Co-TRMs'
+        text_to_vision / vision_to_text attention.
 
     Returns:
       dict with 'text' [B, T, Ht], 'vision' [B, R, Hv], 'pooled' [B, bi]
       (text_pooled * image_pooled), 'text_pooled' and 'image_pooled' [B, bi],
       'word_embeddings' [V, Ht] and, if asked, 'attention' in the schema of
       `layers.ATTENTION_STREAMS` (float32): 'text/layer_i' [B, N, T, T] (text
-      layer i), 'vision/layer_i' [B, v_N, R, R] (image layer i),
+      layer i), 'vision/layer_i' [B, v_N, R, R] (vision layer i),
       'text_to_vision/layer_k' [B, bi_N, T, R] and 'vision_to_text/layer_k'
       [B, bi_N, R, T] (Co-TRM k).
     """
@@ -220,9 +221,9 @@ class Vilbert(VilbertFields):
         self.vocab_size, self.hidden_size, self.max_position_embeddings,
         self.type_vocab_size, self.dropout_rate, dtype=dtype, param_dtype=param_dtype,
         name='embeddings')(input_ids, token_type_ids, None, deterministic)
-    image = ImageEmbeddings(self.v_hidden_size, self.dropout_rate, dtype=dtype,
-                            param_dtype=param_dtype, name='image_embeddings')(
-                                region_feats, region_loc, deterministic)
+    vision = RegionEmbeddings(self.v_hidden_size, self.dropout_rate, dtype=dtype,
+                              param_dtype=param_dtype, name='region_embeddings')(
+                                  region_feats, region_loc, deterministic)
 
     common = dict(dropout_rate=self.dropout_rate,
                   attention_dropout_rate=self.attention_dropout_rate,
@@ -232,21 +233,22 @@ class Vilbert(VilbertFields):
     attention = {}
     for kind, i in layer_schedule(self.num_layers, self.v_num_layers, self.v_biattention_id,
                                   self.t_biattention_id):
-      # Text and image layers run in index order, so i counts their stream's layers.
+      # Text and vision layers run in index order, so i counts their stream's layers.
+      name = f'{kind}_layer_{i}'
       if kind == 'text':
         text, attention[layers.attention_key('text', i)] = transformer(
-            self.num_heads, self.intermediate_size, **common, name=f'text_layer_{i}')(
+            self.num_heads, self.intermediate_size, **common, name=name)(
                 text, text_mask, deterministic, return_attention, blocks['text'])
-      elif kind == 'image':
-        image, attention[layers.attention_key('vision', i)] = transformer(
-            self.v_num_heads, self.v_intermediate_size, **common, name=f'image_layer_{i}')(
-                image, region_mask, deterministic, return_attention, blocks['vision'])
-        image = layers.constrain(image, ('batch', 'regions', 'embed'))
+      elif kind == 'vision':
+        vision, attention[layers.attention_key('vision', i)] = transformer(
+            self.v_num_heads, self.v_intermediate_size, **common, name=name)(
+                vision, region_mask, deterministic, return_attention, blocks['vision'])
+        vision = layers.constrain(vision, ('batch', 'regions', 'embed'))
       else:
-        (text, image), probs = co_layer(
+        (text, vision), probs = co_layer(
             self.bi_hidden_size, self.bi_num_heads, self.intermediate_size,
-            self.v_intermediate_size, **common, name=f'co_layer_{i}')(
-                (text, image), (text_mask, region_mask), deterministic, return_attention,
+            self.v_intermediate_size, **common, name=name)(
+                (text, vision), (text_mask, region_mask), deterministic, return_attention,
                 blocks)
         for stream, value in probs.items():
           attention[layers.attention_key(stream, i)] = value
@@ -254,8 +256,8 @@ class Vilbert(VilbertFields):
     pooler = functools.partial(layers.Pooler, self.bi_hidden_size, nn.relu, dtype=dtype,
                                param_dtype=param_dtype)
     text_pooled = pooler(name='text_pooler')(text)
-    image_pooled = pooler(name='image_pooler')(image)  # on region 0, the [IMG] token
-    outputs = dict(text=text, vision=image, pooled=text_pooled * image_pooled,
+    image_pooled = pooler(name='vision_pooler')(vision)  # on region 0, the [IMG] token
+    outputs = dict(text=text, vision=vision, pooled=text_pooled * image_pooled,
                    text_pooled=text_pooled, image_pooled=image_pooled,
                    word_embeddings=word_table)
     if return_attention:
@@ -268,7 +270,7 @@ class VilbertPreTraining(VilbertFields):
 
   Submodules: backbone (Vilbert), mlm (MaskedLMHead tied to the word table),
   alignment (Dense on dropout(pooled) -> 2, label 0 = aligned), region_head
-  (ClassifierHead over every image output -> num_region_classes).
+  (ClassifierHead over every region output -> num_region_classes).
   """
 
   def setup(self):

@@ -3,7 +3,7 @@
 Single-stream, early fusion: `[CLS] text [SEP]` (padded to T) and the regions
 (padded to R) run as one sequence of length T+R through a 12-layer BERT encoder
 with a key mask built from `text_mask` and `region_mask`. Each region enters as
-`Linear(feat)(F -> H) + visual_position(0) + visual_token_type(type)`, and the
+`Linear(feat)(F -> H) + region_position(0) + region_token_type(type)`, and the
 joined sequence gets ONE LayerNorm + dropout (as HF `VisualBertEmbeddings`).
 
 Param names follow `TextEmbeddings`/`TransformerLayer` so HF and BERT
@@ -34,8 +34,9 @@ class VisualBertEmbeddings(nn.Module):
 
   Submodules word_embeddings, position_embeddings, token_type_embeddings and
   norm are named as in `layers.TextEmbeddings` (so BERT weights load there);
-  visual_projection is Dense(F -> H); params visual_position_embeddings
-  [max_position_embeddings, H] and visual_token_type_embeddings [type_vocab, H].
+  feature_projection is Dense(F -> H) on the region features; params
+  region_position_embeddings [max_position_embeddings, H] and
+  region_token_type_embeddings [type_vocab, H] (HF's visual_* tables).
   """
   vocab_size: int
   hidden_size: int
@@ -46,8 +47,8 @@ class VisualBertEmbeddings(nn.Module):
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
 
-  def visual_table(self, name: str, text_table: jax.Array, axes: layers.Axes) -> jax.Array:
-    """A visual table shaped like `text_table`; starts as its copy if asked."""
+  def region_table(self, name: str, text_table: jax.Array, axes: layers.Axes) -> jax.Array:
+    """A region table shaped like `text_table`; starts as its copy if asked."""
     if self.special_visual_initialize:
       init = nn.with_logical_partitioning(lambda *_: text_table.astype(self.param_dtype), axes)
     else:
@@ -69,14 +70,15 @@ class VisualBertEmbeddings(nn.Module):
         name='position_embeddings')(position_ids)
     types, type_table = embed(self.type_vocab_size, self.hidden_size, ('types', 'embed'),
                               name='token_type_embeddings')(token_type_ids)
-    visual_positions = self.visual_table('visual_position_embeddings', position_table,
+    region_positions = self.region_table('region_position_embeddings', position_table,
                                          ('positions', 'embed'))
-    visual_types = self.visual_table('visual_token_type_embeddings', type_table,
+    region_types = self.region_table('region_token_type_embeddings', type_table,
                                      ('types', 'embed'))
     regions = layers.Dense(self.hidden_size, ('feature', 'embed'), dtype=self.dtype,
-                           param_dtype=self.param_dtype, name='visual_projection')(region_feats)
+                           param_dtype=self.param_dtype, name='feature_projection')(region_feats)
     # Every region has visual position id 0 (HF without image_text_alignment).
-    regions = regions + visual_positions[0] + jnp.take(visual_types, visual_token_type_ids, axis=0)
+    regions = (regions + region_positions[0]
+               + jnp.take(region_types, visual_token_type_ids, axis=0))
     x = jnp.concatenate([words + positions + types, regions], axis=1)
     x = layers.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='norm')(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
@@ -89,8 +91,11 @@ class VisualBert(nn.Module):
   `visual_token_type` is the token type of every region unless the call passes
   `visual_token_type_ids`: 1 as in HF (so HF checkpoints behave as trained);
   the original code uses 0 (NLVR2: 0 for the left image, 1 for the right).
-  `special_visual_initialize` starts the visual position/type tables as copies
+  `special_visual_initialize` starts the region position/type tables as copies
   of the text tables (HF default True).
+
+  Submodules: embeddings (`VisualBertEmbeddings`), layer_{i} (TransformerLayer),
+  pooler (tanh on [CLS]).
   """
   vocab_size: int = 30522
   hidden_size: int = 768
@@ -158,7 +163,7 @@ class VisualBert(nn.Module):
       x, attention[layers.attention_key('joint', i)] = layer_cls(
           self.num_heads, self.intermediate_size, self.dropout_rate,
           self.attention_dropout_rate, self.attention_impl, dtype=dtype,
-          param_dtype=param_dtype, name=f'layers_{i}')(
+          param_dtype=param_dtype, name=f'layer_{i}')(
               x, mask, deterministic, return_attention, attention_mask)
     outputs = dict(
         text=layers.constrain(x[:, :num_text], TEXT_AXES),
@@ -208,7 +213,7 @@ class VisualBertForPreTraining(VisualBert):
 def bert_text_paths(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Where BERT's embeddings, layers and pooler sit in the backbone params."""
   return dict(embeddings='embeddings',
-              layers=[f'layers_{i}' for i in range(model_config.num_layers)],
+              layers=[f'layer_{i}' for i in range(model_config.num_layers)],
               pooler='pooler')
 
 
@@ -220,31 +225,32 @@ def after_bert_import(backbone_params: Any, model_config: ml_collections.ConfigD
   """The original's `special_visual_initialize` after BERT's text weights load.
 
   uclanlp/visualbert copies the (loaded) BERT position and token-type tables into
-  the visual ones once BERT is in place; `VisualBertEmbeddings.visual_table`
-  copies them at init, i.e. from the random tables, so `hf.import_bert` calls
-  this to copy them again from the loaded ones. A no-op unless
-  `model_config.special_visual_initialize` (as `visual_table` decides).
+  the visual (region) ones once BERT is in place;
+  `VisualBertEmbeddings.region_table` copies them at init, i.e. from the random
+  tables, so `hf.import_bert` calls this to copy them again from the loaded
+  ones. A no-op unless `model_config.special_visual_initialize` (as
+  `region_table` decides).
 
   Args:
     backbone_params: the backbone params (unboxed) with BERT's text weights loaded.
     model_config: the VisualBERT model config.
 
   Returns:
-    `backbone_params` with `visual_position_embeddings` and
-    `visual_token_type_embeddings` replaced by copies of the text tables.
+    `backbone_params` with `region_position_embeddings` and
+    `region_token_type_embeddings` replaced by copies of the text tables.
   """
   if not model_config.get('special_visual_initialize',
                           VisualBert.special_visual_initialize):
     return backbone_params
   path = bert_text_paths(model_config)['embeddings']
   embeddings = dict(backbone_params[path])
-  for visual, text in (('visual_position_embeddings', 'position_embeddings'),
-                       ('visual_token_type_embeddings', 'token_type_embeddings')):
+  for region, text in (('region_position_embeddings', 'position_embeddings'),
+                       ('region_token_type_embeddings', 'token_type_embeddings')):
     table = embeddings[text]['embedding']
-    if table.shape != embeddings[visual].shape:
-      raise ValueError(f'{path}/{visual} has shape {embeddings[visual].shape}, '
+    if table.shape != embeddings[region].shape:
+      raise ValueError(f'{path}/{region} has shape {embeddings[region].shape}, '
                        f'{path}/{text} {table.shape}: cannot copy')
-    embeddings[visual] = table.astype(embeddings[visual].dtype)  # astype copies
+    embeddings[region] = table.astype(embeddings[region].dtype)  # astype copies
   return {**backbone_params, path: embeddings}
 
 
