@@ -2,7 +2,8 @@
 
 Region features: LXMERT TSV, UNITER LMDB (+ nbb JSON), per-image .npz / Pythia
 .npy folders, ViLBERT pickled LMDB. Annotations: COCO captions (official and
-Karpathy), Visual Genome region descriptions, VQA v2 questions/annotations.
+Karpathy), Visual Genome region descriptions, VQA v2 questions/annotations,
+GQA questions (GQA's balanced files and LXMERT's json).
 Each writer takes plain python/numpy data so tests can corrupt it first.
 """
 from __future__ import annotations
@@ -235,3 +236,35 @@ def write_vqa(folder: str, split: str, questions: Sequence[tuple[int, int, str, 
                  for k, a in enumerate(answers)]))
   with open(os.path.join(folder, f'v2_mscoco_{split}_annotations.json'), 'w') as f:
     json.dump(dict(data_subtype=split, annotations=annotations), f)
+
+
+def write_gqa_questions(path: str, questions: Sequence[tuple[str, str, str, str | None]]) -> str:
+  """GQA's `<split>_balanced_questions.json` (or `submission_all_questions.json`
+  when no question has an answer): {question id: {imageId, question, answer,
+  fullAnswer, types, ...}}; questions are (question id, image id, text, answer
+  or None)."""
+  data = {}
+  for question_id, image_id, text, answer in questions:
+    entry = dict(imageId=image_id, question=text, isBalanced=True)
+    if answer is not None:
+      entry.update(answer=answer, fullAnswer=f'The answer is {answer}.',
+                   types=dict(structural='query', semantic='attr', detailed='color'),
+                   semantic=[], annotations={})
+    data[question_id] = entry
+  with open(path, 'w') as f:
+    json.dump(data, f)
+  return path
+
+
+def write_lxmert_gqa(path: str, questions: Sequence[tuple[str, str, str, str | None]]) -> str:
+  """LXMERT's `data/gqa/<split>.json`: [{question_id, img_id, sent, label:
+  {answer: 1.0}}] (no label when the answer is None, as in submit.json)."""
+  data = []
+  for question_id, image_id, text, answer in questions:
+    entry = dict(img_id=image_id, question_id=question_id, sent=text)
+    if answer is not None:
+      entry['label'] = {answer: 1.0}
+    data.append(entry)
+  with open(path, 'w') as f:
+    json.dump(data, f)
+  return path

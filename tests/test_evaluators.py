@@ -1,6 +1,7 @@
 """vlpjax.evaluators.common: every example once (padded, masked), exact sums over
 processes, prediction files merged in order; one process on 8 CPU devices and two
-processes (4 CPU devices each, gloo) through `jax.distributed`."""
+processes (4 CPU devices each, gloo) through `jax.distributed`, GQA's exact-match
+statistics and submission file included."""
 import json
 import os
 import socket
@@ -228,12 +229,12 @@ def free_port() -> int:
 
 
 def test_two_processes(tmp_path):
-  port, path = free_port(), tmp_path / 'preds.json'
+  port, path, gqa_path = free_port(), tmp_path / 'preds.json', tmp_path / 'gqa.json'
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='4', PYTHONPATH=REPO,
              JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(REPO, 'tests', 'evaluator_worker.py'), str(port),
-       str(i), str(path)],
+       str(i), str(path), str(gqa_path)],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
   try:
@@ -257,9 +258,13 @@ def test_two_processes(tmp_path):
     assert result['big_sum'] == big * sum(range(NUM_EXAMPLES)) + NUM_EXAMPLES
     assert result['float_sum'] == sum(range(NUM_EXAMPLES)) + NUM_EXAMPLES * fraction
     assert result['dtypes'] == ['int64', 'int64', 'float64']
+    # GQA: the 13 multiples of 3 in [0, 37) are wrong.
+    assert (result['gqa_correct'], result['gqa_count']) == (NUM_EXAMPLES - 13, NUM_EXAMPLES)
   # Process p builds rows [8p, 8p + 8) of each global batch of 16.
   assert results[0]['seen'] == [*range(0, 8), *range(16, 24), *range(32, 37)]
   assert results[1]['seen'] == [*range(8, 16), *range(24, 32)]
   merged = json.loads(path.read_text())
   assert merged == [{'question_id': i, 'answer': f'answer {i}'} for i in range(NUM_EXAMPLES)]
-  assert sorted(os.listdir(tmp_path)) == ['preds.json']
+  assert json.loads(gqa_path.read_text()) == [
+      {'questionId': str(i), 'prediction': f'answer {i}'} for i in range(NUM_EXAMPLES)]
+  assert sorted(os.listdir(tmp_path)) == ['gqa.json', 'preds.json']

@@ -26,8 +26,8 @@ import ml_collections
 # data"), with the type a command-line override (`--config.data.data_dir=...`)
 # must parse to.
 OPTIONAL_DATA_FIELDS = dict(data_dir=str, images_dataset=str, captions_dataset=str,
-                            vqa_dataset=str, vocab_file=str, lowercase=bool, seed=int,
-                            cache_images=bool)
+                            vqa_dataset=str, gqa_dataset=str, vocab_file=str, lowercase=bool,
+                            seed=int, cache_images=bool)
 
 
 # Compute and parameter dtypes the models take (`model.dtype`, `model.param_dtype`).

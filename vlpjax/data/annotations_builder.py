@@ -7,6 +7,10 @@
   vqa_v2                  VQA v2 questions + annotations, soft scores
                           min(1, 0.3 * count) over an answer vocabulary built
                           from the training answers, stored as `answers.txt`
+  gqa                     GQA questions with their one answer: GQA's
+                          `*_balanced_questions.json` or LXMERT's json lists
+                          (the format read from each file), an answer
+                          vocabulary from the training answers (`answers.txt`)
 
 Text tables refer to the images table they were built against (config field
 `images`, a TFDS name such as 'lxmert_tsv/coco') by row: every example carries
@@ -32,7 +36,7 @@ import functools
 import json
 import os
 import re
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -94,15 +98,21 @@ def answer_score(count: int) -> float:
   return min(1.0, 0.3 * count)
 
 
+def frequent_answers(answers: Iterable[str], min_count: int) -> list[str]:
+  """The answers given at least `min_count` times, most frequent first (ties
+  alphabetical)."""
+  counts = collections.Counter(answers)
+  kept = [answer for answer, count in counts.items() if count >= min_count]
+  return sorted(kept, key=lambda answer: (-counts[answer], answer))
+
+
 def build_answer_vocab(annotations: Sequence[Mapping[str, Any]], min_count: int) -> list[str]:
   """Answers that are the (normalised) `multiple_choice_answer` of at least
   `min_count` questions, most frequent first (ties alphabetical). On VQA v2,
   min_count 9 gives the usual 3129 answers (bottom-up-attention counted train
   and val questions)."""
-  counts = collections.Counter(normalize_answer(a['multiple_choice_answer'])
-                               for a in annotations)
-  kept = [answer for answer, count in counts.items() if count >= min_count]
-  return sorted(kept, key=lambda answer: (-counts[answer], answer))
+  return frequent_answers((normalize_answer(a['multiple_choice_answer']) for a in annotations),
+                          min_count)
 
 
 def soft_targets(raw_answers: Sequence[str], answer_to_label: Mapping[str, int]
@@ -169,10 +179,11 @@ class TextConfig(tfds.core.BuilderConfig):
       'official' (`captions_{train,val}2014.json`).
     restval_to_train: Karpathy only: put 'restval' images in train (standard);
       otherwise they form a split 'restval'.
-    splits: VQA only: the splits to build ('train', 'validation', 'test').
-    min_answer_count: VQA only: an answer enters the vocabulary when it is the
-      multiple-choice answer of at least this many questions.
-    answer_vocab_splits: VQA only: the splits whose answers are counted.
+    splits: VQA and GQA: the splits to build (VQA: 'train', 'validation',
+      'test'; GQA: `Gqa.SPLITS`).
+    min_answer_count: VQA and GQA: an answer enters the vocabulary when it is
+      the (VQA: multiple-choice) answer of at least this many questions.
+    answer_vocab_splits: VQA and GQA: the splits whose answers are counted.
   """
   images: str = 'lxmert_tsv/coco'
   images_data_dir: str | None = None
@@ -197,6 +208,8 @@ class TextTableBuilder(features_builder.SideFilesBuilder, abc.ABC):
   FEATURES: dict[str, Any]
   DEFAULT_FILES: dict[str, str]
   TEXT_FIELD = 'text'  # the feature that holds the sentence
+  # TextConfig fields whose default differs for this builder (the command line's too).
+  CONFIG_DEFAULTS: dict[str, Any] = {}
   MANUAL_DOWNLOAD_INSTRUCTIONS = """Place the annotation files in the manual dir
 (`--manual_dir`, default `<data_dir>/downloads/manual/`) under their standard
 names, or name them in the config's `files`; build the images table first."""
@@ -441,8 +454,143 @@ class VqaV2(TextTableBuilder):
     return examples
 
 
+class _GqaQuestion(NamedTuple):
+  where: str        # '<file>: question <id>', for errors
+  question_id: str  # GQA's ids are text ('02930152'): kept as they are
+  image_id: Any
+  question: Any
+  answer: str       # '' for a question without one (the submission questions)
+
+
+class Gqa(TextTableBuilder):
+  """GQA questions with image rows and their one answer (a target of score 1).
+
+  Formats, told apart by each file's content:
+    GQA's `{train,val,testdev}_balanced_questions.json` and
+      `submission_all_questions.json`: a JSON object {question id: {imageId,
+      question, answer, fullAnswer, types, ...}} (the submission file has no
+      answers);
+    LXMERT's `data/gqa/{train,valid,testdev,submit}.json`: a JSON list of
+      {question_id, img_id, sent, label: {answer: 1.0}} (submit.json has no
+      label); config 'lxmert' names these files.
+  Split 'test' holds the submission questions, whose answers may be absent;
+  every question of the other splits needs its one answer. The answer
+  vocabulary holds the answers of `answer_vocab_splits` given at least
+  `min_answer_count` times, as they are (GQA's evaluation compares strings
+  exactly), most frequent first; an answer outside it gets no label, but its
+  string is stored for the evaluator.
+  """
+  FEATURES = dict(
+      question_id=tfds.features.Text(), question=tfds.features.Text(), image_index=np.int64,
+      image_id=tfds.features.Text(), answer=tfds.features.Text(),
+      answer_labels=tfds.features.Sequence(np.int32),
+      answer_scores=tfds.features.Sequence(np.float32))
+  TEXT_FIELD = 'question'
+  SPLITS = ('train', 'validation', 'testdev', 'test')
+  UNANSWERED_SPLIT = 'test'
+  DEFAULT_FILES = {'train': 'train_balanced_questions.json',
+                   'validation': 'val_balanced_questions.json',
+                   'testdev': 'testdev_balanced_questions.json',
+                   'test': 'submission_all_questions.json'}
+  LXMERT_FILES = (('train', 'train.json'), ('validation', 'valid.json'),
+                  ('testdev', 'testdev.json'), ('test', 'submit.json'))
+  # GQA's image ids are text ('2354786', 'n161313'), as LXMERT's GQA TSVs store
+  # them: matched exactly. Every answer counts (GQA has no annotator noise).
+  CONFIG_DEFAULTS = dict(match='exact', splits=SPLITS, min_answer_count=1)
+  BUILDER_CONFIGS = [
+      # The images: an LXMERT-TSV table of vg_gqa_obj36.tsv and gqa_testdev_obj36.tsv.
+      TextConfig(name='balanced', images='lxmert_tsv/gqa', description="GQA's balanced "
+                 'questions and the submission questions', **CONFIG_DEFAULTS),
+      TextConfig(name='lxmert', images='lxmert_tsv/gqa', files=LXMERT_FILES,
+                 description="LXMERT's data/gqa json files", **CONFIG_DEFAULTS),
+  ]
+
+  def _split_examples(self, path, images, report):
+    config = self.builder_config
+    wanted = tuple(dict.fromkeys(config.splits + config.answer_vocab_splits))
+    unknown = sorted(set(wanted) - set(self.SPLITS))
+    if unknown or self.UNANSWERED_SPLIT in config.answer_vocab_splits:
+      raise ValueError(f'gqa: splits must be among {self.SPLITS} and the answer vocabulary '
+                       f'cannot come from {self.UNANSWERED_SPLIT!r}; got '
+                       f'{unknown or config.answer_vocab_splits}')
+    questions = {split: self._questions(path(split), split, report) for split in wanted}
+    vocab = frequent_answers((q.answer for split in config.answer_vocab_splits
+                              for q in questions[split]), config.min_answer_count)
+    if not vocab:
+      raise ValueError(f'gqa: no answer occurs {config.min_answer_count} times in '
+                       f'{config.answer_vocab_splits}; lower min_answer_count')
+    self.side_files[ANSWERS_FILE] = ''.join(f'{answer}\n' for answer in vocab)
+    answer_to_label = {answer: label for label, answer in enumerate(vocab)}
+    splits = {}
+    for split in config.splits:
+      splits[split] = []
+      for q in questions[split]:
+        labels = [answer_to_label[q.answer]] if q.answer in answer_to_label else []
+        self._add(splits[split], report, q.where, q.image_id, images, q.question,
+                  question_id=q.question_id, answer=q.answer, answer_labels=labels,
+                  answer_scores=[1.0] * len(labels))
+    return splits
+
+  def _questions(self, path: str, split: str, report: formats.ErrorReport
+                 ) -> list[_GqaQuestion]:
+    """The questions of one file, in its order; problems of a question (no or a
+    malformed answer, a repeated id) go to `report`."""
+    data = _load_json(path)
+    if isinstance(data, dict):
+      parsed = (self._gqa_question(path, question_id, entry)
+                for question_id, entry in data.items())
+    elif isinstance(data, list):
+      parsed = (self._lxmert_question(path, entry) for entry in data)
+    else:
+      raise ValueError(f"{path}: expected GQA's questions (a JSON object id -> question) or "
+                       f"LXMERT's (a JSON list of questions), got {type(data).__name__}")
+    questions, seen = [], set()
+    for where, question_id, image_id, question, answer in parsed:
+      try:
+        if question_id in seen:
+          raise formats.FormatError(where, 'duplicate question id', kind='duplicate question')
+        if answer is None and split != self.UNANSWERED_SPLIT:
+          raise formats.FormatError(where, f'missing answer: every question of split '
+                                    f'{split!r} needs one', kind='missing answer')
+        if answer is not None and (not isinstance(answer, str) or not answer.strip()):
+          raise formats.FormatError(where, f'bad answer: {answer!r}', kind='bad answer')
+      except formats.FormatError as e:
+        report.handle(e)
+        continue
+      seen.add(question_id)
+      questions.append(_GqaQuestion(where, question_id, image_id, question, answer or ''))
+    return questions
+
+  @staticmethod
+  def _gqa_question(path: str, question_id: Any, entry: Any
+                    ) -> tuple[str, str, Any, Any, Any]:
+    where = f'{path}: question {question_id}'
+    if not isinstance(entry, Mapping):
+      raise formats.FormatError(where, f'expected a question object, got '
+                                f'{type(entry).__name__}', kind='malformed question')
+    return (where, str(question_id), _field(where, entry, 'imageId', 'question'),
+            _field(where, entry, 'question', 'question'), entry.get('answer'))
+
+  @staticmethod
+  def _lxmert_question(path: str, entry: Any) -> tuple[str, str, Any, Any, Any]:
+    if not isinstance(entry, Mapping):
+      raise formats.FormatError(path, f'expected question objects, got '
+                                f'{type(entry).__name__}', kind='malformed question')
+    question_id = str(_field(path, entry, 'question_id', 'question'))
+    where = f'{path}: question {question_id}'
+    label, answer = entry.get('label'), None
+    if label is not None:
+      # GQA has one answer per question: LXMERT writes {answer: 1.0}.
+      if not isinstance(label, Mapping) or len(label) != 1:
+        raise formats.FormatError(where, f'label must be {{answer: 1.0}}, one answer, got '
+                                  f'{label!r}', kind='bad label')
+      (answer,) = label
+    return (where, question_id, _field(where, entry, 'img_id', 'question'),
+            _field(where, entry, 'sent', 'question'), answer)
+
+
 BUILDERS = {'coco_captions': CocoCaptions, 'vg_region_descriptions': VgRegionDescriptions,
-            'vqa_v2': VqaV2}
+            'vqa_v2': VqaV2, 'gqa': Gqa}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -458,22 +606,29 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--file', action='append', default=[], metavar='ROLE=PATH',
                       help='an annotation file other than the standard name')
   parser.add_argument('--caption_source', choices=('karpathy', 'official'), default='karpathy')
-  parser.add_argument('--match', choices=('number', 'exact'), default='number')
+  # None: the dataset's default (`CONFIG_DEFAULTS`, else TextConfig's).
+  parser.add_argument('--match', choices=('number', 'exact'), default=None,
+                      help="default: exact for gqa, else number")
   parser.add_argument('--on_error', choices=formats.ON_ERROR_CHOICES, default='raise')
-  parser.add_argument('--splits', nargs='+', default=['train', 'validation'])
-  parser.add_argument('--min_answer_count', type=int, default=9)
+  parser.add_argument('--splits', nargs='+', default=None,
+                      help='default: train validation (gqa: train validation testdev test)')
+  parser.add_argument('--min_answer_count', type=int, default=None,
+                      help='default: 9 (gqa: 1)')
   parser.add_argument('--answer_vocab_splits', nargs='+', default=['train'])
   parser.add_argument('--overwrite', action='store_true',
                       help='rebuild the table if one is built under this config name '
                       '(without it, one built from other settings is an error)')
   args = parser.parse_args(argv)
+  builder_cls = BUILDERS[args.dataset]
+  chosen = dict(match=args.match, splits=args.splits and tuple(args.splits),
+                min_answer_count=args.min_answer_count)
   config = TextConfig(
       name=args.config, images=args.images, images_data_dir=args.images_data_dir,
-      files=tuple(tuple(item.split('=', 1)) for item in args.file), match=args.match,
-      caption_source=args.caption_source, on_error=args.on_error, splits=tuple(args.splits),
-      min_answer_count=args.min_answer_count,
-      answer_vocab_splits=tuple(args.answer_vocab_splits))
-  builder = BUILDERS[args.dataset](config=config, data_dir=args.data_dir)
+      files=tuple(tuple(item.split('=', 1)) for item in args.file),
+      caption_source=args.caption_source, on_error=args.on_error,
+      answer_vocab_splits=tuple(args.answer_vocab_splits),
+      **{**builder_cls.CONFIG_DEFAULTS, **{k: v for k, v in chosen.items() if v is not None}})
+  builder = builder_cls(config=config, data_dir=args.data_dir)
   builder.download_and_prepare(
       download_config=features_builder.download_config(args.manual_dir, args.overwrite))
   sizes = {split: info.num_examples for split, info in builder.info.splits.items()}

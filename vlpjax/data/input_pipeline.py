@@ -42,6 +42,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       images_dataset=None,
       captions_dataset=None,
       vqa_dataset=None,
+      gqa_dataset=None,
       images_split='train',   # the images table holds every image in one split
       vocab_file=None,        # None: the dataset's vocab.txt; or a BERT vocab path
       lowercase=None,         # None: follow the vocabulary (cased vocab: no lowercasing)

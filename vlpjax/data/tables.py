@@ -1,14 +1,14 @@
 """The TFDS tables of the data contract: opening them, their files, reading records.
 
 Layout (see the data contract): region features are stored once per image in an
-images table; text tables (captions, vqa) refer to images by `image_index`.
+images table; text tables (captions, vqa, gqa) refer to images by `image_index`.
 `table_name` gives a table's TFDS name from the data config
 (`input_pipeline.default_data_config`), `open_table` opens one of its splits
 (building the embedded world first if it is missing), and `check_same_images`
 refuses a text table built against other images than the images table holds.
-The vocabulary and the VQA answer vocabulary are files stored with the tables
-(`vocab_file`, `answer_vocab`); `dataset_info` is what a model config must
-agree with.
+The vocabulary and the answer vocabularies (VQA, GQA) are files stored with
+the tables (`vocab_file`, `answer_vocab`); `dataset_info` is what a model
+config must agree with.
 
 Cost (benchmarks/input_pipeline.py, batches of 256 x 36 regions x 2048-d): most
 of the input pipeline's time goes to reading the image records and copying the
@@ -53,7 +53,7 @@ def _data_dir(data_config: ml_collections.ConfigDict) -> str:
 
 
 def table_name(data_config: ml_collections.ConfigDict, table: str) -> str:
-  """TFDS name ('dataset/config') of `table` in {'images', 'captions', 'vqa'}."""
+  """TFDS name ('dataset/config') of `table` in {'images', 'captions', 'vqa', 'gqa'}."""
   explicit = data_config.get(f'{table}_dataset')
   if explicit:
     return explicit
@@ -80,7 +80,7 @@ def _builder(data_config: ml_collections.ConfigDict, table: str) -> tfds.core.Da
 
 
 def open_table(data_config: ml_collections.ConfigDict, table: str, split: str):
-  """Split `split` of `table` (in {'images', 'captions', 'vqa'}) as a TFDS data source."""
+  """Split `split` of `table` (in {'images', 'captions', 'vqa', 'gqa'}) as a TFDS data source."""
   builder = _builder(data_config, table)
   if split not in builder.info.splits:
     raise ValueError(f'table {table_name(data_config, table)!r} has no split {split!r}; '
@@ -107,9 +107,9 @@ def vocab_file(data_config: ml_collections.ConfigDict) -> str:
   return _find_in_data_dirs(data_config, ('captions', 'images'), 'vocab.txt')
 
 
-def answer_vocab(data_config: ml_collections.ConfigDict) -> list[str]:
-  """The VQA answer vocabulary (`answers.txt` stored with the vqa table)."""
-  path = _find_in_data_dirs(data_config, ('vqa',), 'answers.txt')
+def answer_vocab(data_config: ml_collections.ConfigDict, table: str = 'vqa') -> list[str]:
+  """The answer vocabulary (`answers.txt`) stored with a question table ('vqa', 'gqa')."""
+  path = _find_in_data_dirs(data_config, (table,), 'answers.txt')
   with open(path, encoding='utf-8') as f:
     return [line.rstrip('\n') for line in f]
 

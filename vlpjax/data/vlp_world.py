@@ -1,10 +1,10 @@
 """TFDS builder of the embedded vision-language world (`vlp_world`).
 
 Layout: one builder, `VlpWorld`, with a builder config per (size, table), named
-`<size>_<table>`: `tiny_images`, `tiny_captions`, `tiny_vqa`, `tiny_refexp`,
-`tiny_nlvr2`, `default_images`, ... A TFDS builder has one feature spec per
-config, and the five tables have different features, hence one config per
-table. All configs of a size share one `WorldConfig`, so their tables describe
+`<size>_<table>`: `tiny_images`, `tiny_captions`, `tiny_vqa`, `tiny_gqa`,
+`tiny_refexp`, `tiny_nlvr2`, `default_images`, ... A TFDS builder has one
+feature spec per config, and the six tables have different features, hence one
+config per table. All configs of a size share one `WorldConfig`, so their tables describe
 the same images; since every image is a pure function of (seed, index), any
 table can be built alone, and building several in one process generates the
 world (and trains the vocabulary) once (`world.make_world` is cached).
@@ -15,7 +15,7 @@ tables have splits train/validation/test by image and point at images by
 `image_index`. Files stored with each table's data:
 
   vocab.txt       every table: the WordPiece vocabulary (`vocab.py`)
-  answers.txt     vqa: the answer vocabulary, one per line (`answer_labels` index it)
+  answers.txt     vqa, gqa: the answer vocabulary, one per line (`answer_labels` index it)
   objects.txt     images: detector classes (`class_probs` columns; `object_ids`
                   index them less background: id k is column k + 1)
   attributes.txt  images: attribute labels (`attr_ids`)
@@ -46,7 +46,7 @@ from vlpjax.data import vocab as vocab_lib
 from vlpjax.data import world as world_lib
 from vlpjax.data import features_builder
 
-TABLES = ('images', 'captions', 'vqa', 'refexp', 'nlvr2')
+TABLES = ('images', 'captions', 'vqa', 'gqa', 'refexp', 'nlvr2')
 IMAGES_SPLIT = 'train'
 VOCAB_FILE = 'vocab.txt'
 ANSWERS_FILE = 'answers.txt'
@@ -105,6 +105,11 @@ def table_features(table: str, feature_dim: int) -> tfds.features.FeaturesDict:
           answer_labels=tfds.features.Sequence(np.int32),
           answer_scores=tfds.features.Sequence(np.float32),
           question_type=tfds.features.Text()),
+      # The vqa table's questions with one true answer, as `annotations_builder.Gqa`'s.
+      'gqa': lambda: dict(
+          question_id=text, question=text, **image_ref, answer=text,
+          answer_labels=tfds.features.Sequence(np.int32),
+          answer_scores=tfds.features.Sequence(np.float32)),
       'refexp': lambda: dict(ref_id=np.int64, text=text, **image_ref,
                              target_box=tfds.features.Tensor(shape=(4,), dtype=np.float32)),
       'nlvr2': lambda: dict(
@@ -115,11 +120,12 @@ def table_features(table: str, feature_dim: int) -> tfds.features.FeaturesDict:
   return features if table == 'images' else tfds.features.FeaturesDict(features)
 
 
-_ID_FIELDS = dict(captions='caption_id', vqa='question_id', refexp='ref_id', nlvr2='pair_id')
+_ID_FIELDS = dict(captions='caption_id', vqa='question_id', gqa='question_id', refexp='ref_id',
+                  nlvr2='pair_id')
 
 
 class VlpWorld(features_builder.SideFilesBuilder):
-  """The embedded vision-language world: images, captions, VQA, refexp, NLVR2."""
+  """The embedded vision-language world: images, captions, VQA, GQA, refexp, NLVR2."""
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First release.'}
   BUILDER_CONFIGS = [_config(size, table) for size in WORLD_SIZES for table in TABLES]
@@ -153,7 +159,7 @@ class VlpWorld(features_builder.SideFilesBuilder):
       return {IMAGES_SPLIT: [
           functools.partial(_keyed_images, world, range(start, min(start + step, num_images)))
           for start in range(0, num_images, step)]}
-    if config.table == 'vqa':
+    if config.table in ('vqa', 'gqa'):
       self.side_files[ANSWERS_FILE] = _lines(world_lib.ANSWERS)
     rows = getattr(world, config.table)
     id_field = _ID_FIELDS[config.table]
@@ -201,7 +207,7 @@ def vocab_path(data_dir: str | os.PathLike[str], size: str, table: str = 'captio
 
 
 def answer_vocab(source: tfds.core.DatasetBuilder | str | os.PathLike[str]) -> list[str]:
-  """The VQA answer vocabulary stored with a vqa table, given its builder or data directory."""
+  """The answer vocabulary stored with a vqa or gqa table, given its builder or data directory."""
   directory = source.data_dir if isinstance(source, tfds.core.DatasetBuilder) else source
   with open(_stored_file(directory, ANSWERS_FILE), encoding='utf-8') as f:
     return f.read().splitlines()

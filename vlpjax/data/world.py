@@ -18,7 +18,8 @@ alone and all tables agree on what image i shows.
                region features from the pixels inside each box only: each box
                is area-pooled to a grid of RGB + edge means (exact integer
                integral images), then a fixed seeded random projection + ReLU.
-  text         captions, VQA questions with ten noisy annotator answers,
+  text         captions, VQA questions with ten noisy annotator answers (and
+               the same questions with their one true answer, GQA-style),
                referring expressions and NLVR2-style statements about pairs
                of images, from a grammar with attributes and spatial relations.
 
@@ -824,21 +825,41 @@ class World:
             for split, indices in self.split_images.items()}
 
   @functools.cached_property
+  def _questions(self) -> dict[str, list[tuple[int, int, dict[str, Any]]]]:
+    """Split -> (image index, question id, `questions` entry): what the vqa and
+    gqa tables ask, generated once for both."""
+    per_image = self.config.questions_per_image
+    return {split: [(i, i * per_image + k, q) for i in indices
+                    for k, q in enumerate(questions(self.scenes[i], self.config))]
+            for split, indices in self.split_images.items()}
+
+  @functools.cached_property
   def vqa(self) -> dict[str, list[dict[str, Any]]]:
     """Split -> rows {question_id, question, image_index, image_id, answers,
     answer_labels, answer_scores, question_type}."""
     rows = {}
-    per_image = self.config.questions_per_image
-    for split, indices in self.split_images.items():
+    for split, asked in self._questions.items():
       rows[split] = []
-      for i in indices:
-        for k, q in enumerate(questions(self.scenes[i], self.config)):
-          labels, scores = soft_scores(q['answers'])
-          rows[split].append(dict(
-              question_id=i * per_image + k, question=q['question'], **self._image_fields(i),
-              answers=q['answers'], answer_labels=labels, answer_scores=scores,
-              question_type=q['question_type']))
+      for i, question_id, q in asked:
+        labels, scores = soft_scores(q['answers'])
+        rows[split].append(dict(
+            question_id=question_id, question=q['question'], **self._image_fields(i),
+            answers=q['answers'], answer_labels=labels, answer_scores=scores,
+            question_type=q['question_type']))
     return rows
+
+  @functools.cached_property
+  def gqa(self) -> dict[str, list[dict[str, Any]]]:
+    """Split -> rows {question_id (text, as GQA's ids), question, image_index,
+    image_id, answer, answer_labels [1] (into ANSWERS), answer_scores [1] (1.0)}:
+    the vqa table's questions with their one true answer, as GQA's, instead of
+    ten noisy annotators'."""
+    return {split: [dict(question_id=str(question_id), question=q['question'],
+                         **self._image_fields(i), answer=q['answer'],
+                         answer_labels=np.array([ANSWERS.index(q['answer'])], np.int32),
+                         answer_scores=np.ones(1, np.float32))
+                    for i, question_id, q in asked]
+            for split, asked in self._questions.items()}
 
   @functools.cached_property
   def refexp(self) -> dict[str, list[dict[str, Any]]]:

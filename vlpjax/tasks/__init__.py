@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-TASKS = ('pretrain', 'vqa')
+TASKS = ('pretrain', 'vqa', 'gqa')
 
 
 def get_task(name: str) -> ModuleType:

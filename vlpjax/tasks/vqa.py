@@ -2,6 +2,9 @@
 
 Everything VQA-specific lives here (shared TASKS.md "VQA v2"); the loop, the
 input pipeline and the checkpoints ask this module and know nothing of VQA.
+GQA (`vlpjax.tasks.gqa`) runs the same on its own question table: the table
+openers, the iterator and the interface functions it calls take `table`
+('vqa' by default).
 
 The task interface (`vlpjax.tasks`) is at the end of the module: `configure`
 (the `config.vqa` section, the published recipes, the evaluators), `prepare`,
@@ -63,7 +66,7 @@ import json
 import logging
 import os
 import re
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -550,26 +553,30 @@ def make_examples(design: str, tokenizer: BertTokenizer, images: tables.ImageTab
 
 
 def open_questions(data_config: ml_collections.ConfigDict, split: str, *,
-                   with_ground_truth: bool = False) -> tables.Table:
+                   with_ground_truth: bool = False, table: str = 'vqa') -> tables.Table:
   """The vqa table's `split`: QUESTION_KEYS, plus 'answers' (and 'answer_type' when
-  the table has it) with `with_ground_truth` (slower to read: keep it off for training)."""
-  source = tables.open_table(data_config, 'vqa', split)
+  the table has it) with `with_ground_truth` (slower to read: keep it off for training).
+
+  `table`: the question table, 'vqa' or another with QUESTION_KEYS ('gqa').
+  """
+  source = tables.open_table(data_config, table, split)
   keys = QUESTION_KEYS
   if with_ground_truth:
     keys = ('question_id', 'answers') + tuple(
         k for k in ('answer_type',) if k in source.dataset_info.features)
-  return tables.Table(source, keys, name=tables.table_name(data_config, 'vqa'))
+  return tables.Table(source, keys, name=tables.table_name(data_config, table))
 
 
 def open_examples(data_config: ml_collections.ConfigDict, design: str, *, split: str,
                   head: str | None = None, answer_vocab_file: str | None = None,
-                  with_question_id: bool = True) -> tuple[VqaExamples, list[str]]:
+                  with_question_id: bool = True, table: str = 'vqa'
+                  ) -> tuple[VqaExamples, list[str]]:
   """Opens the tables of a VQA split for `design`.
 
   Returns:
     (VqaExamples, the model's answer vocabulary): the vocabulary is
-    `answer_vocab_file`'s (table labels matched to it by string) or the vqa
-    table's own `answers.txt`.
+    `answer_vocab_file`'s (table labels matched to it by string) or the
+    question table's own `answers.txt` (`table`: see `open_questions`).
   """
   if design not in DESIGNS:
     raise ValueError(f'design must be one of {DESIGNS}, got {design!r}')
@@ -583,9 +590,9 @@ def open_examples(data_config: ml_collections.ConfigDict, design: str, *, split:
       cache_max_gib=data_config.cache_images_max_gib,
       widen_features=data_config.widen_features,
       shared_memory=data_config.worker_count > 0)
-  questions = open_questions(data_config, split)
-  tables.check_same_images(data_config, 'vqa', split)
-  table_answers = tables.answer_vocab(data_config)
+  questions = open_questions(data_config, split, table=table)
+  tables.check_same_images(data_config, table, split)
+  table_answers = tables.answer_vocab(data_config, table)
   answers, label_map = table_answers, None
   if answer_vocab_file:
     answers = read_answer_vocab(answer_vocab_file)
@@ -605,8 +612,8 @@ def open_examples(data_config: ml_collections.ConfigDict, design: str, *, split:
 def make_question_iterator(data_config: ml_collections.ConfigDict, design: str, *,
                         global_batch_size: int, seed: int, mesh: Mesh | None = None,
                         data_axes: Sequence[str] = ('data', 'fsdp'), split: str = 'train',
-                        head: str | None = None, answer_vocab_file: str | None = None
-                        ) -> input_pipeline.PretrainingIterator:
+                        head: str | None = None, answer_vocab_file: str | None = None,
+                        table: str = 'vqa') -> input_pipeline.PretrainingIterator:
   """Endless, shuffled (afresh each epoch), resumable VQA training batches.
 
   range(questions) -> this process's contiguous shard -> shuffle(seed) ->
@@ -623,6 +630,7 @@ def make_question_iterator(data_config: ml_collections.ConfigDict, design: str, 
     split: the vqa table's split.
     head: HEAD_KINDS; None: HEADS[design]. 'mask_slot' appends `? [MASK]`.
     answer_vocab_file: see `open_examples`.
+    table: the question table (`open_questions`).
   """
   process_count = jax.process_count()
   local_batch_size, seed, sharding = input_pipeline.batch_layout(
@@ -630,7 +638,7 @@ def make_question_iterator(data_config: ml_collections.ConfigDict, design: str, 
   head = resolve_head(design, head)
   examples, answers = open_examples(data_config, design, split=split, head=head,
                                     answer_vocab_file=answer_vocab_file,
-                                    with_question_id=False)
+                                    with_question_id=False, table=table)
   num_questions = len(examples)
   shard_size = num_questions // process_count
   if shard_size < local_batch_size:
@@ -640,10 +648,10 @@ def make_question_iterator(data_config: ml_collections.ConfigDict, design: str, 
   stream = input_pipeline.endless_batches(data_config, num_questions, local_batch_size, seed,
                                           examples.examples_fn)
   fingerprint = dict(
-      task='vqa', design=design, head=head, seed=seed, global_batch_size=global_batch_size,
+      task=table, design=design, head=head, seed=seed, global_batch_size=global_batch_size,
       process_count=process_count, split=split, num_questions=num_questions,
       num_images=examples.images.num_images,
-      tables=[tables.table_name(data_config, t) for t in ('images', 'vqa')],
+      tables=[tables.table_name(data_config, t) for t in ('images', table)],
       max_text_len=data_config.max_text_len, max_regions=data_config.max_regions,
       num_answers=len(answers), answers=_vocab_digest(answers),
       worker_count=data_config.worker_count)
@@ -826,26 +834,28 @@ def configure(config: ml_collections.ConfigDict, size: str) -> None:
   config.checkpoint.every_steps = 200 if world else 5_000
 
 
-def _answers(config: ml_collections.ConfigDict) -> list[str]:
+def _answers(config: ml_collections.ConfigDict, table: str = 'vqa') -> list[str]:
   return (read_answer_vocab(config.vqa.answer_vocab_file) if config.vqa.answer_vocab_file
-          else tables.answer_vocab(config.data))
+          else tables.answer_vocab(config.data, table))
 
 
 ANSWERS_FILE = 'answers.txt'
 
 
-def inference_files(config: ml_collections.ConfigDict) -> dict[str, list[str]]:
-  """The answer vocabulary, one a line (`load` reads it back)."""
-  return {ANSWERS_FILE: list(_answers(config))}
+def inference_files(config: ml_collections.ConfigDict, table: str = 'vqa'
+                    ) -> dict[str, list[str]]:
+  """The answer vocabulary (of `table`'s run), one a line (`load` reads it back)."""
+  return {ANSWERS_FILE: list(_answers(config, table))}
 
 
 def init_heads(config: ml_collections.ConfigDict, params: Mapping[str, Any],
-               abstract_params: Mapping[str, Any]) -> dict[str, Any]:
+               abstract_params: Mapping[str, Any], table: str = 'vqa') -> dict[str, Any]:
   """Starts the 'pooled_mlp' head from the QA head of the `init.source` workdir's
   run, as LXMERT fine-tunes from its pretraining QA head: hidden layer and
   LayerNorm copied, each answer's output column copied from the same answer's
   (`transfer_answer_head`). Without such a head (or with
-  `vqa.head_from_pretraining=False`) the fresh head stays.
+  `vqa.head_from_pretraining=False`) the fresh head stays. `table`: the
+  question table whose answers the head has (`open_questions`).
   """
   from vlpjax import checkpointing, state as state_lib  # pylint: disable=g-import-not-at-top
   kind, _, directory = config.init.source.partition(':')
@@ -857,10 +867,11 @@ def init_heads(config: ml_collections.ConfigDict, params: Mapping[str, Any],
       or not os.path.isfile(answers_file)):
     return dict(params)
   pretrained, step = checkpointing.restore_workdir_params(directory, subtree=name)
+  answers = _answers(config, table)
   head, matched = transfer_answer_head(pretrained, state_lib.to_host(params[name]),
-                                       read_answer_vocab(answers_file), _answers(config))
+                                       read_answer_vocab(answers_file), answers)
   logging.info('init: %s from %s (step %d), %d of %d answers matched', name, directory,
-               step, matched, len(_answers(config)))
+               step, matched, len(answers))
   shardings = jax.tree.map(lambda a: a.sharding, abstract_params[name])
   return dict(params, **{name: state_lib.from_host(head, shardings)})
 
@@ -879,20 +890,20 @@ def prepare(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
-def make_model(config: ml_collections.ConfigDict) -> VqaModel:
-  """The design's backbone with its VQA head over the answer vocabulary."""
-  return build_model(config.model, len(_answers(config)), head=config.vqa.head,
+def make_model(config: ml_collections.ConfigDict, table: str = 'vqa') -> VqaModel:
+  """The design's backbone with its VQA head over the answer vocabulary (of `table`)."""
+  return build_model(config.model, len(_answers(config, table)), head=config.vqa.head,
                      dropout_rate=config.vqa.dropout_rate)
 
 
-def make_train_iterator(config: ml_collections.ConfigDict, mesh: Mesh
+def make_train_iterator(config: ml_collections.ConfigDict, mesh: Mesh, table: str = 'vqa'
                         ) -> input_pipeline.PretrainingIterator:
-  """Endless, resumable VQA batches of `config.vqa.train_split`."""
+  """Endless, resumable VQA batches of `config.vqa.train_split` of `table`."""
   return make_question_iterator(
       config.data, config.model.name, global_batch_size=config.train.global_batch_size,
       seed=config.seed, mesh=mesh, data_axes=tuple(config.mesh.data_axes),
       split=config.vqa.train_split, head=config.vqa.head,
-      answer_vocab_file=config.vqa.answer_vocab_file)
+      answer_vocab_file=config.vqa.answer_vocab_file, table=table)
 
 
 def objectives(config: ml_collections.ConfigDict) -> list[str]:
@@ -942,6 +953,37 @@ def flops_per_example(config: ml_collections.ConfigDict,
                                        input_specs['region_feats'].shape[1], 0)
 
 
+def prediction_step(model: VqaModel, sharding: jax.sharding.NamedSharding
+                    ) -> Callable[[Any, Mapping[str, jax.Array]], jax.Array]:
+  """The evaluators' jitted step: (params, batch) -> predicted answers int32 [B],
+  sharded as the batch."""
+  def answer(params, batch):
+    kwargs = model_inputs(batch)
+    kwargs['region_feats'] = kwargs['region_feats'].astype(jnp.float32)
+    return predict(model.apply({'params': params}, **kwargs, deterministic=True)['logits'])
+
+  return jax.jit(answer, out_shardings=sharding)
+
+
+def predicted_answers(answer_step: Callable[[Any, Mapping[str, jax.Array]], jax.Array],
+                      params: Any, examples: VqaExamples, answers: Sequence[str],
+                      batch_size: int, sharding: jax.sharding.NamedSharding
+                      ) -> Iterator[tuple[np.ndarray, list[str]]]:
+  """Answers every question of `examples` once (`evaluators.common.eval_batches`:
+  the last batch padded, its padding left out), as the evaluators of VQA-style
+  tasks do.
+
+  Yields, per batch of `batch_size`, this process's real rows: (their indices
+  in the split, int32 [L'], their predicted answer strings [L']).
+  """
+  from vlpjax.evaluators import common  # pylint: disable=g-import-not-at-top
+  for batch in common.eval_batches(len(examples), batch_size, examples.examples, sharding):
+    predicted = common.local_rows(answer_step(params, batch))
+    real = common.local_rows(batch[common.MASK_KEY]).astype(bool)
+    yield (common.local_rows(batch[common.INDEX_KEY])[real],
+           answer_strings(predicted[real], answers))
+
+
 class VqaEvaluator:
   """Official VQA accuracy on a split, and the server's prediction file.
 
@@ -969,26 +1011,16 @@ class VqaEvaluator:
     self.sharding = input_pipeline.batch_sharding(mesh, tuple(config.mesh.data_axes),
                                                   self.batch_size)
     self.prediction_dir = os.path.join(workdir, 'predictions')
-
-    def answer(params, batch):
-      kwargs = model_inputs(batch)
-      kwargs['region_feats'] = kwargs['region_feats'].astype(jnp.float32)
-      return predict(model.apply({'params': params}, **kwargs, deterministic=True)['logits'])
-
-    self._answer = jax.jit(answer, out_shardings=self.sharding)
+    self._answer = prediction_step(model, self.sharding)
 
   def run(self, params: Any, step: int) -> Iterator[tuple[str, float]]:
     """Yields (metric, value): accuracy, per answer type, and counts."""
     common = self._common
     stats = vqa_accuracy.zero_stats()
     records = []
-    for batch in common.eval_batches(len(self.examples), self.batch_size,
-                                     self.examples.examples, self.sharding):
-      predicted = common.local_rows(self._answer(params, batch))
-      real = common.local_rows(batch[common.MASK_KEY]).astype(bool)
-      index = common.local_rows(batch[common.INDEX_KEY])[real]
+    for index, answers in predicted_answers(self._answer, params, self.examples, self.answers,
+                                            self.batch_size, self.sharding):
       question_ids = self.question_ids[index]
-      answers = answer_strings(predicted[real], self.answers)
       stats = vqa_accuracy.merge_stats(
           stats, accuracy_stats(question_ids, answers, self.ground_truth))
       records += [dict(record, _index=int(i)) for record, i in
