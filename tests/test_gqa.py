@@ -13,6 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import real_format_fixtures as fx
+from test_finetune import tiny_config
 import vlpjax
 from vlpjax import train
 from vlpjax.data import annotations_builder as ab
@@ -227,15 +228,8 @@ def finetune(design, data_dir, workdir, num_steps=4):
   """`configs/<design>.py:tiny,task=gqa` on the tiny world, evaluated every 2
   steps on validation and at the end on test, in batches of EVAL_BATCH:
   (the run's config, its last metrics, its metrics.jsonl records)."""
-  config = importlib.import_module(f'configs.{design}').get_config('tiny,task=gqa')
-  config.data.update(size='tiny', data_dir=data_dir)
-  info = tables.dataset_info(config.data)
-  # The label spaces of the tiny world.
-  world = dict(vocab_size=info['vocab_size'], num_region_classes=info['num_object_classes'],
-               num_object_labels=info['num_object_classes'] - 1,
-               num_attr_labels=info['num_attributes'], num_answers=info['num_answers'])
-  config.model.update({k: v for k, v in world.items() if k in config.model})
-  config.train.update(global_batch_size=8, num_steps=num_steps, log_every_steps=1)
+  config = tiny_config(design, data_dir, 'gqa')
+  config.train.num_steps = num_steps
   config.checkpoint.every_steps = num_steps
   for evaluator in config.evals.values():
     evaluator.batch_size = EVAL_BATCH
