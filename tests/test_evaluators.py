@@ -4,9 +4,6 @@ processes (4 CPU devices each, gloo) through `jax.distributed`, GQA's exact-matc
 statistics and submission file included."""
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import jax
 import ml_collections
@@ -14,9 +11,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+import evaluator_worker
 from vlpjax.evaluators import common
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_EXAMPLES, GLOBAL_BATCH_SIZE = 37, 16
 
 
@@ -211,6 +208,25 @@ def test_evaluator_configs_name_the_bad_field(entry, message):
     common.evaluator_configs({'vqa_val': entry})
 
 
+def test_build_evaluators_by_type():
+  """One evaluator per entry, in `evaluator_configs` order, from its type's factory;
+  an unknown type names the entry, the task and the valid types."""
+  config = ml_collections.ConfigDict({'evals': {'b_val': eval_entry(type='y', split='val'),
+                                                'a_test': eval_entry(type='x', split='test')}})
+  factory = lambda kind: lambda *args: (kind, *args)
+  built = common.build_evaluators(config, 'demo', {'x': factory('x'), 'y': factory('y')},
+                                  'model', 'mesh', '/workdir')
+  assert [(kind, name, entry.split, model, mesh, workdir)
+          for kind, name, entry, _, model, mesh, workdir in built] == [
+              ('x', 'a_test', 'test', 'model', 'mesh', '/workdir'),
+              ('y', 'b_val', 'val', 'model', 'mesh', '/workdir')]
+  assert built[0][3] is config
+  with pytest.raises(ValueError, match=r"config\.evals\.b_val\.type='y': the demo task has "
+                     r"evaluators of type 'x' or 'z'"):
+    common.build_evaluators(config, 'demo', {'x': factory('x'), 'z': factory('z')},
+                            None, None, '')
+
+
 def test_evaluator_protocol():
   class Constant:
     name, log_steps = 'const', 10
@@ -222,33 +238,9 @@ def test_evaluator_protocol():
   assert list(Constant().run(0.5, 2)) == [('accuracy', 1.0)]
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes(tmp_path):
-  port, path, gqa_path = free_port(), tmp_path / 'preds.json', tmp_path / 'gqa.json'
-  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='4', PYTHONPATH=REPO,
-             JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo')
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.join(REPO, 'tests', 'evaluator_worker.py'), str(port),
-       str(i), str(path), str(gqa_path)],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  results = []
-  for i, (proc, output) in enumerate(zip(procs, outputs)):
-    assert proc.returncode == 0, f'process {i}:\n{output[-4000:]}'
-    lines = [l for l in output.splitlines() if l.startswith('RESULT ')]
-    assert lines, f'process {i} printed no result:\n{output[-4000:]}'
-    results.append(json.loads(lines[-1][len('RESULT '):]))
+  path, gqa_path = tmp_path / 'preds.json', tmp_path / 'gqa.json'
+  results = evaluator_worker.run_two_processes([path, gqa_path])
   big, fraction = 2**40, 2.0**-30
   for i, result in enumerate(results):
     assert result['process_index'] == i
@@ -260,6 +252,9 @@ def test_two_processes(tmp_path):
     assert result['dtypes'] == ['int64', 'int64', 'float64']
     # GQA: the 13 multiples of 3 in [0, 37) are wrong.
     assert (result['gqa_correct'], result['gqa_count']) == (NUM_EXAMPLES - 13, NUM_EXAMPLES)
+    # SNLI-VE: the 10 multiples of 4 in [0, 37) are wrong.
+    assert (result['snli_ve_correct'], result['snli_ve_count']) == (NUM_EXAMPLES - 10,
+                                                                    NUM_EXAMPLES)
   # Process p builds rows [8p, 8p + 8) of each global batch of 16.
   assert results[0]['seen'] == [*range(0, 8), *range(16, 24), *range(32, 37)]
   assert results[1]['seen'] == [*range(8, 16), *range(24, 32)]

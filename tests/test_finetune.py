@@ -26,14 +26,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL_BATCH = 24  # a multiple of the 8 devices that does not divide the splits (16)
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  directory = str(tmp_path_factory.mktemp('tfds'))
-  tables.dataset_info(ml_collections.ConfigDict(dict(
-      input_pipeline.default_data_config(), size='tiny', data_dir=directory)))
-  return directory
-
-
 def tiny_config(design: str, data_dir: str, task: str = 'pretrain') -> ml_collections.ConfigDict:
   arg = 'tiny' if task == 'pretrain' else f'tiny,task={task}'
   config = importlib.import_module(f'configs.{design}').get_config(arg)

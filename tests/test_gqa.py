@@ -5,7 +5,6 @@ score every question once on splits the eval batch does not divide."""
 import importlib
 import json
 import math
-import os
 
 import ml_collections
 import numpy as np
@@ -13,12 +12,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 import real_format_fixtures as fx
+import task_testing as tt
 from test_finetune import tiny_config
 import vlpjax
-from vlpjax import train
 from vlpjax.data import annotations_builder as ab
-from vlpjax.data import features_builder as fb
-from vlpjax.data import formats, input_pipeline, tables, vlp_world
+from vlpjax.data import formats, tables, vlp_world
 from vlpjax.data import world as world_lib
 from vlpjax.tasks import TASKS, get_task, gqa, vqa
 
@@ -47,24 +45,15 @@ LXMERT_FILES = dict(ab.Gqa.LXMERT_FILES)
 
 def build_gqa(root, config, *args):
   """`python -m vlpjax.data.annotations_builder gqa` against lxmert_tsv/gqa."""
-  ab.main(['gqa', '--config', config, '--images', 'lxmert_tsv/gqa', '--data_dir',
-           str(root / 'data'), '--manual_dir', str(root), *args])
-
-
-def read_split(root, name, split):
-  source = tfds.data_source(name, data_dir=str(root / 'data'))[split]
-  return [source[i] for i in range(len(source))]
+  tt.build_table('gqa', 'lxmert_tsv/gqa', root, config, *args)
 
 
 @pytest.fixture(scope='module')
 def gqa_root(tmp_path_factory):
   """LXMERT's two GQA TSVs as one images table, and the questions in both formats."""
   root = tmp_path_factory.mktemp('gqa')
-  fx.write_lxmert_tsv(root / 'vg_gqa_obj36.tsv', fx.random_images(0, VG_IDS))
-  fx.write_lxmert_tsv(root / 'gqa_testdev_obj36.tsv', fx.random_images(1, TESTDEV_IDS))
-  fb.main(['lxmert_tsv', '--name', 'gqa', '--data_dir', str(root / 'data'), '--manual_dir',
-           str(root), '--feature_dim', str(fx.FEATURE_DIM), '--sources', 'vg_gqa_obj36.tsv',
-           'gqa_testdev_obj36.tsv'])
+  tt.build_lxmert_images(root, 'gqa', {'vg_gqa_obj36.tsv': VG_IDS,
+                                       'gqa_testdev_obj36.tsv': TESTDEV_IDS})
   for split, questions in QUESTIONS.items():
     fx.write_gqa_questions(str(root / BALANCED_FILES[split]), questions)
     fx.write_lxmert_gqa(str(root / LXMERT_FILES[split]), questions)
@@ -81,7 +70,7 @@ def test_builder_reads_gqa_and_lxmert_files_alike(gqa_root):
   for name in ('gqa/tiny_balanced', 'gqa/tiny_lxmert'):
     assert ab.answer_vocab(name, str(gqa_root / 'data')) == vocab
     for split, questions in QUESTIONS.items():
-      rows = read_split(gqa_root, name, split)
+      rows = tt.read_split(gqa_root, name, split)
       assert [(r['question_id'].decode(), r['image_id'].decode(), r['question'].decode(),
                r['answer'].decode()) for r in rows] == [
                    (q, i, t, a or '') for q, i, t, a in questions], (name, split)
@@ -91,7 +80,7 @@ def test_builder_reads_gqa_and_lxmert_files_alike(gqa_root):
         np.testing.assert_array_equal(row['answer_labels'], labels)
         np.testing.assert_array_equal(row['answer_scores'], [1.0] * len(labels))
   # 'man' is no training answer: stored for the evaluator, without a target.
-  assert not len(read_split(gqa_root, 'gqa/tiny_lxmert', 'validation')[0]['answer_labels'])
+  assert not len(tt.read_split(gqa_root, 'gqa/tiny_lxmert', 'validation')[0]['answer_labels'])
 
 
 def test_builder_errors_name_the_file_and_question(gqa_root, tmp_path):
@@ -109,11 +98,10 @@ def test_builder_errors_name_the_file_and_question(gqa_root, tmp_path):
                      match=r'val\.json: question 201640617: missing answer'):
     build_gqa(tmp_path, 'errors', *args)
   build_gqa(tmp_path, 'errors', *args, '--on_error', 'skip')
-  rows = read_split(tmp_path, 'gqa/errors', 'validation')
+  rows = tt.read_split(tmp_path, 'gqa/errors', 'validation')
   assert [r['question_id'] for r in rows] == [b'201640614', b'201640615']
-  report = json.loads((tmp_path / 'data' / 'gqa' / 'errors' / '1.0.0' /
-                       fb.REPORT_FILE).read_text())
-  assert report['by_reason'] == {'missing image': 1, 'missing answer': 1}
+  assert tt.build_report(tmp_path, 'gqa/errors')['by_reason'] == {'missing image': 1,
+                                                                  'missing answer': 1}
   # LXMERT's label holds GQA's one answer.
   fx.write_lxmert_gqa(str(tmp_path / 'train.json'), QUESTIONS['train'])
   entries = json.loads((tmp_path / 'train.json').read_text())
@@ -126,17 +114,6 @@ def test_builder_errors_name_the_file_and_question(gqa_root, tmp_path):
 
 # ----------------------------------------------------------------------------
 # The embedded world's gqa table, and examples from it.
-
-
-@pytest.fixture(scope='module')
-def data_config(tmp_path_factory):
-  """The tiny world, built once for the module."""
-  config = ml_collections.ConfigDict(dict(
-      input_pipeline.default_data_config(), size='tiny',
-      data_dir=str(tmp_path_factory.mktemp('tfds')),
-      max_regions=vlp_world.WORLD_SIZES['tiny'].num_regions, prefetch_batches=0))
-  tables.dataset_info(config)
-  return config
 
 
 def test_world_gqa_table_asks_the_vqa_questions_with_their_true_answer(data_config):
@@ -228,21 +205,7 @@ def finetune(design, data_dir, workdir, num_steps=4):
   """`configs/<design>.py:tiny,task=gqa` on the tiny world, evaluated every 2
   steps on validation and at the end on test, in batches of EVAL_BATCH:
   (the run's config, its last metrics, its metrics.jsonl records)."""
-  config = tiny_config(design, data_dir, 'gqa')
-  config.train.num_steps = num_steps
-  config.checkpoint.every_steps = num_steps
-  for evaluator in config.evals.values():
-    evaluator.batch_size = EVAL_BATCH
-  config.evals.gqa_val.log_steps = 2
-  final = train.train_and_evaluate(config, workdir)
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    return config, final, [json.loads(line) for line in f]
-
-
-def predictions_of(workdir, name, step=4):
-  with open(os.path.join(workdir, 'predictions', f'{name}_step{step}.json'),
-            encoding='utf-8') as f:
-    return json.load(f)
+  return tt.finetune(tiny_config(design, data_dir, 'gqa'), workdir, num_steps, EVAL_BATCH)
 
 
 def test_finetune_scores_every_question_once_and_loads(data_config, tmp_path):
@@ -257,25 +220,21 @@ def test_finetune_scores_every_question_once_and_loads(data_config, tmp_path):
     assert len(question_ids) % EVAL_BATCH
     logged = [r for r in records if f'{name}/count' in r]
     assert logged and all(r[f'{name}/count'] == len(question_ids) for r in logged)
-    predictions = predictions_of(workdir, name)
+    predictions = tt.predictions_of(workdir, name, 4)
     assert [p['questionId'] for p in predictions] == list(question_ids)  # in split order
     assert all(set(p) == {'questionId', 'prediction'} and p['prediction'] in answers
                for p in predictions)
     correct = sum(p['prediction'] == a for p, a in zip(predictions, true_answers))
     assert logged[-1][f'{name}/accuracy'] == correct / len(question_ids)
-  assert not [f for f in os.listdir(os.path.join(workdir, 'predictions')) if '.part-' in f]
+  tt.assert_parts_merged(workdir)
   # `vlpjax.load` answers an image's questions as the evaluator did.
   model = vlpjax.load(workdir)
   assert model.step == 4 and model.answers == answers
-  questions = tfds.data_source('vlp_world/tiny_gqa', data_dir=data_config.data_dir)['validation']
-  rows = [q for q in (questions[i] for i in range(len(questions)))
-          if q['image_index'] == questions[0]['image_index']]
-  image = tfds.data_source('vlp_world/tiny_images', data_dir=data_config.data_dir)['train'][
-      rows[0]['image_index']]
-  evaluated = {p['questionId']: p['prediction'] for p in predictions_of(workdir, 'gqa_val')}
-  assert model.answer([q['question'].decode() for q in rows], image['features'], image['boxes'],
-                      (image['image_w'], image['image_h'])) == [
-                          evaluated[q['question_id'].decode()] for q in rows]
+  rows, image = tt.rows_of_first_image(data_config.data_dir, 'tiny_gqa')
+  evaluated = {p['questionId']: p['prediction']
+               for p in tt.predictions_of(workdir, 'gqa_val', 4)}
+  assert model.answer([q['question'].decode() for q in rows], *tt.image_inputs(image)) == [
+      evaluated[q['question_id'].decode()] for q in rows]
 
 
 @pytest.mark.slow

@@ -14,8 +14,7 @@ import pytest
 from jax.sharding import Mesh
 
 from vlpjax.data import examples as examples_lib
-from vlpjax.data import input_pipeline, tables
-from vlpjax.data import vlp_world
+from vlpjax.data import tables
 from vlpjax.data.tokenizer import BertTokenizer
 from vlpjax.models import DESIGNS, get_model
 from vlpjax.models import heads as heads_lib
@@ -23,17 +22,6 @@ from vlpjax.tasks import vqa
 from vlpjax.tasks import vqa_accuracy
 
 BATCH = 4
-
-
-@pytest.fixture(scope='module')
-def data_config(tmp_path_factory):
-  """The tiny world, built once for the module."""
-  config = ml_collections.ConfigDict(dict(
-      input_pipeline.default_data_config(), size='tiny',
-      data_dir=str(tmp_path_factory.mktemp('tfds')),
-      max_regions=vlp_world.WORLD_SIZES['tiny'].num_regions, prefetch_batches=0))
-  tables.dataset_info(config)  # builds the tables
-  return config
 
 
 @pytest.fixture(scope='module')

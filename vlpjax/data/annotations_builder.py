@@ -2,7 +2,10 @@
 
   coco_captions           COCO captions: official `captions_{train,val}2014.json`
                           (config 'official') or Karpathy's `dataset_coco.json`
-                          (config 'karpathy': train = train + restval, val, test)
+                          (config 'karpathy': train = train + restval, val, test);
+                          Flickr30k's `dataset_flickr30k.json` in the same
+                          layout (`--file karpathy=dataset_flickr30k.json`;
+                          image ids are its file stems)
   vg_region_descriptions  Visual Genome `region_descriptions.json` (pretraining text)
   vqa_v2                  VQA v2 questions + annotations, soft scores
                           min(1, 0.3 * count) over an answer vocabulary built
@@ -11,6 +14,14 @@
                           `*_balanced_questions.json` or LXMERT's json lists
                           (the format read from each file), an answer
                           vocabulary from the training answers (`answers.txt`)
+  snli_ve                 SNLI-VE `snli_ve_{train,dev,test}.jsonl`: statements
+                          about Flickr30k images and their 3-way gold label
+  nlvr2                   NLVR2: lil-lab's jsonl `{train,dev,test1,test2}.json`
+                          or LXMERT's json lists: a sentence, two images, True/False
+  refcoco                 RefCOCO/RefCOCO+/RefCOCOg: `refs(unc).p`/`refs(umd).p`
+                          (pickles, only with --trust_pickle) or their JSON
+                          conversion, with COCO `instances.json`: one row per
+                          sentence, its target box
 
 Text tables refer to the images table they were built against (config field
 `images`, a TFDS name such as 'lxmert_tsv/coco') by row: every example carries
@@ -33,16 +44,20 @@ import argparse
 import collections
 import dataclasses
 import functools
+import io
 import json
 import os
+import pickle
 import re
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
+from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
 from vlpjax.data import features_builder
 from vlpjax.data import formats
+from vlpjax.data import world as world_lib
 
 ANSWERS_FILE = 'answers.txt'
 
@@ -349,7 +364,9 @@ class CocoCaptions(TextTableBuilder):
         split_name = 'restval'
       else:
         split_name = self.KARPATHY_SPLITS[split]
-      image_id = (_field(where, entry, 'cocoid', 'image') if images.match == 'number'
+      # COCO's entries carry `cocoid`; Flickr30k's (`dataset_flickr30k.json`, the
+      # same layout) only `filename` ('1000092795.jpg'), whose stem is the image id.
+      image_id = (entry['cocoid'] if images.match == 'number' and 'cocoid' in entry
                   else os.path.splitext(_field(where, entry, 'filename', 'image'))[0])
       for sentence in _field(where, entry, 'sentences', 'image'):
         self._add(splits[split_name], report, f'{where} sentence {sentence.get("sentid")}',
@@ -589,8 +606,353 @@ class Gqa(TextTableBuilder):
             _field(where, entry, 'sent', 'question'), answer)
 
 
+class SnliVe(TextTableBuilder):
+  """SNLI-VE: statements about Flickr30k images with their 3-way gold label.
+
+  Files `snli_ve_{train,dev,test}.jsonl` (dev is split 'validation'), one JSON
+  object a line with `Flickr30K_ID` (the image), `sentence2` (the statement),
+  `gold_label` (entailment / neutral / contradiction) and, in the released
+  files, `pairID` (the example's id; a line without one gets '<file>:<line>').
+  A gold_label of '-' is SNLI's mark of no annotator consensus: such lines are
+  skipped in either on_error mode and counted in the ingest report as 'no
+  consensus'. `label` indexes `world.ENTAILMENT_LABELS`.
+  """
+  FEATURES = dict(pair_id=tfds.features.Text(), text=tfds.features.Text(),
+                  image_index=np.int64, image_id=tfds.features.Text(), label=np.int32)
+  SPLITS = ('train', 'validation', 'test')
+  DEFAULT_FILES = {'train': 'snli_ve_train.jsonl', 'validation': 'snli_ve_dev.jsonl',
+                   'test': 'snli_ve_test.jsonl'}
+  NO_CONSENSUS = '-'
+  CONFIG_DEFAULTS = dict(splits=SPLITS)
+  BUILDER_CONFIGS = [TextConfig(name='flickr30k', images='lxmert_tsv/flickr30k',
+                                description="SNLI-VE's train, dev and test", **CONFIG_DEFAULTS)]
+
+  def _split_examples(self, path, images, report):
+    unknown = sorted(set(self.builder_config.splits) - set(self.SPLITS))
+    if unknown:
+      raise ValueError(f'snli_ve: splits must be among {self.SPLITS}, got {unknown}')
+    return {split: self._pairs(path(split), images, report)
+            for split in self.builder_config.splits}
+
+  def _pairs(self, path: str, images: ImageIndex, report: formats.ErrorReport
+             ) -> list[dict[str, Any]]:
+    """The labelled pairs of one jsonl file, in its order."""
+    examples, seen = [], set()
+    with epath.Path(path).open(encoding='utf-8') as f:
+      for number, line in enumerate(f, start=1):
+        if not line.strip():
+          continue
+        where = f'{path}: line {number}'
+        try:
+          entry = _json_line(where, line)
+          pair_id = str(entry.get('pairID', f'{os.path.basename(path)}:{number}'))
+          where = f'{where}: pair {pair_id}'
+          gold_label = _field(where, entry, 'gold_label', 'pair')
+          if gold_label == self.NO_CONSENSUS:
+            report.skip(formats.FormatError(where, "gold_label '-': the annotators did not "
+                                            'agree', kind='no consensus'))
+            continue
+          if gold_label not in world_lib.ENTAILMENT_LABELS:
+            raise formats.FormatError(where, f'bad gold_label {gold_label!r}; expected one of '
+                                      f"{world_lib.ENTAILMENT_LABELS} or '-'", kind='bad label')
+          if pair_id in seen:
+            raise formats.FormatError(where, 'duplicate pair id', kind='duplicate pair')
+          image_id = _field(where, entry, 'Flickr30K_ID', 'pair')
+          sentence = _field(where, entry, 'sentence2', 'pair')
+        except formats.FormatError as e:
+          report.handle(e)
+          continue
+        seen.add(pair_id)
+        self._add(examples, report, where, image_id, images, sentence, pair_id=pair_id,
+                  label=world_lib.ENTAILMENT_LABELS.index(gold_label))
+    return examples
+
+
+@dataclasses.dataclass(eq=False, kw_only=True)
+class RefexpConfig(TextConfig):
+  """A TextConfig that may read pickles.
+
+  Attributes:
+    trust_pickle: read `refs(unc).p`/`refs(umd).p` (pickles could run code when
+      loaded; even trusted, they are read by an unpickler that loads no class).
+      It changes what may be read, not the table: not a build setting.
+  """
+  trust_pickle: bool = False
+
+
+class _PlainUnpickler(pickle.Unpickler):
+  """Loads lists, dicts, strings and numbers only: any class or function the
+  pickle names (the way a pickle runs code) is refused."""
+
+  def __init__(self, file: Any, path: str):
+    # The refs were pickled by Python 2: its byte strings are UTF-8 text.
+    super().__init__(file, encoding='utf-8')
+    self.path = path
+
+  def find_class(self, module: str, name: str) -> Any:
+    raise formats.FormatError(self.path, f'the pickle asks for {module}.{name}; refs hold '
+                              'only lists, dicts, strings and numbers', kind='pickled class')
+
+
+class Refcoco(TextTableBuilder):
+  """RefCOCO, RefCOCO+ and RefCOCOg referring expressions, one row per sentence.
+
+  Files (roles): `refs`, the refer toolkit's `refs(unc).p` (RefCOCO, RefCOCO+)
+  or `refs(umd).p` (RefCOCOg), a pickle read only with trust_pickle, or its
+  JSON conversion (the same list of ref dicts; the format is read from the
+  content, JSON needs no trust); `instances`, COCO's `instances.json` (the
+  annotations' `bbox` [x, y, w, h] in pixels). A ref is {ref_id, ann_id,
+  image_id, split, sentences: [{sent, sent_id, ...}], ...}.
+
+  Rows: ref_id, sent_id, ann_id, text (the sentence), image_index, image_id,
+  target_box float32 [4] (x1, y1, x2, y2 = x, y, x + w, y + h: pixels, so the
+  images table must store pixel boxes, as lxmert_tsv does and uniter_lmdb with
+  --image_sizes). Splits: the refs' own, 'val' stored as 'validation': unc
+  train, validation, testA, testB; umd train, validation, test (`splits`, when
+  given, keeps only those). Errors name the file, the ref's position in the
+  list and its ref_id.
+  """
+  FEATURES = dict(ref_id=np.int64, sent_id=np.int64, ann_id=np.int64,
+                  text=tfds.features.Text(), image_index=np.int64, image_id=tfds.features.Text(),
+                  target_box=tfds.features.Tensor(shape=(4,), dtype=np.float32))
+  DEFAULT_FILES = {'refs': 'refs(unc).p', 'instances': 'instances.json'}
+  SPLIT_NAMES = {'train': 'train', 'val': 'validation', 'testA': 'testA', 'testB': 'testB',
+                 'test': 'test'}
+  CONFIG_CLASS = RefexpConfig
+  CONFIG_DEFAULTS = dict(splits=())  # (): every split the refs have
+  # No predefined configs: each dataset (RefCOCO, RefCOCO+, RefCOCOg) is a config
+  # the user names, with its refs file (`--file refs=refcocog/refs(umd).p`).
+
+  def build_settings(self) -> dict[str, Any]:
+    return features_builder.config_settings(self.builder_config,
+                                            ('examples_per_shard', 'trust_pickle'))
+
+  def _split_examples(self, path, images, report):
+    refs_path = path('refs')
+    refs = self._read_refs(refs_path)
+    boxes = self._annotation_boxes(path('instances'))
+    wanted = set(self.builder_config.splits)
+    unknown = sorted(wanted - set(self.SPLIT_NAMES.values()))
+    if unknown:
+      raise ValueError(f'refcoco: splits must be among {sorted(set(self.SPLIT_NAMES.values()))}, '
+                       f'got {unknown}')
+    splits: dict[str, list[dict[str, Any]]] = {}
+    for number, ref in enumerate(refs):
+      where = f'{refs_path}: ref #{number}'
+      try:
+        if not isinstance(ref, dict):
+          raise formats.FormatError(where, f'expected a dict, got {type(ref).__name__}',
+                                    kind='malformed ref')
+        ref_id = _field(where, ref, 'ref_id', 'ref')
+        where = f'{where} (ref_id {ref_id})'
+        split = self.SPLIT_NAMES.get(_field(where, ref, 'split', 'ref'))
+        if split is None:
+          raise formats.FormatError(where, f'unknown split {ref["split"]!r}; expected one of '
+                                    f'{sorted(self.SPLIT_NAMES)}', kind='bad split')
+        ann_id = _field(where, ref, 'ann_id', 'ref')
+        if ann_id not in boxes:
+          raise formats.FormatError(where, f'ann_id {ann_id!r} is not in the instances file',
+                                    kind='missing annotation')
+        box = self._box(where, boxes[ann_id])
+        image_id = _field(where, ref, 'image_id', 'ref')
+        sentences = _field(where, ref, 'sentences', 'ref')
+        if not isinstance(sentences, list) or not sentences:
+          raise formats.FormatError(where, 'sentences must be a non-empty list',
+                                    kind='malformed ref')
+        for sentence in sentences:
+          if not isinstance(sentence, dict):
+            raise formats.FormatError(where, 'each sentence must be a dict {sent, sent_id}',
+                                      kind='malformed ref')
+          _field(where, sentence, 'sent', 'sentence')
+          _field(where, sentence, 'sent_id', 'sentence')
+      except formats.FormatError as e:
+        report.handle(e)
+        continue
+      if wanted and split not in wanted:
+        continue
+      for sentence in sentences:
+        self._add(splits.setdefault(split, []), report,
+                  f'{where}: sent_id {sentence["sent_id"]}', image_id, images, sentence['sent'],
+                  ref_id=int(ref_id), sent_id=int(sentence['sent_id']), ann_id=int(ann_id),
+                  target_box=box)
+    return splits
+
+  def _read_refs(self, path: str) -> list[Any]:
+    """The refs list of a pickle (trust_pickle only) or of its JSON conversion."""
+    data = epath.Path(path).read_bytes()
+    if data.lstrip()[:1] in (b'[', b'{'):
+      try:
+        refs = json.loads(data)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{path}: not valid JSON ({e})') from e
+    else:
+      if not self.builder_config.trust_pickle:
+        raise formats.pickle_refusal(f'{path} (a refs pickle; pass --trust_pickle, or use '
+                                     'its JSON conversion)')
+      try:
+        refs = _PlainUnpickler(io.BytesIO(data), path).load()
+      except formats.FormatError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        raise ValueError(f'{path}: not a readable refs pickle ({type(e).__name__}: {e})') from e
+    if not isinstance(refs, list):
+      raise ValueError(f'{path}: expected a list of refs, got {type(refs).__name__}')
+    return refs
+
+  @staticmethod
+  def _annotation_boxes(path: str) -> dict[Any, Any]:
+    """annotation id -> its `bbox` as stored ([x, y, w, h]), from COCO's instances.json."""
+    data = _load_json(path)
+    annotations = data.get('annotations') if isinstance(data, dict) else None
+    if not isinstance(annotations, list):
+      raise ValueError(f'{path}: expected COCO instances {{"annotations": [...]}}')
+    boxes = {}
+    for number, annotation in enumerate(annotations):
+      where = f'{path}: annotation #{number}'
+      if not isinstance(annotation, dict):
+        raise formats.FormatError(where, 'expected a dict', kind='malformed annotation')
+      boxes[_field(where, annotation, 'id', 'annotation')] = annotation.get('bbox')
+    return boxes
+
+  @staticmethod
+  def _box(where: str, bbox: Any) -> np.ndarray:
+    """COCO's [x, y, w, h] -> float32 [x1, y1, x2, y2]; a FormatError when it is not a box."""
+    try:
+      x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+      raise formats.FormatError(where, f'bad bbox {bbox!r}; expected [x, y, w, h]',
+                                kind='bad box') from None
+    if not all(np.isfinite([x, y, w, h])) or w <= 0 or h <= 0:
+      raise formats.FormatError(where, f'bad bbox {bbox!r}: width and height must be positive',
+                                kind='bad box')
+    return np.array([x, y, x + w, y + h], np.float32)
+
+
+def _json_line(where: str, line: str) -> dict[str, Any]:
+  """One jsonl line as a JSON object; a `FormatError` naming `where` otherwise."""
+  try:
+    entry = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise formats.FormatError(where, f'not valid JSON ({e})', kind='malformed line') from None
+  if not isinstance(entry, dict):
+    raise formats.FormatError(where, f'expected a JSON object, got {type(entry).__name__}',
+                              kind='malformed line')
+  return entry
+
+
+class Nlvr2(TextTableBuilder):
+  """NLVR2: a sentence about a pair of images, True or False.
+
+  Formats, told apart by each file's content:
+    lil-lab's `{train,dev,test1,test2}.json` (JSON lines despite the name): one
+      object a line with `identifier` (`<split>-<set>-<pair>-<sentence>`),
+      `sentence`, `label` ("True"/"False"), `left_url`, `right_url`, ...; the
+      images are `<split>-<set>-<pair>-img0` (left) and `-img1` (right): the
+      identifier less its sentence field, as lil-lab names the image files;
+    LXMERT's `data/nlvr2/{train,valid,test}.json`: one JSON list of
+      {identifier, img0, img1, label 0/1, sent, uid}; config 'lxmert' names
+      these files.
+  Splits: train, validation (dev), test (test1, "test-P") and test2 ("test-U");
+  lil-lab's test files have labels, and every example needs one. Image ids are
+  matched exactly (`match='exact'`). Rows: identifier (for consistency and the
+  prediction file), text, left/right_image_index, left/right_image_id, label
+  (1 = True). Errors name the file, the line (a JSON list: the entry) and the
+  identifier.
+  """
+  FEATURES = dict(identifier=tfds.features.Text(), text=tfds.features.Text(),
+                  left_image_index=np.int64, right_image_index=np.int64,
+                  left_image_id=tfds.features.Text(), right_image_id=tfds.features.Text(),
+                  label=np.int32)
+  SPLITS = ('train', 'validation', 'test', 'test2')
+  DEFAULT_FILES = {'train': 'train.json', 'validation': 'dev.json', 'test': 'test1.json',
+                   'test2': 'test2.json'}
+  LXMERT_FILES = (('train', 'train.json'), ('validation', 'valid.json'), ('test', 'test.json'))
+  LABELS = ('False', 'True')  # label id -> lil-lab's string
+  CONFIG_DEFAULTS = dict(match='exact', splits=('train', 'validation', 'test'))
+  BUILDER_CONFIGS = [
+      # The images: an LXMERT-TSV table of LXMERT's nlvr2 TSVs (ids `dev-850-0-img0`).
+      TextConfig(name='lil_lab', images='lxmert_tsv/nlvr2',
+                 description="lil-lab's train, dev and test1 files", **CONFIG_DEFAULTS),
+      TextConfig(name='lxmert', images='lxmert_tsv/nlvr2', files=LXMERT_FILES,
+                 description="LXMERT's data/nlvr2 json files", **CONFIG_DEFAULTS),
+  ]
+
+  def _split_examples(self, path, images, report):
+    unknown = sorted(set(self.builder_config.splits) - set(self.SPLITS))
+    if unknown:
+      raise ValueError(f'nlvr2: splits must be among {self.SPLITS}, got {unknown}')
+    return {split: self._pairs(path(split), images, report)
+            for split in self.builder_config.splits}
+
+  def _pairs(self, path: str, images: ImageIndex, report: formats.ErrorReport
+             ) -> list[dict[str, Any]]:
+    """The labelled pairs of one file (either format), in its order."""
+    text = epath.Path(path).read_text(encoding='utf-8')
+    if text.lstrip().startswith('['):
+      try:
+        entries = json.loads(text)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{path}: not valid JSON ({e})') from None
+      parsed = ((f'{path}: entry {k}', entry, self._lxmert_pair)
+                for k, entry in enumerate(entries))
+    else:
+      parsed = ((f'{path}: line {number}', line, self._lil_lab_pair)
+                for number, line in enumerate(text.splitlines(), start=1) if line.strip())
+    examples, seen = [], set()
+    for where, entry, parse in parsed:
+      try:
+        identifier, sentence, label, image_ids, where = parse(where, entry)
+        if identifier in seen:
+          raise formats.FormatError(where, 'duplicate identifier', kind='duplicate pair')
+        if not isinstance(sentence, str) or not sentence.strip():
+          raise formats.FormatError(where, f'empty sentence: {sentence!r}', kind='empty text')
+        (left_index, left_id), (right_index, right_id) = (images.lookup(i, where)
+                                                          for i in image_ids)
+      except formats.FormatError as e:
+        report.handle(e)
+        continue
+      seen.add(identifier)
+      examples.append(dict(identifier=identifier, text=sentence.strip(),
+                           left_image_index=left_index, right_image_index=right_index,
+                           left_image_id=left_id, right_image_id=right_id, label=label))
+    return examples
+
+  def _lil_lab_pair(self, where: str, line: str) -> tuple[str, Any, int, tuple[str, str], str]:
+    """(identifier, sentence, label id, (left, right) image ids, where) of a jsonl line."""
+    entry = _json_line(where, line)
+    identifier = str(_field(where, entry, 'identifier', 'example'))
+    where = f'{where}: identifier {identifier}'
+    fields = identifier.split('-')
+    if len(fields) != 4:
+      raise formats.FormatError(where, 'identifier is not <split>-<set>-<pair>-<sentence>',
+                                kind='bad identifier')
+    label = str(_field(where, entry, 'label', 'example'))
+    if label.lower() not in ('true', 'false'):
+      raise formats.FormatError(where, f"bad label {label!r}; expected 'True' or 'False'",
+                                kind='bad label')
+    images = '-'.join(fields[:3])
+    return (identifier, _field(where, entry, 'sentence', 'example'),
+            int(label.lower() == 'true'), (f'{images}-img0', f'{images}-img1'), where)
+
+  def _lxmert_pair(self, where: str, entry: Any) -> tuple[str, Any, int, tuple[Any, Any], str]:
+    """(identifier, sentence, label id, (left, right) image ids, where) of an
+    LXMERT entry."""
+    if not isinstance(entry, Mapping):
+      raise formats.FormatError(where, f'expected an object, got {type(entry).__name__}',
+                                kind='malformed line')
+    identifier = str(_field(where, entry, 'identifier', 'example'))
+    where = f'{where}: identifier {identifier}'
+    label = _field(where, entry, 'label', 'example')
+    if isinstance(label, bool) or label not in (0, 1):
+      raise formats.FormatError(where, f'bad label {label!r}; expected 0 or 1', kind='bad label')
+    return (identifier, _field(where, entry, 'sent', 'example'), int(label),
+            (_field(where, entry, 'img0', 'example'), _field(where, entry, 'img1', 'example')),
+            where)
+
+
 BUILDERS = {'coco_captions': CocoCaptions, 'vg_region_descriptions': VgRegionDescriptions,
-            'vqa_v2': VqaV2, 'gqa': Gqa}
+            'vqa_v2': VqaV2, 'gqa': Gqa, 'snli_ve': SnliVe, 'refcoco': Refcoco,
+            'nlvr2': Nlvr2}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -611,10 +973,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="default: exact for gqa, else number")
   parser.add_argument('--on_error', choices=formats.ON_ERROR_CHOICES, default='raise')
   parser.add_argument('--splits', nargs='+', default=None,
-                      help='default: train validation (gqa: train validation testdev test)')
+                      help='default: train validation (gqa: train validation testdev test; '
+                      'snli_ve: train validation test)')
   parser.add_argument('--min_answer_count', type=int, default=None,
                       help='default: 9 (gqa: 1)')
   parser.add_argument('--answer_vocab_splits', nargs='+', default=['train'])
+  parser.add_argument('--trust_pickle', action='store_true',
+                      help='refcoco: read refs(unc).p/refs(umd).p pickles (only files you '
+                      'trust; the JSON conversions need no trust)')
   parser.add_argument('--overwrite', action='store_true',
                       help='rebuild the table if one is built under this config name '
                       '(without it, one built from other settings is an error)')
@@ -622,7 +988,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   builder_cls = BUILDERS[args.dataset]
   chosen = dict(match=args.match, splits=args.splits and tuple(args.splits),
                 min_answer_count=args.min_answer_count)
-  config = TextConfig(
+  config_cls = getattr(builder_cls, 'CONFIG_CLASS', TextConfig)
+  if args.trust_pickle:
+    if not hasattr(config_cls, 'trust_pickle'):
+      parser.error(f'--trust_pickle: {args.dataset} reads no pickles')
+    chosen['trust_pickle'] = True
+  config = config_cls(
       name=args.config, images=args.images, images_data_dir=args.images_data_dir,
       files=tuple(tuple(item.split('=', 1)) for item in args.file),
       caption_source=args.caption_source, on_error=args.on_error,

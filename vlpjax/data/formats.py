@@ -107,6 +107,11 @@ class ErrorReport:
       raise error
     self.skipped.append(entry)
 
+  def skip(self, error: FormatError) -> None:
+    """Records `error` as skipped in either mode: for records their own format
+    marks as unusable (SNLI's gold_label '-': the annotators did not agree)."""
+    self.skipped.append({'where': error.where, 'kind': error.kind, 'reason': error.reason})
+
   def to_dict(self) -> dict[str, Any]:
     reasons = collections.Counter(s['kind'] for s in self.skipped)
     return {'source': self.source, 'on_error': self.on_error,

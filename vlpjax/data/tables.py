@@ -146,8 +146,11 @@ def dataset_info(data_config: ml_collections.ConfigDict) -> dict[str, Any]:
   )
 
 
-def check_same_images(data_config: ml_collections.ConfigDict, table: str, split: str) -> None:
-  """Raises ValueError unless text `table` was built against the images table.
+def check_same_images(data_config: ml_collections.ConfigDict, table: str, split: str,
+                      images_table: str = 'images') -> None:
+  """Raises ValueError unless text `table` was built against the images table
+  (`images_table`: another table of the same images, row for row, e.g. the
+  ground-truth regions of referring expressions, 'gt_images').
 
   Text rows refer to images by row, so an images table rebuilt under the same
   name (other images or another order) would silently pair text with the wrong
@@ -156,8 +159,8 @@ def check_same_images(data_config: ml_collections.ConfigDict, table: str, split:
   stored one has the image ids of ID_CHECK_ROWS of its rows (of `split`)
   compared with the ids at their rows instead.
   """
-  images = _builder(data_config, 'images')
-  images_name, text_name = table_name(data_config, 'images'), table_name(data_config, table)
+  images = _builder(data_config, images_table)
+  images_name, text_name = table_name(data_config, images_table), table_name(data_config, table)
   fix = (f'rebuild {text_name} against the images table as it is now '
          '(`python -m vlpjax.data.annotations_builder ... --overwrite`)')
   stored = features_builder.stored_metadata(_builder(data_config, table)).get(
@@ -178,8 +181,8 @@ def check_same_images(data_config: ml_collections.ConfigDict, table: str, split:
   rows = np.unique(np.linspace(0, len(text) - 1, min(len(text), ID_CHECK_ROWS)).astype(int))
   records = text.read(rows)
   image_rows = np.array([r['image_index'] for r in records], np.int64)
-  image_table = Table(open_table(data_config, 'images', data_config.images_split), ('image_id',),
-                      name=images_name)
+  image_table = Table(open_table(data_config, images_table, data_config.images_split),
+                      ('image_id',), name=images_name)
   in_table = image_rows[(image_rows >= 0) & (image_rows < len(image_table))]
   table_ids = {int(i): as_text(r['image_id']) for i, r in zip(in_table, image_table.read(in_table))}
   wrong = [(int(row), int(image), as_text(r['image_id']), table_ids.get(int(image)))
@@ -279,6 +282,18 @@ class Table:
     if self.decoder is None:
       return list(self.source.__getitems__(indices))
     return [self.decoder(r) for r in self.source.data_source.__getitems__(indices)]
+
+
+def open_split(data_config: ml_collections.ConfigDict, table: str, split: str,
+               keys: Sequence[str]) -> Table:
+  """The `keys` of split `split` of `table` (e.g. 'snli_ve'), named as `table_name`."""
+  return Table(open_table(data_config, table, split), keys, name=table_name(data_config, table))
+
+
+def read_all(table: Table, chunk: int = 4096) -> list[dict[str, Any]]:
+  """Every record of `table`, in row order, read `chunk` records at a time."""
+  return [r for start in range(0, len(table), chunk)
+          for r in table.read(range(start, min(start + chunk, len(table))))]
 
 
 # float16 -> float32 by table lookup on the bits: exact, and ~3x faster than
@@ -464,6 +479,4 @@ def read_image_indices(table: Table, chunk: int = 4096) -> np.ndarray:
   """`image_index` of every record of text `table`, int64 [len(table)]."""
   logging.info('Reading the image index of every caption in %s (%d records)', table.name,
                len(table))
-  return np.array([r['image_index'] for start in range(0, len(table), chunk)
-                   for r in table.read(range(start, min(start + chunk, len(table))))],
-                  np.int64)
+  return np.array([r['image_index'] for r in read_all(table, chunk)], np.int64)

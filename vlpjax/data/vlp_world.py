@@ -2,7 +2,7 @@
 
 Layout: one builder, `VlpWorld`, with a builder config per (size, table), named
 `<size>_<table>`: `tiny_images`, `tiny_captions`, `tiny_vqa`, `tiny_gqa`,
-`tiny_refexp`, `tiny_nlvr2`, `default_images`, ... A TFDS builder has one
+`tiny_refexp`, `tiny_nlvr2`, `tiny_snli_ve`, `default_images`, ... A TFDS builder has one
 feature spec per config, and the six tables have different features, hence one
 config per table. All configs of a size share one `WorldConfig`, so their tables describe
 the same images; since every image is a pure function of (seed, index), any
@@ -46,7 +46,11 @@ from vlpjax.data import vocab as vocab_lib
 from vlpjax.data import world as world_lib
 from vlpjax.data import features_builder
 
-TABLES = ('images', 'captions', 'vqa', 'gqa', 'refexp', 'nlvr2')
+TABLES = ('images', 'captions', 'vqa', 'gqa', 'refexp', 'nlvr2', 'snli_ve', 'gt_images')
+# Tables of images (the images table's features), by the World method that makes their rows:
+# `gt_images` has one region per object, its true box (referring expressions'
+# "ground-truth regions").
+IMAGE_TABLES = {'images': 'image_examples', 'gt_images': 'gt_image_examples'}
 IMAGES_SPLIT = 'train'
 VOCAB_FILE = 'vocab.txt'
 ANSWERS_FILE = 'answers.txt'
@@ -98,6 +102,8 @@ def table_features(table: str, feature_dim: int) -> tfds.features.FeaturesDict:
   features = {
       'images': lambda: features_builder.images_features(feature_dim,
                                                          len(world_lib.OBJECT_CLASSES)),
+      'gt_images': lambda: features_builder.images_features(feature_dim,
+                                                            len(world_lib.OBJECT_CLASSES)),
       'captions': lambda: dict(caption_id=np.int64, text=text, **image_ref),
       'vqa': lambda: dict(
           question_id=np.int64, question=text, **image_ref,
@@ -115,17 +121,20 @@ def table_features(table: str, feature_dim: int) -> tfds.features.FeaturesDict:
       'nlvr2': lambda: dict(
           pair_id=np.int64, text=text, left_image_index=np.int64, right_image_index=np.int64,
           left_image_id=tfds.features.Text(), right_image_id=tfds.features.Text(),
-          label=np.int32),
+          label=np.int32, identifier=text),  # lil-lab's `<split>-<set>-<pair>-<sentence>`
+      # As `annotations_builder.SnliVe`'s; label into world.ENTAILMENT_LABELS.
+      'snli_ve': lambda: dict(pair_id=text, text=text, **image_ref, label=np.int32),
   }[table]()
-  return features if table == 'images' else tfds.features.FeaturesDict(features)
+  return features if table in IMAGE_TABLES else tfds.features.FeaturesDict(features)
 
 
 _ID_FIELDS = dict(captions='caption_id', vqa='question_id', gqa='question_id', refexp='ref_id',
-                  nlvr2='pair_id')
+                  nlvr2='pair_id', snli_ve='pair_id')
 
 
 class VlpWorld(features_builder.SideFilesBuilder):
-  """The embedded vision-language world: images, captions, VQA, GQA, refexp, NLVR2."""
+  """The embedded vision-language world: images, captions, VQA, GQA, refexp, NLVR2,
+  SNLI-VE."""
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First release.'}
   BUILDER_CONFIGS = [_config(size, table) for size in WORLD_SIZES for table in TABLES]
@@ -150,14 +159,18 @@ class VlpWorld(features_builder.SideFilesBuilder):
     self.side_files[VOCAB_FILE] = _lines(vocab_lib.world_vocab(config.world))
     fingerprint = features_builder.image_ids_fingerprint(
         [scene.image_id for scene in world.scenes])
-    self.info.metadata[features_builder.IMAGE_IDS_FINGERPRINT if config.table == 'images'
+    self.info.metadata[features_builder.IMAGE_IDS_FINGERPRINT if config.table in IMAGE_TABLES
                        else features_builder.IMAGES_FINGERPRINT] = fingerprint
-    if config.table == 'images':
+    if config.table == 'gt_images':
+      # Its rows are the images table's rows, so it also records the images it matches.
+      self.info.metadata[features_builder.IMAGES_FINGERPRINT] = fingerprint
+    if config.table in IMAGE_TABLES:
       self.side_files[OBJECTS_FILE] = _lines(world_lib.OBJECT_CLASSES)
       self.side_files[ATTRIBUTES_FILE] = _lines(world_lib.COLOURS)
       step, num_images = config.images_per_shard, len(world.scenes)
       return {IMAGES_SPLIT: [
-          functools.partial(_keyed_images, world, range(start, min(start + step, num_images)))
+          functools.partial(_keyed_images, getattr(world, IMAGE_TABLES[config.table]),
+                            range(start, min(start + step, num_images)))
           for start in range(0, num_images, step)]}
     if config.table in ('vqa', 'gqa'):
       self.side_files[ANSWERS_FILE] = _lines(world_lib.ANSWERS)
@@ -171,8 +184,9 @@ def _lines(items: Iterable[str]) -> str:
   return ''.join(f'{item}\n' for item in items)
 
 
-def _keyed_images(world: world_lib.World, indices: range) -> Iterator[tuple[int, dict[str, Any]]]:
-  for example in world.image_examples(indices):
+def _keyed_images(image_examples: Callable[[range], Iterator[dict[str, Any]]], indices: range
+                  ) -> Iterator[tuple[int, dict[str, Any]]]:
+  for example in image_examples(indices):
     yield example['index'], example
 
 

@@ -20,17 +20,20 @@ alone and all tables agree on what image i shows.
                integral images), then a fixed seeded random projection + ReLU.
   text         captions, VQA questions with ten noisy annotator answers (and
                the same questions with their one true answer, GQA-style),
-               referring expressions and NLVR2-style statements about pairs
-               of images, from a grammar with attributes and spatial relations.
+               referring expressions, NLVR2-style statements about pairs
+               of images and SNLI-VE-style entailment statements about one
+               (entailment / neutral / contradiction), from a grammar with
+               attributes and spatial relations.
 
 `make_world(config)` builds (and caches) the scenes and all text tables of one
 world; `World.image_examples` streams the images table with features.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -68,6 +71,7 @@ COLOUR_CONFUSIONS = {
 
 # Random stream ids: one independent stream per (purpose, item).
 _SCENE, _RENDER, _DETECT, _CAPTION, _VQA, _REFEXP, _NLVR2, _PAIRS = range(8)
+_ENTAILMENT = 8
 
 
 def _rng(seed: int, stream: int, index: int) -> np.random.Generator:
@@ -87,6 +91,7 @@ class WorldConfig:
     num_objects: inclusive range of objects per scene.
     captions_per_image, questions_per_image, refexps_per_image: text per image.
     nlvr2_per_image: NLVR2 statements per image of a split (pairs = round(n * this)).
+    snli_ve_per_image: entailment statements per image (SNLI-VE-style).
     split_fractions: train/validation/test fractions of the images (contiguous
       index ranges in that order).
     vocab_size: the most WordPiece tokens the vocabulary trainer may make.
@@ -107,6 +112,7 @@ class WorldConfig:
   questions_per_image: int = 6
   refexps_per_image: int = 3
   nlvr2_per_image: float = 1.0
+  snli_ve_per_image: int = 3
   split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
   vocab_size: int = 1024
   seed: int = 0
@@ -119,7 +125,8 @@ class WorldConfig:
       if not ok:
         raise ValueError(f'WorldConfig.{field}={getattr(self, field)!r}: {why}')
     for field in ('num_images', 'num_regions', 'min_regions', 'feature_dim', 'feature_grid',
-                  'captions_per_image', 'questions_per_image', 'refexps_per_image'):
+                  'captions_per_image', 'questions_per_image', 'refexps_per_image',
+                  'snli_ve_per_image'):
       check(getattr(self, field) > 0, field, 'must be positive')
     for field in ('image_height', 'image_width', 'num_objects'):
       low, high = getattr(self, field)
@@ -795,6 +802,121 @@ def nlvr2_statement(left: Scene, right: Scene, seed: int, pair_id: int) -> tuple
 
 
 # ----------------------------------------------------------------------------
+# SNLI-VE-style entailment: the image is the premise, a statement the hypothesis.
+
+# Label ids (the table's `label`, the 3-way head's outputs) in this order.
+ENTAILMENT_LABELS = ('entailment', 'neutral', 'contradiction')
+_ENTAILED, _NEUTRAL, _CONTRADICTED = range(3)
+
+
+def _entailment_contains(scene: Scene, colour: int | None, shape: int | None
+                         ) -> tuple[str, int]:
+  """About this image alone: decided by the scene."""
+  present = count(scene.objects, colour, shape) > 0
+  return (f'the image contains {_article(_group_phrase(colour, shape, plural=False))}',
+          _ENTAILED if present else _CONTRADICTED)
+
+
+def _entailment_count(scene: Scene, colour: int | None, shape: int | None,
+                      rng: np.random.Generator, max_count: int) -> tuple[str, int]:
+  """A count of this image: right (entailed) or off by one or two (contradicted)."""
+  n_true = count(scene.objects, colour, shape)
+  n = int(np.clip(n_true + _pick(rng, (0, 0, -1, 1, 2)), 0, max_count))
+  return (f'the image contains {NUMBER_WORDS[n]} {_group_phrase(colour, shape, n != 1)}',
+          _ENTAILED if n == n_true else _CONTRADICTED)
+
+
+def _entailment_both(scene: Scene, colour: int | None, shape: int | None) -> tuple[str, int]:
+  """About this image and an unseen second one: contradicted when this image
+  lacks the object, else undecidable (the other image is not shown)."""
+  present = count(scene.objects, colour, shape) > 0
+  return (f'both images contain {_article(_group_phrase(colour, shape, plural=False))}',
+          _NEUTRAL if present else _CONTRADICTED)
+
+
+def _entailment_neither(scene: Scene, colour: int | None, shape: int | None
+                        ) -> tuple[str, int]:
+  """Contradicted when this image has the object, else undecidable."""
+  present = count(scene.objects, colour, shape) > 0
+  return (f'neither image contains {_article(_group_phrase(colour, shape, plural=False))}',
+          _CONTRADICTED if present else _NEUTRAL)
+
+
+def _entailment_total(scene: Scene, colour: int | None, shape: int | None,
+                      rng: np.random.Generator, max_count: int) -> tuple[str, int]:
+  """A total over this image and an unseen one: contradicted when this image
+  alone holds more, else undecidable (the other may hold the rest)."""
+  n_here = count(scene.objects, colour, shape)
+  n = int(np.clip(n_here + rng.integers(-2, 3), 0, max_count))
+  return (f'the two images contain {NUMBER_WORDS[n]} {_group_phrase(colour, shape, n != 1)} '
+          'in total', _CONTRADICTED if n < n_here else _NEUTRAL)
+
+
+def _entailment_statement(scene: Scene, rng: np.random.Generator, max_count: int
+                          ) -> tuple[str, int]:
+  colour, shape = _random_group(rng, scene.objects, present=0.6)
+  kind = int(rng.integers(5))
+  if kind == 0:
+    return _entailment_contains(scene, colour, shape)
+  if kind == 1:
+    return _entailment_count(scene, colour, shape, rng, max_count)
+  if kind == 2:
+    return _entailment_both(scene, colour, shape)
+  if kind == 3:
+    return _entailment_neither(scene, colour, shape)
+  return _entailment_total(scene, colour, shape, rng, max_count)
+
+
+def entailment_statement(scene: Scene, rng: np.random.Generator, max_count: int
+                         ) -> tuple[str, int]:
+  """(statement, label into ENTAILMENT_LABELS) with the image as the premise.
+
+  Entailed and contradicted statements are decided by the scene; neutral ones
+  speak of a second image that is not shown ('both images contain a red
+  circle' when this one has one), so the scene neither shows nor excludes
+  them. The label is a function of (scene, statement); the wanted label is
+  drawn first and statements are drawn until one has it, so labels are balanced.
+  Counts stay at most `max_count` (the most objects a scene has), so every
+  word is one the other tables use (the vocabulary is trained on those).
+  """
+  want = int(rng.integers(len(ENTAILMENT_LABELS)))
+  for _ in range(50):
+    text, label = _entailment_statement(scene, rng, max_count)
+    if label == want:
+      break
+  return text, label
+
+
+def entailment_statements(scene: Scene, config: WorldConfig) -> list[tuple[str, int]]:
+  """Up to `snli_ve_per_image` distinct (statement, label) pairs about the scene."""
+  rng = _rng(config.seed, _ENTAILMENT, scene.index)
+  return _distinct(lambda: entailment_statement(scene, rng, config.num_objects[1]),
+                   config.snli_ve_per_image,
+                   key=lambda s: s[0])
+
+
+def nlvr2_identifiers(split: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+  """lil-lab's `<split>-<set>-<pair>-<sentence>` identifier of each row, from its text.
+
+  NLVR2 asks each sentence of several image pairs, and its consistency counts
+  the sentences whose every pair is right. The world draws one statement per
+  pair, from templates, so pairs of one split with the same statement are that
+  sentence's pairs: set = the statement's rank by first appearance in the
+  split, pair = its rank among them, sentence = 0. Computed from the drawn rows,
+  so no draw changes.
+  """
+  sets: dict[str, int] = {}
+  pairs: collections.Counter[str] = collections.Counter()
+  identifiers = []
+  for row in rows:
+    text = row['text']
+    set_id = sets.setdefault(text, len(sets))
+    identifiers.append(f'{split}-{set_id}-{pairs[text]}-0')
+    pairs[text] += 1
+  return identifiers
+
+
+# ----------------------------------------------------------------------------
 # The world.
 
 
@@ -873,7 +995,8 @@ class World:
 
   @functools.cached_property
   def nlvr2(self) -> dict[str, list[dict[str, Any]]]:
-    """Split -> rows {pair_id, text, left/right_image_index, left/right_image_id, label}."""
+    """Split -> rows {pair_id, text, left/right_image_index, left/right_image_id,
+    label, identifier} (`nlvr2_identifiers`: pairs of one statement share a sentence)."""
     rows, pair_id = {}, 0
     for split, indices in self.split_images.items():
       rows[split] = []
@@ -887,7 +1010,22 @@ class World:
             left_image_id=self.scenes[left].image_id, right_image_id=self.scenes[right].image_id,
             label=label))
         pair_id += 1
+      for row, identifier in zip(rows[split], nlvr2_identifiers(split, rows[split])):
+        row['identifier'] = identifier
     return rows
+
+  @functools.cached_property
+  def snli_ve(self) -> dict[str, list[dict[str, Any]]]:
+    """Split -> rows {pair_id (text, as SNLI-VE's pairID), text, image_index,
+    image_id, label int into ENTAILMENT_LABELS}. Not in `texts`: its words are
+    the other tables', and adding it would reorder the vocabulary."""
+    per_image = self.config.snli_ve_per_image
+    return {split: [dict(pair_id=str(i * per_image + k), text=text, **self._image_fields(i),
+                         label=label)
+                    for i in indices
+                    for k, (text, label) in enumerate(
+                        entailment_statements(self.scenes[i], self.config))]
+            for split, indices in self.split_images.items()}
 
   def texts(self) -> Iterator[str]:
     """Every sentence and answer of every table and split (the vocabulary's corpus)."""
@@ -919,6 +1057,28 @@ class World:
           num_boxes=len(det.boxes), boxes=det.boxes, features=features.astype(np.float16),
           object_ids=det.object_ids, object_conf=det.object_conf, attr_ids=det.attr_ids,
           attr_conf=det.attr_conf, class_probs=det.class_probs.astype(np.float16))
+
+  def gt_image_examples(self, indices: range) -> Iterator[dict[str, Any]]:
+    """Ground-truth-regions table rows for `indices` (the images table's fields):
+    one region per object, its true box, in object order, with the features of
+    the same extractor, true labels at confidence 1 and one-hot class
+    distributions, as referring-expression models are trained and scored "on
+    ground-truth boxes". Draws no random numbers: the other tables are unchanged.
+    """
+    for index in indices:
+      scene = self.scenes[index]
+      boxes = scene.boxes
+      features = self.feature_extractor(render(scene, self.config.seed), boxes)
+      shapes = np.array([o.shape for o in scene.objects], np.int32)
+      colours = np.array([o.colour for o in scene.objects], np.int32)
+      class_probs = np.zeros((len(boxes), len(OBJECT_CLASSES)), np.float16)
+      class_probs[np.arange(len(boxes)), shapes + 1] = 1  # column 0 is background
+      ones = np.ones(len(boxes), np.float32)
+      yield dict(
+          index=index, image_id=scene.image_id, image_h=scene.height, image_w=scene.width,
+          num_boxes=len(boxes), boxes=boxes, features=features.astype(np.float16),
+          object_ids=shapes, object_conf=ones, attr_ids=colours, attr_conf=ones,
+          class_probs=class_probs)
 
 
 @functools.lru_cache(maxsize=2)

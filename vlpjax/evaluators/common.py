@@ -8,8 +8,9 @@
   means) over processes, int64/float64 exactly.
 * `write_prediction_parts`: each process writes its part of a prediction file;
   process 0 merges the parts, in example order, into one JSON list.
-* `Evaluator`, `should_run`, `evaluator_configs`: what a task evaluator gives
-  the training loop, when it runs, and the checks on `config.evals`.
+* `Evaluator`, `should_run`, `evaluator_configs`, `build_evaluators`: what a
+  task evaluator gives the training loop, when it runs, the checks on
+  `config.evals`, and a task's `make_evaluators` from them.
 
 Multi-process flow of an evaluator: the batches are global arrays (sharded like
 training batches); a jitted step predicts on them; each process takes *its*
@@ -222,11 +223,13 @@ def _sort_key_fn(sort_key: str | Callable[[Mapping[str, Any]], Any]
 
 def merge_prediction_parts(path: str | epath.PathLike, process_count: int,
                            sort_key: str | Callable[[Mapping[str, Any]], Any] = INDEX_KEY,
-                           drop_private_keys: bool = True) -> int:
-  """Merges the parts at `path` into one JSON list, sorted; removes the parts.
+                           drop_private_keys: bool = True,
+                           render: Callable[[list[dict[str, Any]]], str] | None = None) -> int:
+  """Merges the parts at `path` into one file, sorted; removes the parts.
 
   Returns the number of records. Keys starting with '_' (`_index`, ...) are
-  dropped from the merged file when `drop_private_keys`.
+  dropped from the merged file when `drop_private_keys`. `render`: the merged
+  records -> the file's text (e.g. NLVR2's CSV lines); None: one JSON list.
 
   Raises:
     FileNotFoundError naming the first missing part.
@@ -245,7 +248,7 @@ def merge_prediction_parts(path: str | epath.PathLike, process_count: int,
   if drop_private_keys:
     records = [{k: v for k, v in r.items() if not k.startswith('_')} for r in records]
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(records))
+  path.write_text(json.dumps(records) if render is None else render(records))
   for part in parts:
     part.unlink()
   return len(records)
@@ -274,7 +277,9 @@ def _on_every_process(work: Callable[[], Any], failure: str) -> None:
 
 def write_prediction_parts(path: str | epath.PathLike, records: Sequence[Mapping[str, Any]],
                            sort_key: str | Callable[[Mapping[str, Any]], Any] = INDEX_KEY,
-                           drop_private_keys: bool = True) -> None:
+                           drop_private_keys: bool = True,
+                           render: Callable[[list[dict[str, Any]]], str] | None = None
+                           ) -> None:
   """Writes this process's prediction `records`; process 0 merges all into `path`.
 
   Every process must call this (it holds two barriers). Each writes
@@ -283,7 +288,8 @@ def write_prediction_parts(path: str | epath.PathLike, records: Sequence[Mapping
   callable), into one JSON list at `path`, e.g. `[{"question_id": 1,
   "answer": "yes"}]` (the VQA server format), and removes the parts. A second
   barrier keeps any process from returning before the file exists. Keys
-  starting with '_' are dropped from the merged file when `drop_private_keys`.
+  starting with '_' are dropped from the merged file when `drop_private_keys`;
+  `render` writes the merged file in another format (`merge_prediction_parts`).
   `path` may be local or gs:// (etils.epath), shared by all processes.
 
   Raises:
@@ -299,7 +305,7 @@ def write_prediction_parts(path: str | epath.PathLike, records: Sequence[Mapping
 
   def merge():
     if index == 0:
-      merge_prediction_parts(path, count, sort_key, drop_private_keys)
+      merge_prediction_parts(path, count, sort_key, drop_private_keys, render)
 
   if count == 1:
     write_part()
@@ -388,3 +394,37 @@ def evaluator_configs(config_evals: Mapping[str, Any] | ml_collections.ConfigDic
       _check_positive_int(f'{where}.{field}', entry[field])
     entries.append((name, entry))
   return entries
+
+
+# A task's evaluator class: (name, eval_config, config, model, mesh, workdir) -> Evaluator.
+EvaluatorFactory = Callable[[str, ml_collections.ConfigDict, ml_collections.ConfigDict, Any,
+                             jax.sharding.Mesh, str], Evaluator]
+
+
+def build_evaluators(config: ml_collections.ConfigDict, task: str,
+                     factories: Mapping[str, EvaluatorFactory], model: Any,
+                     mesh: jax.sharding.Mesh, workdir: str) -> list[Evaluator]:
+  """A task's `make_evaluators`: one evaluator per `config.evals` entry
+  (`evaluator_configs` order), built by `factories[entry.type]` as
+  `factory(name, eval_config, config, model, mesh, workdir)`.
+
+  Args:
+    config: the run's config (its `evals` section).
+    task: the task's name, for the error.
+    factories: eval type -> evaluator class (or function), e.g.
+      `{'gqa': GqaEvaluator}`.
+    model, mesh, workdir: passed on to every factory.
+
+  Raises:
+    ValueError naming the entry, its type, the task and the valid types, e.g.
+    "config.evals.gqa_val.type='vqa': the gqa task has evaluators of type 'gqa'".
+  """
+  evaluators = []
+  for name, eval_config in evaluator_configs(config.evals):
+    if eval_config.type not in factories:
+      types = ' or '.join(repr(t) for t in factories)
+      raise ValueError(f'config.evals.{name}.type={eval_config.type!r}: the {task} task has '
+                       f'evaluators of type {types}')
+    evaluators.append(factories[eval_config.type](name, eval_config, config, model, mesh,
+                                                  workdir))
+  return evaluators

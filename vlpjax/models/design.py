@@ -87,6 +87,9 @@ class Design:
     needs_class_probs: the pretraining objectives read the detector's class
       distributions.
     matched_label: `match_label` of a matched pair (a mismatched one: 1 - it).
+    matching_head: param name (beside 'backbone') of the pretraining module's
+      2-way image-text matching head, whose `matched_label` column scores a
+      matched pair (retrieval starts its score head from it).
     pairing: how a mismatched pair is made (PAIRINGS).
     max_text_len: the original's text length (word pieces incl. [CLS]/[SEP]).
     world_text_len: the text length on the embedded world (its sentences are short).
@@ -97,6 +100,10 @@ class Design:
     decays: a parameter path (tuple of names) -> whether weight decay applies,
       as the original's rule.
     bert_text_paths: model config -> where BERT's text weights live.
+    pair_image_token_types: the token types of a two-image example's left and
+      right regions, passed to the backbone as `visual_token_type_ids` [B, R]
+      (NLVR2: UNITER's `img_type_ids` 1 and 2, VisualBERT's 0 and 1); None:
+      the backbone takes no region token types.
     after_bert_import: (backbone params, model config) -> params, run after
       BERT's text weights are loaded (VisualBERT copies them into its region
       tables).
@@ -119,6 +126,8 @@ class Design:
   leading_slots: int = 0
   fill_leading_slots: Callable[..., None] | None = None
   after_bert_import: Callable[[Any, ml_collections.ConfigDict], Any] | None = None
+  matching_head: str | None = None
+  pair_image_token_types: tuple[int, int] | None = None
 
   def __post_init__(self):
     if self.pairing not in PAIRINGS:

@@ -325,6 +325,7 @@ def forward_flops(model: ml_collections.ConfigDict, text_len: int, regions: int,
 DESIGN = design.Design(
     name='lxmert', model=Lxmert, pretraining=LxmertForPreTraining,
     location_features=lambda corners: corners, loc_dim=4,
+    matching_head='matched_head',
     matched_label=1, pairing=design.REPLACE_CAPTION, max_text_len=20, world_text_len=20,
     recipe=design.PretrainingRecipe(
         components=('mlm', 'matched', 'obj', 'attr', 'feat', 'qa'),

@@ -52,8 +52,8 @@ class RegionEmbeddings(nn.Module):
   def __call__(self, region_feats: jax.Array, region_loc: jax.Array,
                type_embedding: jax.Array, masked_regions: jax.Array | None = None,
                deterministic: bool = True) -> jax.Array:
-    """region_feats: [B, R, F]; region_loc: [B, R, 7]; type_embedding: [H];
-    masked_regions: [B, R] bool or None -> [B, R, H]."""
+    """region_feats: [B, R, F]; region_loc: [B, R, 7]; type_embedding: [H] or
+    [B, R, H]; masked_regions: [B, R] bool or None -> [B, R, H]."""
     if region_loc.shape[-1] != LOC_DIM:
       raise ValueError(f'UNITER region_loc must be [B, R, {LOC_DIM}] '
                        f'([x1, y1, x2, y2, w, h, w*h]), got {region_loc.shape}')
@@ -109,7 +109,9 @@ class Uniter(UniterFields):
                region_loc: jax.Array, region_mask: jax.Array,
                token_type_ids: jax.Array | None = None, deterministic: bool = True,
                return_attention: bool = False, masked_regions: jax.Array | None = None,
-               attention_mask: jax.Array | None = None) -> dict[str, jax.Array]:
+               attention_mask: jax.Array | None = None,
+               visual_token_type_ids: jax.Array | None = None,
+               extra_token_type_embeddings: jax.Array | None = None) -> dict[str, jax.Array]:
     """Encodes text and regions jointly.
 
     Args:
@@ -126,6 +128,13 @@ class Uniter(UniterFields):
       attention_mask: [B, T+R, T+R] or None, 1 where a query of [text; regions]
         may attend to a key of [text; regions] (the joint sequence's own order),
         ANDed with text_mask/region_mask in every layer (see `layers`).
+      visual_token_type_ids: [B, R] int, the regions' rows of the token type
+        table (the original's `img_type_ids`; NLVR2: 1 left image, 2 right);
+        None: IMAGE_TOKEN_TYPE for every region.
+      extra_token_type_embeddings: [K, H] or None, rows type_vocab_size ..
+        type_vocab_size + K - 1 of the token type table for
+        `visual_token_type_ids`: a task's new types (NLVR2's right image, the
+        original's grown table) that a pretrained table lacks, held by the task.
 
     Returns:
       dict with 'text' [B, T, H], 'vision' [B, R, H], 'pooled' [B, H],
@@ -144,9 +153,14 @@ class Uniter(UniterFields):
     # The region type embedding is a row of the text's token type table (shared).
     type_table = nn.meta.unbox(
         text_embeddings.variables['params']['token_type_embeddings']['embedding'])
+    if extra_token_type_embeddings is not None:
+      type_table = jnp.concatenate(
+          [type_table, extra_token_type_embeddings.astype(type_table.dtype)], axis=0)
+    region_types = (type_table[IMAGE_TOKEN_TYPE] if visual_token_type_ids is None
+                    else jnp.take(type_table, visual_token_type_ids, axis=0))
     regions = RegionEmbeddings(self.hidden_size, self.dropout_rate, dtype=dtype,
                                param_dtype=param_dtype, name='region_embeddings')(
-                                   region_feats, region_loc, type_table[IMAGE_TOKEN_TYPE],
+                                   region_feats, region_loc, region_types,
                                    masked_regions, deterministic)
     num_text = input_ids.shape[1]
     attention_mask = layers.check_attention_mask(attention_mask, input_ids.shape[0], num_text,
@@ -274,6 +288,7 @@ def wra_loss(outputs: dict[str, jax.Array], targets: dict[str, jax.Array],
 DESIGN = design.Design(
     name='uniter', model=Uniter, pretraining=UniterPreTraining,
     location_features=location_features, loc_dim=LOC_DIM, needs_class_probs=True,
+    matching_head='itm',
     matched_label=1, pairing=design.REPLACE_IMAGE, max_text_len=60, world_text_len=20,
     recipe=design.PretrainingRecipe(
         components=('itm', 'mlm', 'mrfr', 'mrc', 'mrckl'),
@@ -289,4 +304,8 @@ DESIGN = design.Design(
     optimizer=dict(learning_rate=5e-5, warmup_fraction=0.05, num_steps=200_000,
                    adam_b1=0.9, adam_b2=0.98, adam_eps=1e-6, weight_decay=0.01,
                    grad_clip_norm=5.0),
-    decays=decays, bert_text_paths=bert_text_paths)
+    decays=decays, bert_text_paths=bert_text_paths,
+    # train_nlvr2.py's `img_type_ids`: the left image's regions type 1, the
+    # right's 2, a third row (`init_type_embedding`) that a task passes as
+    # `extra_token_type_embeddings`.
+    pair_image_token_types=(IMAGE_TOKEN_TYPE, IMAGE_TOKEN_TYPE + 1))

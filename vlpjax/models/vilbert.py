@@ -350,6 +350,7 @@ DESIGN = design.Design(
     name='vilbert', model=Vilbert, pretraining=VilbertPreTraining,
     location_features=location_features, loc_dim=LOC_DIM, needs_class_probs=True,
     leading_slots=1, fill_leading_slots=fill_image_slot,
+    matching_head='alignment',
     matched_label=0, pairing=design.REPLACE_CAPTION, max_text_len=36, world_text_len=20,
     recipe=design.PretrainingRecipe(
         components=('mlm', 'region_kl', 'alignment'),

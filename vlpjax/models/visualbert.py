@@ -269,6 +269,7 @@ DESIGN = design.Design(
     location_features=lambda corners: corners, loc_dim=4,
     # Two sentences per input (`[CLS] a [SEP] b [SEP]`): the original's 128 word
     # pieces; the embedded world's sentences fit 40.
+    matching_head='sentence_image_head',
     matched_label=1, pairing=design.SECOND_CAPTION, max_text_len=128, world_text_len=40,
     recipe=design.PretrainingRecipe(
         components=('mlm', 'sentence_image'), default_tasks=('mlm', 'sentence_image'),
@@ -278,4 +279,6 @@ DESIGN = design.Design(
                    adam_b1=0.9, adam_b2=0.999, adam_eps=1e-6, weight_decay=0.01,
                    grad_clip_norm=1.0),
     decays=design.no_bias_name_decays, bert_text_paths=bert_text_paths,
-    after_bert_import=after_bert_import)
+    after_bert_import=after_bert_import,
+    # The original's NLVR2: one sequence, the left image's regions type 0, the right's 1.
+    pair_image_token_types=(0, 1))

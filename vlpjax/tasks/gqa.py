@@ -30,7 +30,6 @@ over the questions with an answer; the others get predictions only.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Iterator, Mapping, Sequence
 
 import ml_collections
@@ -92,15 +91,13 @@ def read_answers(data_config: ml_collections.ConfigDict, split: str, chunk: int 
                  ) -> tuple[np.ndarray, np.ndarray]:
   """(question ids, true answers) of the gqa table's `split`, both object (str)
   arrays [N] in row order ('' where a question has no answer)."""
-  table = tables.Table(tables.open_table(data_config, TABLE, split), ('question_id', 'answer'),
-                       name=tables.table_name(data_config, TABLE))
-  records = [r for start in range(0, len(table), chunk)
-             for r in table.read(range(start, min(start + chunk, len(table))))]
+  records = tables.read_all(
+      tables.open_split(data_config, TABLE, split, ('question_id', 'answer')), chunk)
   return (np.array([tables.as_text(r['question_id']) for r in records], object),
           np.array([tables.as_text(r['answer']) for r in records], object))
 
 
-class GqaEvaluator:
+class GqaEvaluator(vqa.SplitEvaluator):
   """Exact-match accuracy on a split of the gqa table, and its submission file.
 
   Every question is answered once (`vqa.predicted_answers`: the last batch
@@ -112,30 +109,21 @@ class GqaEvaluator:
   def __init__(self, name: str, eval_config: ml_collections.ConfigDict,
                config: ml_collections.ConfigDict, model: vqa.VqaModel, mesh: Mesh,
                workdir: str):
-    self.name, self.log_steps = name, eval_config.log_steps
-    self.batch_size = eval_config.batch_size
+    super().__init__(name, eval_config, config, mesh, workdir)
     self.examples, self.answers = vqa.open_examples(
         config.data, config.model.name, split=eval_config.split, head=config.vqa.head,
         answer_vocab_file=config.vqa.answer_vocab_file, with_question_id=False, table=TABLE)
     self.question_ids, self.true_answers = read_answers(config.data, eval_config.split)
-    self.sharding = input_pipeline.batch_sharding(mesh, tuple(config.mesh.data_axes),
-                                                  self.batch_size)
-    self.prediction_dir = os.path.join(workdir, 'predictions')
     self._answer = vqa.prediction_step(model, self.sharding)
 
   def run(self, params: Any, step: int) -> Iterator[tuple[str, float]]:
     """Yields (metric, value): accuracy and count."""
     from vlpjax.evaluators import common  # pylint: disable=g-import-not-at-top
-    predicted, truth, records = [], [], []
-    for index, answers in vqa.predicted_answers(self._answer, params, self.examples,
-                                                self.answers, self.batch_size, self.sharding):
-      predicted += answers
-      truth += list(self.true_answers[index])
-      records += [dict(record, _index=int(i)) for record, i in
-                  zip(submission_records(self.question_ids[index], answers), index)]
-    stats = common.process_sum(exact_match_stats(predicted, truth))
-    common.write_prediction_parts(
-        os.path.join(self.prediction_dir, f'{self.name}_step{step}.json'), records)
+    index, predicted, records = vqa.gather_predictions(
+        self._answer, params, self.examples, self.answers, self.batch_size, self.sharding,
+        self.question_ids, submission_records)
+    stats = common.process_sum(exact_match_stats(predicted, list(self.true_answers[index])))
+    common.write_prediction_parts(self.prediction_path(step), records)
     yield from summary(stats).items()
 
 
@@ -199,10 +187,5 @@ def make_evaluators(config: ml_collections.ConfigDict, model: vqa.VqaModel, mesh
                     workdir: str) -> list[GqaEvaluator]:
   """The `config.evals` entries (all of type 'gqa')."""
   from vlpjax.evaluators import common  # pylint: disable=g-import-not-at-top
-  evaluators = []
-  for name, eval_config in common.evaluator_configs(config.evals):
-    if eval_config.type != EVAL_TYPE:
-      raise ValueError(f'config.evals.{name}.type={eval_config.type!r}: the gqa task has '
-                       f"evaluators of type '{EVAL_TYPE}'")
-    evaluators.append(GqaEvaluator(name, eval_config, config, model, mesh, workdir))
-  return evaluators
+  return common.build_evaluators(config, 'gqa', {EVAL_TYPE: GqaEvaluator}, model, mesh,
+                                 workdir)

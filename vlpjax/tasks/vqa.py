@@ -6,6 +6,15 @@ GQA (`vlpjax.tasks.gqa`) runs the same on its own question table: the table
 openers, the iterator and the interface functions it calls take `table`
 ('vqa' by default).
 
+What the other fine-tuning tasks (SNLI-VE, NLVR2, referring expressions) build
+on is here too: `configure_finetuning` (their `configure`'s recipe, text
+length, val/test evaluators), `open_text_inputs` and `PairExamples` (a text
+table's split with its tokenizer and images), `task_train_iterator`,
+`SplitEvaluator` (an evaluator's batch sharding and prediction file),
+`prediction_step`/`predicted_answers`/`gather_predictions`, and for
+`vlpjax.load` `run_tokenizer`, `blank_image`, `restore_for_inference` and
+`image_regions`.
+
 The task interface (`vlpjax.tasks`) is at the end of the module: `configure`
 (the `config.vqa` section, the published recipes, the evaluators), `prepare`,
 `make_model`, `make_train_iterator`, `make_inputs`, `compute_losses`,
@@ -24,6 +33,8 @@ overrides it):
                 (its own final '?' is that '?'; truncation cuts the question,
                 never the slot); the hidden state at [MASK] -> dropout ->
                 Linear(H, A).
+  'pooled_linear'  pooled [B, P] -> dropout -> Linear(P, A) (ViLBERT's heads
+                of its other tasks, e.g. SNLI-VE's `vil_tri_prediction`).
 
 Losses (`DEFAULT_LOSS` per head; `default_vqa_config().loss` overrides it):
   'bce'  BCE-with-logits against the soft scores, averaged over examples and
@@ -83,16 +94,17 @@ from vlpjax.models import heads as heads_lib
 from vlpjax.models import layers
 from vlpjax.tasks import vqa_accuracy
 
-HEAD_KINDS = ('pooled_mlp', 'mask_slot')
+HEAD_KINDS = ('pooled_mlp', 'mask_slot', 'pooled_linear')
 # Each design's original head (TASKS.md). mmf's VisualBERT uses 'pooled_mlp'
 # with BCE instead: set `vqa.head='pooled_mlp'`.
 HEADS = {'visualbert': 'mask_slot', 'vilbert': 'pooled_mlp', 'lxmert': 'pooled_mlp',
          'uniter': 'pooled_mlp'}
 LOSS_KINDS = ('bce', 'kl')
-DEFAULT_LOSS = {'pooled_mlp': 'bce', 'mask_slot': 'kl'}
+DEFAULT_LOSS = {'pooled_mlp': 'bce', 'mask_slot': 'kl', 'pooled_linear': 'bce'}
 # Param name of each head beside 'backbone'. 'answer_head' is LXMERT's
 # pretraining QA head's name (same structure), so its params transfer by key.
-HEAD_PARAM_NAMES = {'pooled_mlp': 'answer_head', 'mask_slot': 'slot_head'}
+HEAD_PARAM_NAMES = {'pooled_mlp': 'answer_head', 'mask_slot': 'slot_head',
+                    'pooled_linear': 'linear_head'}
 # The backbone's param name (VqaModel's attribute, as in the pretraining modules).
 BACKBONE = 'backbone'
 
@@ -176,8 +188,8 @@ class VqaModel(nn.Module):
     backbone: `vlpjax.models.get_model(config.model, pretraining=False)`.
     num_answers: A, the answer vocabulary's size.
     head: one of HEAD_KINDS.
-    dropout_rate: the 'mask_slot' head's dropout ('pooled_mlp' has none, as
-      LXMERT's and UNITER's heads).
+    dropout_rate: the 'mask_slot' and 'pooled_linear' heads' dropout
+      ('pooled_mlp' has none, as LXMERT's and UNITER's heads).
     dtype, param_dtype: of the head (the backbone has its own).
   """
   backbone: nn.Module
@@ -214,6 +226,10 @@ class VqaModel(nn.Module):
       pooled = outputs['pooled']  # [B, P]; ViLBERT: text_pooled * image_pooled
       logits = heads_lib.AnswerHead(self.num_answers, pooled.shape[-1], dtype=dtype,
                                     param_dtype=param_dtype, name=name)(pooled)
+    elif self.head == 'pooled_linear':
+      pooled = nn.Dropout(self.dropout_rate)(outputs['pooled'], deterministic=deterministic)
+      logits = layers.Dense(self.num_answers, ('embed', 'vocab'), dtype=dtype,
+                            param_dtype=param_dtype, name=name)(pooled)
     else:
       if answer_slot is None:
         raise ValueError("the 'mask_slot' head needs answer_slot [B], the [MASK] positions")
@@ -543,6 +559,36 @@ class VqaExamples:
     return self.examples(indices)
 
 
+@dataclasses.dataclass
+class PairExamples:
+  """The tables a text table's batches are built from, where each row pairs a
+  text with images by row (SNLI-VE's statements, NLVR2's sentences): a
+  subclass's `examples(indices)` builds the batch; grain's `map_with_index`
+  function is `examples_fn(batch_number, indices)`.
+
+  Attributes:
+    design: one of vlpjax.models.DESIGNS (region inputs).
+    tokenizer: BertTokenizer (max_len = T).
+    images: the images table.
+    pairs: the text table (the task's keys, as `open_text_inputs` opens it).
+  """
+  design: str
+  tokenizer: BertTokenizer
+  images: tables.ImageTable
+  pairs: tables.Table
+
+  def __len__(self) -> int:
+    return len(self.pairs)
+
+  def examples(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+    """The batch of records `indices` [B]: the task's."""
+    raise NotImplementedError(f'{type(self).__name__} builds no batches')
+
+  def examples_fn(self, batch_number: int, indices: np.ndarray) -> dict[str, np.ndarray]:
+    del batch_number  # no per-example randomness: the shuffle is grain's
+    return self.examples(indices)
+
+
 def make_examples(design: str, tokenizer: BertTokenizer, images: tables.ImageTable,
                   vqa_table: tables.Table, num_answers: int, indices: Sequence[int],
                   append_mask_slot: bool, label_map: np.ndarray | None = None
@@ -559,12 +605,48 @@ def open_questions(data_config: ml_collections.ConfigDict, split: str, *,
 
   `table`: the question table, 'vqa' or another with QUESTION_KEYS ('gqa').
   """
-  source = tables.open_table(data_config, table, split)
   keys = QUESTION_KEYS
   if with_ground_truth:
-    keys = ('question_id', 'answers') + tuple(
-        k for k in ('answer_type',) if k in source.dataset_info.features)
-  return tables.Table(source, keys, name=tables.table_name(data_config, table))
+    features = tables.open_table(data_config, table, split).dataset_info.features
+    keys = ('question_id', 'answers') + tuple(k for k in ('answer_type',) if k in features)
+  return tables.open_split(data_config, table, split, keys)
+
+
+def open_tokenizer_and_images(data_config: ml_collections.ConfigDict,
+                              images_table: str = 'images'
+                              ) -> tuple[BertTokenizer, tables.ImageTable]:
+  """The tokenizer (`data.max_text_len`) and the images table (regions only, no
+  class distributions) that a text table's examples are made of; `images_table`:
+  another table of the same images (referring expressions' 'gt_images')."""
+  tokenizer = BertTokenizer(tables.vocab_file(data_config), data_config.max_text_len,
+                            lowercase=data_config.lowercase)
+  images_source = tables.open_table(data_config, images_table, data_config.images_split)
+  images = tables.ImageTable(
+      images_source, data_config.max_regions,
+      name=tables.table_name(data_config, images_table),
+      with_class_probs=False, cache=data_config.cache_images,
+      cache_max_gib=data_config.cache_images_max_gib,
+      widen_features=data_config.widen_features,
+      shared_memory=data_config.worker_count > 0)
+  return tokenizer, images
+
+
+def open_text_inputs(data_config: ml_collections.ConfigDict, design: str, table: str,
+                     split: str, keys: Sequence[str], images_table: str = 'images'
+                     ) -> tuple[BertTokenizer, tables.ImageTable, tables.Table]:
+  """What the examples of a text table's split are made of: (the tokenizer and
+  `images_table`, as `open_tokenizer_and_images`; the `keys` of `table`'s
+  `split`), the split checked to index those images (`tables.check_same_images`).
+
+  Raises:
+    ValueError: `design` is not one of DESIGNS, or the tables do not match.
+  """
+  if design not in DESIGNS:
+    raise ValueError(f'design must be one of {DESIGNS}, got {design!r}')
+  tokenizer, images = open_tokenizer_and_images(data_config, images_table)
+  text = tables.open_split(data_config, table, split, keys)
+  tables.check_same_images(data_config, table, split, images_table=images_table)
+  return tokenizer, images, text
 
 
 def open_examples(data_config: ml_collections.ConfigDict, design: str, *, split: str,
@@ -578,20 +660,9 @@ def open_examples(data_config: ml_collections.ConfigDict, design: str, *, split:
     `answer_vocab_file`'s (table labels matched to it by string) or the
     question table's own `answers.txt` (`table`: see `open_questions`).
   """
-  if design not in DESIGNS:
-    raise ValueError(f'design must be one of {DESIGNS}, got {design!r}')
+  tokenizer, images, questions = open_text_inputs(data_config, design, table, split,
+                                                  QUESTION_KEYS)
   head = resolve_head(design, head)
-  tokenizer = BertTokenizer(tables.vocab_file(data_config), data_config.max_text_len,
-                            lowercase=data_config.lowercase)
-  images_source = tables.open_table(data_config, 'images', data_config.images_split)
-  images = tables.ImageTable(
-      images_source, data_config.max_regions, name=tables.table_name(data_config, 'images'),
-      with_class_probs=False, cache=data_config.cache_images,
-      cache_max_gib=data_config.cache_images_max_gib,
-      widen_features=data_config.widen_features,
-      shared_memory=data_config.worker_count > 0)
-  questions = open_questions(data_config, split, table=table)
-  tables.check_same_images(data_config, table, split)
   table_answers = tables.answer_vocab(data_config, table)
   answers, label_map = table_answers, None
   if answer_vocab_file:
@@ -632,30 +703,58 @@ def make_question_iterator(data_config: ml_collections.ConfigDict, design: str, 
     answer_vocab_file: see `open_examples`.
     table: the question table (`open_questions`).
   """
-  process_count = jax.process_count()
-  local_batch_size, seed, sharding = input_pipeline.batch_layout(
-      data_config, global_batch_size, seed, mesh, data_axes)
   head = resolve_head(design, head)
   examples, answers = open_examples(data_config, design, split=split, head=head,
                                     answer_vocab_file=answer_vocab_file,
                                     with_question_id=False, table=table)
+  return iterate_examples(
+      data_config, examples, dict(task=table, design=design, head=head,
+                                  num_answers=len(answers), answers=_vocab_digest(answers)),
+      global_batch_size=global_batch_size, seed=seed, mesh=mesh, data_axes=data_axes,
+      split=split, table=table)
+
+
+def iterate_examples(data_config: ml_collections.ConfigDict, examples: Any,
+                     fingerprint: Mapping[str, Any], *, global_batch_size: int, seed: int,
+                     mesh: Mesh | None, data_axes: Sequence[str], split: str, table: str
+                     ) -> input_pipeline.PretrainingIterator:
+  """`make_question_iterator`'s stream over any examples of one text table's
+  split (`VqaExamples` or a task's own: `len()`, `examples_fn`, `images`).
+
+  `fingerprint`: what else the batches follow (task, design, head, labels); the
+  iterator adds the layout (seed, batch, processes, split, sizes, tables).
+  """
+  process_count = jax.process_count()
+  local_batch_size, seed, sharding = input_pipeline.batch_layout(
+      data_config, global_batch_size, seed, mesh, data_axes)
   num_questions = len(examples)
   shard_size = num_questions // process_count
   if shard_size < local_batch_size:
-    raise ValueError(f'{num_questions} questions of split {split!r} over {process_count} '
+    raise ValueError(f'{num_questions} examples of split {split!r} over {process_count} '
                      f'processes leave {shard_size} per process, fewer than the local '
                      f'batch of {local_batch_size}')
   stream = input_pipeline.endless_batches(data_config, num_questions, local_batch_size, seed,
                                           examples.examples_fn)
   fingerprint = dict(
-      task=table, design=design, head=head, seed=seed, global_batch_size=global_batch_size,
+      fingerprint, seed=seed, global_batch_size=global_batch_size,
       process_count=process_count, split=split, num_questions=num_questions,
       num_images=examples.images.num_images,
       tables=[tables.table_name(data_config, t) for t in ('images', table)],
       max_text_len=data_config.max_text_len, max_regions=data_config.max_regions,
-      num_answers=len(answers), answers=_vocab_digest(answers),
       worker_count=data_config.worker_count)
   return input_pipeline.PretrainingIterator(iter(stream), fingerprint, sharding)
+
+
+def task_train_iterator(config: ml_collections.ConfigDict, mesh: Mesh, examples: Any,
+                        split: str, table: str, **fingerprint: Any
+                        ) -> input_pipeline.PretrainingIterator:
+  """A task's `make_train_iterator` over its `examples` of `split` of `table`:
+  `iterate_examples` with the run's batch, seed, mesh and data axes; the
+  fingerprint names the task (`table`), the design and `fingerprint`'s fields."""
+  return iterate_examples(
+      config.data, examples, dict(task=table, design=config.model.name, **fingerprint),
+      global_batch_size=config.train.global_batch_size, seed=config.seed, mesh=mesh,
+      data_axes=tuple(config.mesh.data_axes), split=split, table=table)
 
 
 # ----------------------------------------------------------------------------
@@ -819,19 +918,35 @@ def configure(config: ml_collections.ConfigDict, size: str) -> None:
   the design's published recipe and question length (the embedded world's for
   'small'/'tiny'), evaluators on validation (every 200 steps on the world) and
   test (at the end)."""
+  configure_finetuning(config, size, 'vqa', default_vqa_config(), RECIPES)
+
+
+def configure_finetuning(config: ml_collections.ConfigDict, size: str, task: str,
+                         section: ml_collections.ConfigDict, recipes: Mapping[str, Any],
+                         text_lengths: Mapping[str, int] = TEXT_LENGTHS) -> bool:
+  """What the fine-tuning tasks' `configure` share: `config.task = task`,
+  `config.<task> = section`, the design's recipe (`recipes`, `config.train`
+  fields) and text length (`text_lengths`), or for 'small'/'tiny' the embedded
+  world's (WORLD_RECIPE, WORLD_TEXT_LENGTH); evaluators of type `task`,
+  `<task>_val` on validation (every 200 steps on the world, 5,000 at base) and
+  `<task>_test` on test (at the end), in batches of WORLD_EVAL_BATCH (512 at
+  base); a checkpoint every 200 (5,000) steps. Returns whether `size` is the
+  world's."""
   from vlpjax import config_lib  # pylint: disable=g-import-not-at-top
   world = size in config_lib.WORLD_SIZES
-  config.task = 'vqa'
-  config.vqa = default_vqa_config()
-  config.train.update(WORLD_RECIPE if world else RECIPES[config.model.name])
-  config.data.max_text_len = WORLD_TEXT_LENGTH if world else TEXT_LENGTHS[config.model.name]
-  steps = config.train.num_steps
+  design = config.model.name
+  config.task = task
+  config[task] = section
+  config.train.update(WORLD_RECIPE if world else recipes[design])
+  config.data.max_text_len = WORLD_TEXT_LENGTH if world else text_lengths[design]
   batch = WORLD_EVAL_BATCH if world else 512
-  config.evals = ml_collections.ConfigDict(dict(
-      vqa_val=dict(type='vqa', split='validation', batch_size=batch,
-                   log_steps=200 if world else 5_000),
-      vqa_test=dict(type='vqa', split='test', batch_size=batch, log_steps=steps)))
+  config.evals = ml_collections.ConfigDict({
+      f'{task}_val': dict(type=task, split='validation', batch_size=batch,
+                          log_steps=200 if world else 5_000),
+      f'{task}_test': dict(type=task, split='test', batch_size=batch,
+                           log_steps=config.train.num_steps)})
   config.checkpoint.every_steps = 200 if world else 5_000
+  return world
 
 
 def _answers(config: ml_collections.ConfigDict, table: str = 'vqa') -> list[str]:
@@ -877,8 +992,16 @@ def init_heads(config: ml_collections.ConfigDict, params: Mapping[str, Any],
 
 
 def prepare(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks the model against the data (feature width, vocabulary) and the
+  """Checks the model against the data (`check_model_against_data`) and the
   `config.vqa` choices; the config is used as it is."""
+  check_model_against_data(config)
+  resolve_loss(resolve_head(config.model.name, config.vqa.head), config.vqa.loss)
+  return config
+
+
+def check_model_against_data(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError when `config.model`'s feature width or vocabulary does
+  not fit the images table and the tokenizer vocabulary."""
   info = tables.dataset_info(config.data)
   if config.model.feature_dim != info['feature_dim']:
     raise ValueError(f'config.model.feature_dim={config.model.feature_dim} but the images '
@@ -886,8 +1009,6 @@ def prepare(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if config.model.vocab_size < info['vocab_size']:
     raise ValueError(f'config.model.vocab_size={config.model.vocab_size} is smaller than the '
                      f'tokenizer vocabulary ({info["vocab_size"]}, {info["vocab_file"]})')
-  resolve_loss(resolve_head(config.model.name, config.vqa.head), config.vqa.loss)
-  return config
 
 
 def make_model(config: ml_collections.ConfigDict, table: str = 'vqa') -> VqaModel:
@@ -953,13 +1074,18 @@ def flops_per_example(config: ml_collections.ConfigDict,
                                        input_specs['region_feats'].shape[1], 0)
 
 
-def prediction_step(model: VqaModel, sharding: jax.sharding.NamedSharding
-                    ) -> Callable[[Any, Mapping[str, jax.Array]], jax.Array]:
+def prediction_step(model: nn.Module, sharding: jax.sharding.NamedSharding,
+                    inputs: Callable[[Mapping[str, jax.Array]], dict[str, jax.Array]]
+                    | None = None) -> Callable[[Any, Mapping[str, jax.Array]], jax.Array]:
   """The evaluators' jitted step: (params, batch) -> predicted answers int32 [B],
-  sharded as the batch."""
+  sharded as the batch. `inputs`: a batch -> the model's kwargs (another
+  task's model, e.g. NLVR2's); None: VqaModel's, features widened to float32."""
   def answer(params, batch):
-    kwargs = model_inputs(batch)
-    kwargs['region_feats'] = kwargs['region_feats'].astype(jnp.float32)
+    if inputs is not None:
+      kwargs = inputs(batch)
+    else:
+      kwargs = model_inputs(batch)
+      kwargs['region_feats'] = kwargs['region_feats'].astype(jnp.float32)
     return predict(model.apply({'params': params}, **kwargs, deterministic=True)['logits'])
 
   return jax.jit(answer, out_shardings=sharding)
@@ -984,7 +1110,47 @@ def predicted_answers(answer_step: Callable[[Any, Mapping[str, jax.Array]], jax.
            answer_strings(predicted[real], answers))
 
 
-class VqaEvaluator:
+def gather_predictions(answer_step: Callable[[Any, Mapping[str, jax.Array]], jax.Array],
+                       params: Any, examples: Any, answers: Sequence[str], batch_size: int,
+                       sharding: jax.sharding.NamedSharding, ids: np.ndarray,
+                       make_records: Callable[[np.ndarray, list[str]], list[dict[str, Any]]]
+                       ) -> tuple[np.ndarray, list[str], list[dict[str, Any]]]:
+  """`predicted_answers` over the whole split, gathered, as the evaluators of
+  tasks scored on answer strings (GQA, SNLI-VE) use them.
+
+  Returns this process's rows: (their indices in the split, int64 [L]; their
+  predicted answer strings [L]; `make_records(ids[indices], answers)` of each
+  batch, each record with its `_index` for `evaluators.common.write_prediction_parts`).
+  """
+  indices, predicted, records = [np.zeros((0,), np.int64)], [], []
+  for index, batch_answers in predicted_answers(answer_step, params, examples, answers,
+                                                batch_size, sharding):
+    indices.append(index.astype(np.int64))
+    predicted += batch_answers
+    records += [dict(record, _index=int(i)) for record, i in
+                zip(make_records(ids[index], batch_answers), index)]
+  return np.concatenate(indices), predicted, records
+
+
+class SplitEvaluator:
+  """What the fine-tuning tasks' evaluators (`evaluators.common.Evaluator`) share:
+  the `config.evals` entry's name, log_steps and batch size, the batches'
+  sharding over the data axes, and the path of a step's prediction file."""
+
+  def __init__(self, name: str, eval_config: ml_collections.ConfigDict,
+               config: ml_collections.ConfigDict, mesh: Mesh, workdir: str):
+    self.name, self.log_steps = name, eval_config.log_steps
+    self.batch_size = eval_config.batch_size
+    self.sharding = input_pipeline.batch_sharding(mesh, tuple(config.mesh.data_axes),
+                                                  self.batch_size)
+    self.prediction_dir = os.path.join(workdir, 'predictions')
+
+  def prediction_path(self, step: int, extension: str = 'json') -> str:
+    """`<workdir>/predictions/<name>_step<step>.<extension>`."""
+    return os.path.join(self.prediction_dir, f'{self.name}_step{step}.{extension}')
+
+
+class VqaEvaluator(SplitEvaluator):
   """Official VQA accuracy on a split, and the server's prediction file.
 
   Every question is answered once (`evaluators.common.eval_batches`); accuracy
@@ -999,8 +1165,7 @@ class VqaEvaluator:
                workdir: str):
     from vlpjax.evaluators import common  # pylint: disable=g-import-not-at-top
     self._common = common
-    self.name, self.log_steps = name, eval_config.log_steps
-    self.batch_size = eval_config.batch_size
+    super().__init__(name, eval_config, config, mesh, workdir)
     self.examples, self.answers = open_examples(
         config.data, config.model.name, split=eval_config.split, head=config.vqa.head,
         answer_vocab_file=config.vqa.answer_vocab_file, with_question_id=False)
@@ -1008,9 +1173,6 @@ class VqaEvaluator:
     self.ground_truth = read_ground_truth(truth_table)
     # Row order of the split, as `_index` counts.
     self.question_ids = np.fromiter(self.ground_truth, np.int64, len(self.ground_truth))
-    self.sharding = input_pipeline.batch_sharding(mesh, tuple(config.mesh.data_axes),
-                                                  self.batch_size)
-    self.prediction_dir = os.path.join(workdir, 'predictions')
     self._answer = prediction_step(model, self.sharding)
 
   def run(self, params: Any, step: int) -> Iterator[tuple[str, float]]:
@@ -1026,8 +1188,7 @@ class VqaEvaluator:
       records += [dict(record, _index=int(i)) for record, i in
                   zip(prediction_records(question_ids, answers), index)]
     stats = common.process_sum(stats)
-    common.write_prediction_parts(
-        os.path.join(self.prediction_dir, f'{self.name}_step{step}.json'), records)
+    common.write_prediction_parts(self.prediction_path(step), records)
     yield from vqa_accuracy.summary(stats).items()
 
 
@@ -1035,13 +1196,79 @@ def make_evaluators(config: ml_collections.ConfigDict, model: VqaModel, mesh: Me
                     workdir: str) -> list[VqaEvaluator]:
   """The `config.evals` entries (all of type 'vqa')."""
   from vlpjax.evaluators import common  # pylint: disable=g-import-not-at-top
-  evaluators = []
-  for name, eval_config in common.evaluator_configs(config.evals):
-    if eval_config.type != 'vqa':
-      raise ValueError(f'config.evals.{name}.type={eval_config.type!r}: the vqa task has '
-                       "evaluators of type 'vqa'")
-    evaluators.append(VqaEvaluator(name, eval_config, config, model, mesh, workdir))
-  return evaluators
+  return common.build_evaluators(config, 'vqa', {'vqa': VqaEvaluator}, model, mesh,
+                                 workdir)
+
+
+def image_regions(config: ml_collections.ConfigDict, design: Any, features: np.ndarray,
+                  boxes: np.ndarray, image_size: tuple[float, float], num: int
+                  ) -> dict[str, np.ndarray]:
+  """The design's region inputs (REGION_KEYS, [num, S, ...]) of one image of your
+  own features [N, F] and boxes [N, 4] (x1, y1, x2, y2 in pixels; image_size =
+  (width, height)), repeated for `num` texts; the first `data.max_regions` are used.
+  `design`: a `Design`. What the predictors of the fine-tuning tasks feed."""
+  features, boxes = np.asarray(features, np.float32), np.asarray(boxes, np.float32)
+  if features.ndim != 2 or features.shape[1] != config.model.feature_dim:
+    raise ValueError(f'features must be [N, {config.model.feature_dim}], got '
+                     f'{features.shape}')
+  if boxes.shape != (len(features), 4):
+    raise ValueError(f'boxes must be [N, 4] for the N={len(features)} features, got '
+                     f'{boxes.shape}')
+  count = min(len(features), config.data.max_regions)
+  slots = design.leading_slots + config.data.max_regions
+  feats = np.zeros((num, slots, features.shape[1]), np.float32)
+  padded_boxes = np.zeros((num, slots, 4), np.float32)
+  first = design.leading_slots
+  feats[:, first:first + count] = features[:count]
+  padded_boxes[:, first:first + count] = boxes[:count]
+  regions = examples_lib.region_inputs(design, dict(
+      feats=feats, boxes=padded_boxes, count=np.full((num,), count, np.int32),
+      image_w=np.full((num,), image_size[0], np.float32),
+      image_h=np.full((num,), image_size[1], np.float32)))
+  return {k: regions[k] for k in REGION_KEYS}
+
+
+def blank_image(config: ml_collections.ConfigDict
+                ) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+  """(features [1, F], boxes [1, 4], image_size) of a one-region image of zeros:
+  what a predictor traces its params' shapes with."""
+  return (np.zeros((1, config.model.feature_dim), np.float32),
+          np.array([[0, 0, 1, 1]], np.float32), (1, 1))
+
+
+def run_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> BertTokenizer:
+  """The tokenizer a run trained with: its workdir's vocabulary (`train.RUN_VOCAB`),
+  `data.max_text_len` and `data.lowercase`. What the predictors encode text with."""
+  from vlpjax import train  # pylint: disable=g-import-not-at-top
+  return BertTokenizer(os.path.join(workdir, train.RUN_VOCAB), config.data.max_text_len,
+                       lowercase=config.data.lowercase)
+
+
+def restore_for_inference(model: nn.Module, example: Mapping[str, np.ndarray], workdir: str,
+                          step: int | None, output: str
+                          ) -> tuple[Any, int, Callable[[Any, Mapping[str, Any]], jax.Array]]:
+  """A predictor's model from a run's checkpoint.
+
+  Args:
+    model: the run's task model.
+    example: the model's kwargs for one input ([1, ...] arrays): the params'
+      shapes are traced from it (`eval_shape`: nothing is initialised).
+    workdir: the run's workdir; step: its checkpoint (None: the latest).
+    output: the model output the predictor reads ('logits', 'scores').
+
+  Returns:
+    (params on the first device, the checkpoint's step, the jitted
+    (params, kwargs) -> outputs[output] in inference mode).
+  """
+  from vlpjax import checkpointing  # pylint: disable=g-import-not-at-top
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+      jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), **example)['params'])))
+  params, step = checkpointing.restore_workdir_params(workdir, abstract, step=step)
+  apply = jax.jit(lambda params, kwargs: model.apply(
+      {'params': params}, **kwargs, deterministic=True)[output])
+  return params, step, apply
 
 
 class VqaPredictor:
@@ -1052,54 +1279,30 @@ class VqaPredictor:
     device); answers: the answer vocabulary; step: the checkpoint's step.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, step: int | None):
-    from vlpjax import checkpointing, train  # pylint: disable=g-import-not-at-top
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, step: int | None,
+               head: str | None = None):
+    """`head`: the run's head kind (HEAD_KINDS); None: `config.vqa`'s (another
+    task's run, e.g. SNLI-VE's, names its own)."""
     from vlpjax.models import get_design  # pylint: disable=g-import-not-at-top
     self.config = config
     self.design = get_design(config.model.name)
-    self.head = resolve_head(config.model.name, config.vqa.head)
+    self.head = resolve_head(config.model.name, config.vqa.head) if head is None else head
     self.answers = read_answer_vocab(os.path.join(workdir, ANSWERS_FILE))
-    self.tokenizer = BertTokenizer(os.path.join(workdir, train.RUN_VOCAB),
-                                   config.data.max_text_len, lowercase=config.data.lowercase)
-    self.model = build_model(config.model, len(self.answers), head=config.vqa.head,
-                             dropout_rate=config.vqa.dropout_rate)
-    example = self.inputs(['?'], np.zeros((1, config.model.feature_dim), np.float32),
-                          np.array([[0, 0, 1, 1]], np.float32), (1, 1))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-        jax.eval_shape(lambda: nn.meta.unbox(
-            self.model.init(jax.random.key(0), **example)['params'])))
-    self.params, self.step = checkpointing.restore_workdir_params(workdir, abstract, step=step)
-    self._logits = jax.jit(lambda params, kwargs: self.model.apply(
-        {'params': params}, **kwargs, deterministic=True)['logits'])
+    self.tokenizer = run_tokenizer(config, workdir)
+    # Inference is deterministic: the dropout rate changes nothing.
+    self.model = build_model(config.model, len(self.answers), head=self.head)
+    self.params, self.step, self._logits = restore_for_inference(
+        self.model, self.inputs(['?'], *blank_image(config)), workdir, step, 'logits')
 
   def inputs(self, questions: Sequence[str], features: np.ndarray, boxes: np.ndarray,
              image_size: tuple[float, float]) -> dict[str, np.ndarray]:
     """Model inputs for `questions` [Q] about one image: features [N, F], boxes
     [N, 4] (x1, y1, x2, y2 in pixels), image_size (width, height); the first
     `data.max_regions` regions are used."""
-    features, boxes = np.asarray(features, np.float32), np.asarray(boxes, np.float32)
-    if features.ndim != 2 or features.shape[1] != self.config.model.feature_dim:
-      raise ValueError(f'features must be [N, {self.config.model.feature_dim}], got '
-                       f'{features.shape}')
-    if boxes.shape != (len(features), 4):
-      raise ValueError(f'boxes must be [N, 4] for the N={len(features)} features, got '
-                       f'{boxes.shape}')
-    count = min(len(features), self.config.data.max_regions)
-    slots = self.design.leading_slots + self.config.data.max_regions
-    num = len(questions)
-    feats = np.zeros((num, slots, features.shape[1]), np.float32)
-    padded_boxes = np.zeros((num, slots, 4), np.float32)
-    first = self.design.leading_slots
-    feats[:, first:first + count] = features[:count]
-    padded_boxes[:, first:first + count] = boxes[:count]
-    regions = examples_lib.region_inputs(self.design, dict(
-        feats=feats, boxes=padded_boxes, count=np.full((num,), count, np.int32),
-        image_w=np.full((num,), image_size[0], np.float32),
-        image_h=np.full((num,), image_size[1], np.float32)))
+    regions = image_regions(self.config, self.design, features, boxes, image_size,
+                            len(questions))
     batch = encode_questions(self.tokenizer, list(questions), self.head == 'mask_slot')
-    return dict(batch, **{k: regions[k] for k in REGION_KEYS})
+    return dict(batch, **regions)
 
   def answer(self, questions: Sequence[str], features: np.ndarray, boxes: np.ndarray,
              image_size: tuple[float, float]) -> list[str]:
