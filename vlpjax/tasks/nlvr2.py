@@ -126,10 +126,7 @@ def resolve_head(design: str, head: str | None = None) -> str:
   """`head`, or the design's (HEADS); errors name the valid choices."""
   if design not in HEADS:
     raise ValueError(f'unknown design {design!r}; expected one of {tuple(HEADS)}')
-  head = HEADS[design] if head is None else head
-  if head not in HEAD_KINDS:
-    raise ValueError(f'nlvr2.head must be one of {HEAD_KINDS}, got {head!r}')
-  return head
+  return vqa.choose('nlvr2.head', HEADS[design] if head is None else head, HEAD_KINDS)
 
 
 # ----------------------------------------------------------------------------

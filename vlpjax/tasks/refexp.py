@@ -128,27 +128,21 @@ def default_refexp_config() -> ml_collections.ConfigDict:
   ))
 
 
-def _choose(field: str, value: str, choices: Sequence[str]) -> str:
-  if value not in choices:
-    raise ValueError(f'{field} must be one of {tuple(choices)}, got {value!r}')
-  return value
-
-
 def resolve_head(config: ml_collections.ConfigDict) -> str:
   """`refexp.head`, or the design's (HEADS)."""
   head = config.refexp.head or HEADS[config.model.name]
-  return _choose('refexp.head', head, HEAD_KINDS)
+  return vqa.choose('refexp.head', head, HEAD_KINDS)
 
 
 def resolve_loss(config: ml_collections.ConfigDict) -> str:
   """`refexp.loss`, or the design's (LOSSES)."""
-  return _choose('refexp.loss', config.refexp.loss or LOSSES[config.model.name], LOSS_KINDS)
+  return vqa.choose('refexp.loss', config.refexp.loss or LOSSES[config.model.name], LOSS_KINDS)
 
 
 def resolve_train_regions(config: ml_collections.ConfigDict) -> str:
   """`refexp.train_regions`, or the design's (TRAIN_REGIONS)."""
   regions = config.refexp.train_regions or TRAIN_REGIONS[config.model.name]
-  return _choose('refexp.train_regions', regions, REGION_SOURCES)
+  return vqa.choose('refexp.train_regions', regions, REGION_SOURCES)
 
 
 # ----------------------------------------------------------------------------
@@ -190,7 +184,7 @@ class RegionScoreHead(nn.Module):
 
   @nn.compact
   def __call__(self, regions: jax.Array) -> jax.Array:
-    _choose('RegionScoreHead.kind', self.kind, HEAD_KINDS)
+    vqa.choose('RegionScoreHead.kind', self.kind, HEAD_KINDS)
     h = regions
     axis = 'embed'
     if self.kind == 'mlp':
@@ -350,7 +344,7 @@ class RefexpExamples:
 def open_examples(data_config: ml_collections.ConfigDict, design: str, *, split: str,
                   regions: str) -> RefexpExamples:
   """The tables of a refexp split for `design`, on `regions` (REGION_SOURCES)."""
-  _choose('regions', regions, REGION_SOURCES)
+  vqa.choose('regions', regions, REGION_SOURCES)
   main = GT_IMAGES if regions == 'gt' else 'images'
   tokenizer, images, refs = vqa.open_text_inputs(data_config, design, TABLE, split, REF_KEYS,
                                                  images_table=main)
@@ -405,7 +399,7 @@ class RefexpEvaluator(vqa.SplitEvaluator):
                config: ml_collections.ConfigDict, model: RefexpModel, mesh: Mesh,
                workdir: str):
     super().__init__(name, eval_config, config, mesh, workdir)
-    regions = _choose(f'config.evals.{name}.regions', eval_config.get('regions', 'detected'),
+    regions = vqa.choose(f'config.evals.{name}.regions', eval_config.get('regions', 'detected'),
                       EVAL_REGION_SOURCES)
     self.examples = open_examples(config.data, config.model.name, split=eval_config.split,
                                   regions=regions)

@@ -129,10 +129,7 @@ def resolve_loss(design: str, loss: str | None = None) -> str:
   """`loss`, or the design's default (LOSSES); errors name the valid choices."""
   if design not in LOSSES:
     raise ValueError(f'unknown design {design!r}; expected one of {tuple(LOSSES)}')
-  loss = LOSSES[design] if loss is None else loss
-  if loss not in LOSS_KINDS:
-    raise ValueError(f'retrieval.loss must be one of {LOSS_KINDS}, got {loss!r}')
-  return loss
+  return vqa.choose('retrieval.loss', LOSSES[design] if loss is None else loss, LOSS_KINDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -851,14 +848,9 @@ def configure(config: ml_collections.ConfigDict, size: str) -> None:
 
 
 def prepare(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks the model against the data and the `config.retrieval` choices."""
-  info = tables.dataset_info(config.data)
-  if config.model.feature_dim != info['feature_dim']:
-    raise ValueError(f'config.model.feature_dim={config.model.feature_dim} but the images '
-                     f'table has features of width {info["feature_dim"]}')
-  if config.model.vocab_size < info['vocab_size']:
-    raise ValueError(f'config.model.vocab_size={config.model.vocab_size} is smaller than the '
-                     f'tokenizer vocabulary ({info["vocab_size"]}, {info["vocab_file"]})')
+  """Checks the model against the data (`vqa.check_model_against_data`) and the
+  `config.retrieval` choices."""
+  vqa.check_model_against_data(config)
   negative_counts(config.retrieval, config.model.name)
   return config
 

@@ -83,25 +83,19 @@ def default_snli_ve_config() -> ml_collections.ConfigDict:
   ))
 
 
-def _choose(field: str, value: str, choices: Sequence[str]) -> str:
-  if value not in choices:
-    raise ValueError(f'snli_ve.{field} must be one of {tuple(choices)}, got {value!r}')
-  return value
-
-
 def resolve_head(config: ml_collections.ConfigDict) -> str:
   """`config.snli_ve.head`, or the design's (HEADS)."""
   design = config.model.name
   if design not in HEADS:
     raise ValueError(f'unknown design {design!r}; expected one of {tuple(HEADS)}')
   head = config.snli_ve.head
-  return _choose('head', HEADS[design] if head is None else head, HEAD_KINDS)
+  return vqa.choose('snli_ve.head', HEADS[design] if head is None else head, HEAD_KINDS)
 
 
 def resolve_loss(config: ml_collections.ConfigDict) -> str:
   """`config.snli_ve.loss`, or the design's (LOSSES)."""
   loss = config.snli_ve.loss
-  return _choose('loss', LOSSES[config.model.name] if loss is None else loss, LOSS_KINDS)
+  return vqa.choose('snli_ve.loss', LOSSES[config.model.name] if loss is None else loss, LOSS_KINDS)
 
 
 # ----------------------------------------------------------------------------

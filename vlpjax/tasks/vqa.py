@@ -134,10 +134,11 @@ def default_vqa_config() -> ml_collections.ConfigDict:
   ))
 
 
-def _choose(field: str, value: str, choices: Sequence[str]) -> str:
-  """`value` if it is one of `choices`, else a ValueError naming `vqa.<field>`."""
+def choose(field: str, value: str, choices: Sequence[str]) -> str:
+  """`value` if it is one of `choices`, else a ValueError naming `field` (a
+  config field, e.g. 'vqa.head', the tasks' checks of their choices)."""
   if value not in choices:
-    raise ValueError(f'vqa.{field} must be one of {tuple(choices)}, got {value!r}')
+    raise ValueError(f'{field} must be one of {tuple(choices)}, got {value!r}')
   return value
 
 
@@ -145,13 +146,13 @@ def resolve_head(design: str, head: str | None = None) -> str:
   """`head`, or the design's default (HEADS); errors name the valid choices."""
   if design not in HEADS:
     raise ValueError(f'unknown design {design!r}; expected one of {tuple(HEADS)}')
-  return _choose('head', HEADS[design] if head is None else head, HEAD_KINDS)
+  return choose('vqa.head', HEADS[design] if head is None else head, HEAD_KINDS)
 
 
 def resolve_loss(head: str, loss: str | None = None) -> str:
   """`loss`, or the head's default (DEFAULT_LOSS)."""
-  head = _choose('head', head, HEAD_KINDS)
-  return _choose('loss', DEFAULT_LOSS[head] if loss is None else loss, LOSS_KINDS)
+  head = choose('vqa.head', head, HEAD_KINDS)
+  return choose('vqa.loss', DEFAULT_LOSS[head] if loss is None else loss, LOSS_KINDS)
 
 
 # ----------------------------------------------------------------------------
