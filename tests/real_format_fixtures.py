@@ -1,7 +1,7 @@
 """Writers of tiny fixture files in the exact formats researchers already have.
 
 Region features: LXMERT TSV, UNITER LMDB (+ nbb JSON), per-image .npz / Pythia
-.npy folders, ViLBERT pickled LMDB. Annotations: COCO captions (official and
+.npy folders, ViLBERT pickled LMDB, BUTD HDF5 (+ its image-id index). Annotations: COCO captions (official and
 Karpathy), Visual Genome region descriptions, VQA v2 questions/annotations,
 GQA questions (GQA's balanced files and LXMERT's json).
 Each writer takes plain python/numpy data so tests can corrupt it first.
@@ -15,6 +15,7 @@ import os
 import pickle
 from typing import Any, Sequence
 
+import h5py
 import lmdb
 import msgpack
 import numpy as np
@@ -153,6 +154,45 @@ def write_vilbert_lmdb(path: str, images: Sequence[dict[str, Any]]) -> str:
       txn.put(image['image_id'].encode(), pickle.dumps(item))
     txn.put(b'keys', pickle.dumps([im['image_id'].encode() for im in images]))
   env.close()
+  return path
+
+
+def butd_spatial_features(image: dict[str, Any]) -> np.ndarray:
+  """[N, 6] as the BUTD converter computes them: x1/w, y1/h, x2/w, y2/h, bw/w, bh/h."""
+  x1, y1, x2, y2 = np.asarray(image['boxes'], np.float32).T
+  w, h = np.float32(image['image_w']), np.float32(image['image_h'])
+  return np.stack([x1 / w, y1 / h, x2 / w, y2 / h, (x2 - x1) / w, (y2 - y1) / h], -1)
+
+
+def write_butd_hdf5(path: str, images: Sequence[dict[str, Any]], index: str = 'pkl',
+                    adaptive: bool = False) -> str:
+  """The bottom-up-attention VQA converter's HDF5: image_features, image_bb,
+  spatial_features ([I, N, ...], or flat with pos_boxes when `adaptive`), image
+  ids ints (COCO's). `index`: 'pkl' (`<stem>_imgid2idx.pkl`, protocol 2 as
+  cPickle wrote it), 'json' (the same dict as JSON) or 'dataset' (`image_ids`
+  in the file). Rows are written in reverse image order, so that row != position."""
+  order = list(reversed(range(len(images))))
+  stacked = {'image_features': [images[i]['features'] for i in order],
+             'image_bb': [images[i]['boxes'] for i in order],
+             'spatial_features': [butd_spatial_features(images[i]) for i in order]}
+  ids = {int(images[i]['image_id']): row for row, i in enumerate(order)}
+  with h5py.File(path, 'w') as f:
+    for name, arrays in stacked.items():
+      f.create_dataset(name, data=np.concatenate(arrays) if adaptive else np.stack(arrays),
+                       dtype='f')
+    if adaptive:
+      counts = np.array([len(a) for a in stacked['image_bb']])
+      ends = np.cumsum(counts)
+      f.create_dataset('pos_boxes', data=np.stack([ends - counts, ends], -1))
+    if index == 'dataset':
+      f.create_dataset('image_ids', data=np.array(sorted(ids, key=ids.get), np.int64))
+  stem = os.path.splitext(path)[0]
+  if index == 'pkl':
+    with open(stem + '_imgid2idx.pkl', 'wb') as f:
+      pickle.dump(ids, f, protocol=2)
+  elif index == 'json':
+    with open(stem + '_imgid2idx.json', 'w') as f:
+      json.dump({str(k): v for k, v in ids.items()}, f)
   return path
 
 

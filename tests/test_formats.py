@@ -268,3 +268,62 @@ def test_answer_scores_and_vocab():
                                    {'2': 0, 'yes': 1, 'no': 2})
   assert labels == [0, 1, 2]
   np.testing.assert_allclose(scores, [1.0, 0.6, 0.3])
+
+
+COCO_IDS = ['9', '25', '42']
+
+
+@pytest.mark.parametrize('index,adaptive', [('pkl', False), ('json', True), ('dataset', False)])
+def test_butd_hdf5_rows_by_index_and_sizes_from_spatial_features(tmp_path, index, adaptive):
+  # The fixed layout holds the same number of boxes per image, the adaptive one any.
+  images = [fx.random_image(np.random.default_rng(i), image_id, num_boxes=2 + i if adaptive else 3,
+                            image_h=48 + i, image_w=64 - i)
+            for i, image_id in enumerate(COCO_IDS)]
+  path = fx.write_butd_hdf5(str(tmp_path / 'train36.hdf5'), images, index, adaptive)
+  reader = formats.ButdHdf5Reader(path, fx.FEATURE_DIM)
+  records = decode_all(reader)
+  # Row order: the fixture writes the images reversed.
+  assert [r.image_id for r in records] == COCO_IDS[::-1]
+  for record, image in zip(records, images[::-1]):
+    assert_matches(record, image, check_objects=False)
+    np.testing.assert_array_equal(record.object_conf, 0)
+  assert reader.describe('25') == f'{path}[row 1] (image 25)'
+
+
+def test_butd_hdf5_refuses_classes_in_its_index_pickle(tmp_path):
+  import datetime  # pylint: disable=g-import-not-at-top
+  import pickle  # pylint: disable=g-import-not-at-top
+  images = fx.random_images(0, COCO_IDS[:1])
+  path = fx.write_butd_hdf5(str(tmp_path / 'val36.hdf5'), images)
+  with open(tmp_path / 'val36_imgid2idx.pkl', 'wb') as f:
+    pickle.dump({9: 0, 10: datetime.date(2020, 1, 1)}, f)
+  with pytest.raises(formats.FormatError, match=r'val36_imgid2idx.pkl: the pickle asks for '
+                     r'datetime.date'):
+    formats.ButdHdf5Reader(path, fx.FEATURE_DIM)
+
+
+def test_butd_hdf5_errors_name_the_row(tmp_path):
+  images = [fx.random_image(np.random.default_rng(i), image_id, num_boxes=3)
+            for i, image_id in enumerate(COCO_IDS[:2])]
+  path = fx.write_butd_hdf5(str(tmp_path / 'a.hdf5'), images)
+  with pytest.raises(FileNotFoundError, match='no image-id index'):
+    os.remove(tmp_path / 'a_imgid2idx.pkl')
+    formats.ButdHdf5Reader(path, fx.FEATURE_DIM)
+  with open(tmp_path / 'a_imgid2idx.json', 'w') as f:
+    json.dump({'9': 1, '25': 2}, f)
+  with pytest.raises(formats.FormatError, match=r'a_imgid2idx.json \(image 25\): row 2 is not in '
+                     r'\[0, 2\)'):
+    formats.ButdHdf5Reader(path, fx.FEATURE_DIM)
+  with open(tmp_path / 'a_imgid2idx.json', 'w') as f:
+    json.dump({'9': 1}, f)
+  # The row the index leaves out is not read; sizes can also be given.
+  reader = formats.ButdHdf5Reader(path, fx.FEATURE_DIM, image_sizes={9: (480, 640)})
+  record, = decode_all(reader)
+  assert (record.image_id, record.image_h, record.image_w) == ('9', 480, 640)
+  reader.file.close()
+  import h5py  # pylint: disable=g-import-not-at-top
+  with h5py.File(path, 'r+') as f:
+    f['spatial_features'][1, 0, 2] *= 0.5  # image 9's first box now says the image is 2x wider
+  with pytest.raises(formats.FormatError, match=r'a.hdf5\[row 1\] \(image 9\): spatial_features '
+                     'disagree with image_bb on the image w'):
+    decode_all(formats.ButdHdf5Reader(path, fx.FEATURE_DIM))

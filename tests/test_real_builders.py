@@ -133,6 +133,26 @@ def test_region_npy_and_vilbert_tables(tmp_path):
   np.testing.assert_allclose(rows[0]['features'], images[0]['features'], rtol=1e-3)
 
 
+def test_butd_hdf5_table_from_the_command_line(tmp_path, capsys):
+  images = [fx.random_image(np.random.default_rng(i), str(coco_id), num_boxes=2 + i)
+            for i, coco_id in enumerate(COCO)]
+  fx.write_butd_hdf5(str(tmp_path / 'train36.hdf5'), images[:3], adaptive=True)
+  fx.write_butd_hdf5(str(tmp_path / 'val36.hdf5'), images[3:], index='json', adaptive=True)
+  fb.main(['butd_hdf5', '--name=tiny', '--sources', 'train36.hdf5', 'val36.hdf5',
+           f'--data_dir={tmp_path / "data"}', f'--manual_dir={tmp_path}',
+           f'--feature_dim={fx.FEATURE_DIM}'])
+  assert 'butd_hdf5/tiny' in capsys.readouterr().out
+  rows = read_all('butd_hdf5/tiny', tmp_path / 'data')
+  # Each file's rows in its own row order (the fixture writes them reversed).
+  assert [r['image_id'].decode() for r in rows] == ['30', '25', '9', '73', '42']
+  by_id = {image['image_id']: image for image in images}
+  for row in rows:
+    image = by_id[row['image_id'].decode()]
+    assert (row['image_h'], row['image_w']) == (48, 64)
+    np.testing.assert_allclose(row['boxes'], image['boxes'], rtol=1e-6)
+    np.testing.assert_allclose(row['features'], image['features'], rtol=1e-3)
+
+
 def text_config(root, **kwargs):
   return ab.TextConfig(images='lxmert_tsv/tiny_coco', images_data_dir=str(root / 'data'), **kwargs)
 

@@ -9,6 +9,7 @@ features stored once per image.
   uniter_lmdb   UNITER image dirs (`feat_th*/` LMDB + `nbb_th*.json`)
   region_npy    per-image `.npz` (or Pythia `.npy` + `_info.npy`) folders
   vilbert_lmdb  ViLBERT pickled LMDBs, only with trust_pickle=True
+  butd_hdf5     bottom-up-attention VQA `*.hdf5` files with their image-id index
 
 Building runs two passes over the sources: the first decodes and validates every
 record (see `formats.make_record`) and decides the index of each good one; the
@@ -96,9 +97,11 @@ class ImagesConfig(tfds.core.BuilderConfig):
       in memory while it is written (36 x 2048 fp16 regions is ~150 KB/image).
     trust_pickle: allow pickled sources (ViLBERT LMDB, Pythia `_info.npy`).
       Unpickling runs code stored in the file: only for files you trust.
-    image_sizes: UNITER only: a JSON of image sizes (COCO-style `images` list,
-      e.g. `captions_train2014.json`, or {image_id: [h, w]}) to turn normalised
-      boxes into pixels; without it boxes stay normalised with image_h = image_w = 1.
+    image_sizes: a JSON of image sizes (COCO-style `images` list, e.g.
+      `captions_train2014.json`, or {image_id: [h, w]}). UNITER: turns its
+      normalised boxes into pixels (without it boxes stay normalised with
+      image_h = image_w = 1); BUTD HDF5: the sizes, instead of recovering them
+      from `spatial_features`.
     match: how `image_sizes` ids are matched: 'number' or 'exact' (see
       `formats.image_key`).
   """
@@ -256,6 +259,15 @@ class ImagesTableBuilder(SideFilesBuilder, abc.ABC):
   def build_settings(self) -> dict[str, Any]:
     return config_settings(self.builder_config, ('images_per_shard',))
 
+  def _image_sizes(self, dl_manager: tfds.download.DownloadManager
+                   ) -> dict[str | int, tuple[int, int]] | None:
+    """The config's `image_sizes` file, read; None without one."""
+    config = self.builder_config
+    if config.image_sizes is None:
+      return None
+    sizes_path, = resolve_paths([config.image_sizes], self._manual_dir(dl_manager))
+    return formats.load_image_sizes(sizes_path, config.match)
+
   @abc.abstractmethod
   def _readers(self, paths: Sequence[str], dl_manager: tfds.download.DownloadManager
                ) -> list[formats.Reader]:
@@ -326,12 +338,9 @@ an LMDB dir itself (the JSON is then its sibling, `feat_` renamed `nbb_` + .json
 
   def _readers(self, paths, dl_manager):
     config = self.builder_config
-    sizes = None
-    if config.image_sizes is not None:
-      sizes_path, = resolve_paths([config.image_sizes], self._manual_dir(dl_manager))
-      sizes = formats.load_image_sizes(sizes_path, config.match)
     return [formats.UniterLmdbReader(lmdb_path, box_counts, config.feature_dim,
-                                     self.num_classes, sizes, config.match)
+                                     self.num_classes, self._image_sizes(dl_manager),
+                                     config.match)
             for lmdb_path, box_counts in map(uniter_lmdb_paths, paths)]
 
 
@@ -376,8 +385,28 @@ Each source is a ViLBERT LMDB (e.g. `coco_trainval_resnext152_faster_rcnn_genome
                                       config.trust_pickle) for path in paths]
 
 
+class ButdHdf5(ImagesTableBuilder):
+  """Images table from the bottom-up-attention VQA code's HDF5 files
+  (`formats.ButdHdf5Reader`): image sizes from `image_sizes`, else recovered
+  from `spatial_features`."""
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL + """
+Each source is an HDF5 file such as `train36.hdf5`, with its index
+`train36_imgid2idx.pkl` (or .json) beside it unless the file holds `image_ids`."""
+  BUILDER_CONFIGS = [
+      ImagesConfig(name='images', sources=('*.hdf5',),
+                   description='every HDF5 in the manual dir'),
+      ImagesConfig(name='coco', sources=('train36.hdf5', 'val36.hdf5')),
+  ]
+
+  def _readers(self, paths, dl_manager):
+    config = self.builder_config
+    sizes = self._image_sizes(dl_manager)
+    return [formats.ButdHdf5Reader(path, config.feature_dim, sizes, config.match)
+            for path in paths]
+
+
 BUILDERS = {'lxmert_tsv': LxmertTsv, 'uniter_lmdb': UniterLmdb, 'region_npy': RegionNpy,
-            'vilbert_lmdb': VilbertLmdb}
+            'vilbert_lmdb': VilbertLmdb, 'butd_hdf5': ButdHdf5}
 
 
 def read_image_ids(images: str, data_dir: str | os.PathLike[str] | None = None) -> list[str]:

@@ -13,6 +13,8 @@ table (shared MODELS.md, "Region-feature file formats"):
     `<id>.npy` features plus a pickled `<id>_info.npy` dict.
   * `VilbertLmdbReader`: ViLBERT's LMDB of pickled dicts. Unpickling runs code
     stored in the file, so it is refused unless `trust_pickle=True`.
+  * `ButdHdf5Reader`: the bottom-up-attention VQA code's `*.hdf5` (fixed 36
+    boxes, or its adaptive layout with `pos_boxes`) and its image-id index.
 
 Readers work in two steps, so that a builder can validate everything first and
 then write in index order: `iter_raw()` streams `(key, raw)` pairs cheaply, and
@@ -72,6 +74,21 @@ class FormatError(ValueError):
 
 class PickleRefusedError(ValueError):
   """A source holds pickled Python objects and the caller did not trust it."""
+
+
+class PlainUnpickler(pickle.Unpickler):
+  """Loads lists, dicts, tuples, strings and numbers only: any class or
+  function a pickle names (the way a pickle runs code) is a `FormatError`, so
+  plain-data pickles (RefCOCO's refs, BUTD's image-id index) are safe to read."""
+
+  def __init__(self, file: Any, path: str):
+    # Python 2 pickles (the originals' cPickle files): byte strings are UTF-8 text.
+    super().__init__(file, encoding='utf-8')
+    self.path = path
+
+  def find_class(self, module: str, name: str) -> Any:
+    raise FormatError(self.path, f'the pickle asks for {module}.{name}; only plain data '
+                      '(lists, dicts, strings, numbers) is read', kind='pickled class')
 
 
 def pickle_refusal(what: str) -> PickleRefusedError:
@@ -657,11 +674,161 @@ class VilbertLmdbReader(_LmdbReader):
                      if self.num_classes is not None else None))
 
 
+# The image-id index the BUTD converter writes beside `<stem>.hdf5`.
+BUTD_INDEX_SUFFIXES = ('_imgid2idx.pkl', '_imgid2idx.json')
+# Datasets some exporters put in the file itself instead of the index.
+BUTD_ID_DATASETS = ('image_ids', 'image_id')
+# An image side recovered from a box (x2 / (x2 / w)) within this many pixels of the others'.
+BUTD_SIZE_TOLERANCE = 1.0
+
+
+class ButdHdf5Reader:
+  """The bottom-up-attention VQA code's HDF5 (hengyuan-hu/bottom-up-attention-vqa
+  `tools/detection_features_converter.py` and its adaptive 10-100-box variant).
+
+  Datasets, I images of N boxes: `image_features` [I, N, F], `image_bb` [I, N, 4]
+  (pixels x1, y1, x2, y2), `spatial_features` [I, N, 6] (x1/w, y1/h, x2/w, y2/h,
+  box w/w, box h/h); the adaptive layout stores them flat ([sum of N, ...]) with
+  `pos_boxes` [I, 2], the first and end row of each image.
+  Which image a row is: an `image_ids` (or `image_id`) dataset [I] in the file,
+  else the converter's index beside it, `<stem>_imgid2idx.pkl` ({image_id: row},
+  a Python 2 pickle of plain data, read with `PlainUnpickler`: nothing in it can
+  run) or the same dict as `<stem>_imgid2idx.json`. Rows no id points to are
+  logged, not read. Image sizes come from `image_sizes` ({image key: (h, w)},
+  see `image_key`) when given, else from the boxes: x2 / (x2 / w), which every
+  box of the image must agree on.
+  """
+
+  def __init__(self, path: str | os.PathLike[str], feature_dim: int = 2048,
+               image_sizes: Mapping[str | int, tuple[int, int]] | None = None,
+               match: str = 'number'):
+    import h5py  # pylint: disable=g-import-not-at-top
+    self.path = os.fspath(path)
+    self.feature_dim = feature_dim
+    self.num_classes = None
+    self.image_sizes = image_sizes
+    self.match = match
+    self.file = h5py.File(self.path, 'r')
+    missing = [name for name in ('image_features', 'image_bb') if name not in self.file]
+    if missing:
+      raise FormatError(self.path, f'missing datasets {missing}; a BUTD HDF5 holds '
+                        'image_features, image_bb and spatial_features',
+                        kind='missing datasets')
+    self.adaptive = 'pos_boxes' in self.file
+    if self.adaptive:
+      self.spans = np.asarray(self.file['pos_boxes'], np.int64)
+      num_images = len(self.spans)
+    else:
+      num_images = self.file['image_features'].shape[0]
+    self.rows = self._read_index(num_images)
+    unread = num_images - len(set(self.rows.values()))
+    if unread:
+      logging.warning('%s: %d of %d rows have no image id in the index and are not read',
+                      self.path, unread, num_images)
+
+  def _read_index(self, num_images: int) -> dict[str, int]:
+    """{image id: row}, in row order."""
+    for name in BUTD_ID_DATASETS:
+      if name in self.file:
+        ids = [_decode_text(i) for i in np.asarray(self.file[name]).reshape(-1)]
+        if len(ids) != num_images:
+          raise FormatError(f'{self.path}[{name}]', f'{len(ids)} ids for {num_images} images',
+                            kind='index size')
+        index, where = dict(zip(ids, range(num_images))), f'{self.path}[{name}]'
+        if len(index) != len(ids):
+          raise FormatError(where, 'an image id appears twice', kind='duplicate image id')
+        return index
+    stem = os.path.splitext(self.path)[0]
+    for suffix in BUTD_INDEX_SUFFIXES:
+      where = stem + suffix
+      if os.path.exists(where):
+        break
+    else:
+      raise FileNotFoundError(
+          f'{self.path}: no image-id index: neither an {"/".join(BUTD_ID_DATASETS)} dataset in '
+          f'the file nor {" or ".join(stem + s for s in BUTD_INDEX_SUFFIXES)}')
+    with open(where, 'rb') as f:
+      try:
+        index = json.load(f) if where.endswith('.json') else PlainUnpickler(f, where).load()
+      except FormatError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        raise FormatError(where, f'unreadable index ({type(e).__name__}: {e})',
+                          kind='unreadable index') from e
+    if not isinstance(index, dict):
+      raise FormatError(where, f'expected a dict {{image_id: row}}, got {type(index).__name__}',
+                        kind='bad index')
+    rows: dict[str, int] = {}
+    for image_id, row in index.items():
+      if not isinstance(row, (int, np.integer)) or not 0 <= row < num_images:
+        raise FormatError(f'{where} (image {image_id})', f'row {row!r} is not in [0, '
+                          f'{num_images}) of {self.path}', kind='index row out of range')
+      rows[_decode_text(image_id)] = int(row)
+    if len(set(rows.values())) != len(rows):
+      raise FormatError(where, 'two image ids point to the same row', kind='duplicate row')
+    return dict(sorted(rows.items(), key=lambda item: item[1]))
+
+  def iter_raw(self) -> Iterator[tuple[str, int]]:
+    yield from self.rows.items()
+
+  def describe(self, key: str) -> str:
+    return f'{self.path}[row {self.rows[key]}] (image {key})'
+
+  def fetch(self, key: str) -> int:
+    return self.rows[key]
+
+  def _arrays(self, name: str, row: int) -> np.ndarray:
+    if self.adaptive:
+      first, end = self.spans[row]
+      return np.asarray(self.file[name][first:end])
+    return np.asarray(self.file[name][row])
+
+  def _image_size(self, where: str, image_id: str, boxes: np.ndarray, row: int
+                  ) -> tuple[int, int]:
+    """(h, w): from `image_sizes`, else recovered from `spatial_features`."""
+    if self.image_sizes is not None:
+      key = image_key(image_id, self.match)
+      if key not in self.image_sizes:
+        raise FormatError(where, f'no size for image key {key!r} in image_sizes',
+                          kind='missing image size')
+      return self.image_sizes[key]
+    if 'spatial_features' not in self.file:
+      raise FormatError(self.path, 'no spatial_features to recover image sizes from; give '
+                        'image_sizes', kind='missing image size')
+    spatial = self._arrays('spatial_features', row).astype(np.float64)
+    sides = []
+    for pixels, fraction, name in ((boxes[:, 3], spatial[:, 3], 'h'),
+                                   (boxes[:, 2], spatial[:, 2], 'w')):
+      usable = fraction > 1e-3
+      if not usable.any():
+        raise FormatError(where, f'image {name}: no box to recover it from', kind='bad image size')
+      estimates = pixels[usable] / fraction[usable]
+      side = float(np.median(estimates))
+      if np.abs(estimates - side).max() > BUTD_SIZE_TOLERANCE:
+        raise FormatError(where, f'spatial_features disagree with image_bb on the image {name} '
+                          f'({estimates.min():.1f} to {estimates.max():.1f} px)',
+                          kind='inconsistent spatial_features')
+      sides.append(int(round(side)))
+    return sides[0], sides[1]
+
+  def decode(self, key: str, raw: int) -> ImageRecord:
+    where = self.describe(key)
+    boxes = self._arrays('image_bb', raw).astype(np.float32)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+      raise FormatError(where, f'image_bb: expected shape [N, 4], got {boxes.shape}',
+                        kind='wrong boxes shape')
+    image_h, image_w = self._image_size(where, key, boxes, raw)
+    return make_record(where, image_id=key, image_h=image_h, image_w=image_w, boxes=boxes,
+                       features=self._arrays('image_features', raw),
+                       feature_dim=self.feature_dim, num_classes=None)
+
+
 def _decode_text(value: Any) -> str:
   return value.decode() if isinstance(value, bytes) else str(value)
 
 
-Reader = LxmertTsvReader | UniterLmdbReader | NpyFolderReader | VilbertLmdbReader
+Reader = (LxmertTsvReader | UniterLmdbReader | NpyFolderReader | VilbertLmdbReader
+          | ButdHdf5Reader)
 
 
 def scan(readers: Sequence[Reader], report: ErrorReport,
