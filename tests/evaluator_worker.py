@@ -15,6 +15,16 @@ and the image rows this process scored; writes the two prediction files.
 NLVR2 evaluator's functions and prints `RESULT {json}` with the rows this
 process saw and the summed accuracy and consistency; writes the CSV file.
 
+       python tests/evaluator_worker.py vcr PORT PROCESS_ID PREDICTIONS_PATH
+(tests/test_vcr.py) scores VCR candidates of the 37 examples through the VCR
+evaluator's functions and prints `RESULT {json}` with the rows this process
+saw and the summed accuracies; writes the leaderboard CSV.
+
+       python tests/evaluator_worker.py refexp PORT PROCESS_ID PREDICTIONS_PATH
+(tests/test_refexp.py) scores predicted boxes of the 37 expressions through
+the refexp evaluator's functions and prints `RESULT {json}` with the rows this
+process saw and the summed accuracy; writes the prediction file.
+
 The tests start the two processes with `run_two_processes`.
 """
 import json
@@ -195,10 +205,84 @@ def nlvr2_main(port: int, process_id: int, predictions_path: str) -> None:
                                     summary=summary)), flush=True)
 
 
+def vcr_scores(i: int) -> tuple[np.ndarray, int, int]:
+  """Example i's scores [20] (answers, then rationales given each answer) and its
+  (answer, rationale) labels: the best answer is i % 4, right unless i % 5 == 0;
+  the best rationale given any answer is i % 3, right unless i % 7 == 0; the
+  last example has no labels (as VCR's test)."""
+  scores = np.zeros((5, 4), np.float32)
+  scores[0, i % 4] = 2.0
+  scores[1:, i % 3] = 1.0
+  if i == NUM_EXAMPLES - 1:
+    return scores.reshape(-1), -1, -1
+  return (scores.reshape(-1), (i + 1) % 4 if i % 5 == 0 else i % 4,
+          (i % 3 + 1) % 4 if i % 7 == 0 else i % 3)
+
+
+def vcr_main(port: int, process_id: int, predictions_path: str) -> None:
+  jax.distributed.initialize(f'localhost:{port}', num_processes=2, process_id=process_id)
+  from vlpjax.evaluators import common  # pylint: disable=g-import-not-at-top
+  from vlpjax.tasks import vcr  # pylint: disable=g-import-not-at-top
+
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  stats, records, seen = vcr.zero_stats(), [], []
+  for batch in common.eval_batches(NUM_EXAMPLES, GLOBAL_BATCH_SIZE, make_batch, sharding):
+    mask = common.local_rows(batch['_mask'])
+    real = common.local_rows(batch['_index']).astype(np.int64)[mask]
+    seen.extend(real.tolist())
+    scored = [vcr_scores(i) for i in real]  # none in a batch of padding alone
+    scores = np.array([s for s, _, _ in scored], np.float32).reshape(-1, 20)
+    answer_label = np.array([a for _, a, _ in scored], np.int64)
+    rationale_label = np.array([r for _, _, r in scored], np.int64)
+    stats = vcr.merge_stats(stats, vcr.choice_stats(
+        scores[:, :4], scores[:, 4:], answer_label, rationale_label))
+    records += [dict(record, _index=int(i)) for record, i in zip(vcr.prediction_records(
+        [f'val-{i}' for i in real], vcr.probabilities(scores)), real)]
+  summary = vcr.summary(common.process_sum(stats))
+  common.write_prediction_parts(predictions_path, records[::-1], render=vcr.csv_text)
+  print('RESULT ' + json.dumps(dict(process_index=jax.process_index(), seen=seen,
+                                    summary=summary)), flush=True)
+
+
+def refexp_boxes(i: int) -> tuple[list[float], list[float]]:
+  """Expression i's (predicted, target) boxes: wrong (IoU 0) when i % 4 == 0."""
+  return ([5.0, 5.0, 6.0, 6.0] if i % 4 == 0 else [0.0, 0.0, 2.0, 2.0]), [0.0, 0.0, 2.0, 2.0]
+
+
+def refexp_main(port: int, process_id: int, predictions_path: str) -> None:
+  jax.distributed.initialize(f'localhost:{port}', num_processes=2, process_id=process_id)
+  from vlpjax.evaluators import common  # pylint: disable=g-import-not-at-top
+  from vlpjax.tasks import gqa, refexp  # pylint: disable=g-import-not-at-top
+
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  stats, records, seen = {'correct': np.int64(0), 'count': np.int64(0)}, [], []
+  for batch in common.eval_batches(NUM_EXAMPLES, GLOBAL_BATCH_SIZE, make_batch, sharding):
+    mask = common.local_rows(batch['_mask'])
+    real = common.local_rows(batch['_index']).astype(np.int64)[mask]
+    seen.extend(real.tolist())
+    boxes = [refexp_boxes(i) for i in real]  # none in a batch of padding alone
+    predicted = np.array([p for p, _ in boxes], np.float32).reshape(-1, 4)
+    target = np.array([t for _, t in boxes], np.float32).reshape(-1, 4)
+    batch_stats = refexp.accuracy_stats(predicted, target)
+    stats = {k: stats[k] + batch_stats[k] for k in stats}
+    records += [dict(record, _index=int(i)) for record, i in zip(refexp.prediction_records(
+        {'ref_id': 100 + real}, real % 3, predicted), real)]
+  summary = gqa.summary(common.process_sum(stats))
+  common.write_prediction_parts(predictions_path, records[::-1])
+  print('RESULT ' + json.dumps(dict(process_index=jax.process_index(), seen=seen,
+                                    summary=summary)), flush=True)
+
+
 if __name__ == '__main__':
   if sys.argv[1] == 'retrieval':
     retrieval_main(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
   elif sys.argv[1] == 'nlvr2':
     nlvr2_main(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+  elif sys.argv[1] == 'vcr':
+    vcr_main(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+  elif sys.argv[1] == 'refexp':
+    refexp_main(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
   else:
     main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import evaluator_worker
 import task_testing as tt
 from test_finetune import tiny_config
 import vlpjax
@@ -253,6 +254,20 @@ def test_model_scores_the_image_regions_not_the_img_slot(data_config):
   assert scores.shape == batch['candidate_mask'].shape
   assert (np.asarray(scores)[batch['candidate_mask'] == 0] == refexp.MASKED_SCORE).all()
   assert (np.asarray(scores)[batch['candidate_mask'] == 1] > refexp.MASKED_SCORE).all()
+
+
+def test_two_processes_count_every_expression_once(tmp_path):
+  path = tmp_path / 'refexp_val.json'
+  results = evaluator_worker.run_two_processes([path], mode='refexp')
+  # 37 expressions in batches of 16 (the last padded); process p builds rows [8p, 8p + 8).
+  assert results[0]['seen'] == [*range(0, 8), *range(16, 24), *range(32, 37)]
+  assert results[1]['seen'] == [*range(8, 16), *range(24, 32)]
+  # Wrong: the 10 multiples of 4.
+  for result in results:
+    assert result['summary'] == {'accuracy': 27 / 37, 'count': 37}
+  records = json.loads(path.read_text())
+  assert [r['ref_id'] for r in records] == [100 + i for i in range(37)]  # in split order
+  assert [r['region'] for r in records] == [i % 3 for i in range(37)]
 
 
 def test_config_recipes_and_evaluators():

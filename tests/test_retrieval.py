@@ -19,6 +19,8 @@ import tensorflow_datasets as tfds
 
 import evaluator_worker
 import real_format_fixtures as fx
+import task_testing as tt
+import vlpjax
 from test_finetune import tiny_config
 from vlpjax import checkpointing, sharding, state as state_lib, train
 from vlpjax.data import annotations_builder as ab
@@ -381,6 +383,11 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
+def index_images(config):
+  """The images table rows of the train split's images, in the evaluator's order."""
+  return retrieval.open_split(config.data, config.model.name, 'train')[3].images
+
+
 def full_matrix(config, params):
   """The train split's scores [24, 72], every pair in one call on one device."""
   model = retrieval.make_model(config)
@@ -447,6 +454,16 @@ def test_uniter_finetunes_from_pretraining_and_scores_every_pair_once(data_dir, 
   top = retrieval.top_candidates(scores, 10)[0]
   assert [r['caption_ids'] for r in tr] == [[caption_ids[c] for c in row] for row in top]
   assert not [f for f in os.listdir(os.path.join(workdir, 'predictions')) if '.part-' in f]
+  # `vlpjax.load` scores your own captions and images as the evaluator does.
+  model = vlpjax.load(workdir)
+  assert model.step == 2
+  rows = tfds.data_source('vlp_world/tiny_images', data_dir=data_dir)['train']
+  images = [tt.image_inputs(rows[int(i)]) for i in index_images(config)[:3]]
+  texts = [tables.as_text(r['text']) for r in captions.read(range(5))]
+  mine = model.scores(texts, images)  # 15 pairs: batches of 64 wrap around
+  np.testing.assert_allclose(mine, scores[:3, :5].T, atol=1e-5)
+  assert model.rank_images(texts[0], images, k=2) == list(np.argsort(-scores[:3, 0])[:2])
+  assert model.rank_captions(images[1], texts, k=5) == list(np.argsort(-scores[1, :5]))
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """The tiny embedded world built with TFDS (ArrayRecord) and read back with `tfds.data_source`."""
 import filecmp
+import json
 import os
 
 import numpy as np
@@ -126,6 +127,29 @@ def test_stored_vocab_tokenizes_every_table(data_dir):
     for rows in text_rows(data_dir, table).values():
       for row in rows:
         assert unk not in tokenizer.encode(row[field].decode()).ids
+
+
+def test_vcr_table_is_the_worlds_and_refers_to_gt_regions(data_dir):
+  world = world_lib.make_world(CONFIG)
+  gt = source(data_dir, 'gt_images', vlp_world.IMAGES_SPLIT)
+  tokenizer = vocab_lib.load_tokenizer(vlp_world.vocab_path(data_dir, SIZE))
+  unk = tokenizer.token_to_id('[UNK]')
+  for split, rows in text_rows(data_dir, 'vcr').items():
+    assert [r['annot_id'].decode() for r in rows] == [r['annot_id'] for r in world.vcr[split]]
+    for row, want in zip(rows, world.vcr[split]):
+      for key in world_lib.VCR_JSON_FIELDS + ('image_id',):
+        assert row[key].decode() == want[key], key
+      assert (row['answer_label'], row['rationale_label']) == (
+          want['answer_label'], want['rationale_label'])
+      objects = json.loads(row['objects'])
+      # Region k of the gt_images table is object k.
+      assert gt[row['image_index']]['num_boxes'] == len(objects)
+      for field in ('question', 'answer_choices', 'rationale_choices'):
+        token_lists = json.loads(row[field])
+        for tokens in ([token_lists] if field == 'question' else token_lists):
+          words = [t for t in tokens if isinstance(t, str)]
+          assert all(0 <= i < len(objects) for t in tokens if isinstance(t, list) for i in t)
+          assert unk not in tokenizer.encode(' '.join(words)).ids
 
 
 def test_metadata_and_label_files(data_dir):

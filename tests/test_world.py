@@ -1,5 +1,6 @@
 """The procedural world: determinism, pixel-only features, text consistent with scenes, vocab."""
 import dataclasses
+import json
 import re
 import subprocess
 import sys
@@ -227,13 +228,57 @@ def test_nlvr2_labels(world):
   assert 0.3 < np.mean(labels) < 0.7
 
 
+def vcr_relation(words):
+  """The RELATION_WORDS key of a relation's words ('to the left of' -> 'left')."""
+  return {tuple(v.split()): k for k, v in world_lib.RELATION_WORDS.items()}[tuple(words)]
+
+
+def test_vcr_choices_agree_with_the_scene(world):
+  """One answer and one rationale of each example are true of the scene, the
+  labelled ones; references index the scene's objects (the gt regions)."""
+  answer_labels = []
+  for rows in world.vcr.values():
+    for row in rows:
+      scene = world.scenes[row['image_index']]
+      question, answers, rationales, objects = (
+          json.loads(row[k]) for k in world_lib.VCR_JSON_FIELDS)
+      assert objects == [world_lib.SHAPES[o.shape] for o in scene.objects]
+      assert len(answers) == len(rationales) == world_lib.VCR_CHOICES
+      i = next(t[0] for t in question if isinstance(t, list))
+      a = scene.objects[i]
+      if question[:3] == ['what', 'color', 'is']:
+        true_answers = [c == [[i], 'is', world_lib.COLOURS[a.colour]] for c in answers]
+        true_rationales = []
+        for r in rationales:
+          j = r[-1][0]
+          true_rationales.append(
+              r[:3] == [[i], 'is', 'the'] and r[3] == world_lib.COLOURS[a.colour]
+              and r[4] == world_lib.SHAPES[a.shape]
+              and vcr_relation(r[5:-1]) == world_lib.relation(a, scene.objects[j]))
+      else:
+        assert question == ['where', 'is', [i], '?']
+        j = answers[0][-1][0]
+        b = scene.objects[j]
+        side = world_lib.relation(a, b)
+        true_answers = [vcr_relation(c[2:-1]) == side for c in answers]
+        described = lambda words, o: words == [world_lib.COLOURS[o.colour],
+                                               world_lib.SHAPES[o.shape]]
+        true_rationales = [described(r[1:3], a) and vcr_relation(r[4:-3]) == side
+                           and described(r[-2:], b) for r in rationales]
+      assert true_answers.count(True) == 1 and true_answers.index(True) == row['answer_label']
+      assert (true_rationales.count(True) == 1
+              and true_rationales.index(True) == row['rationale_label'])
+      answer_labels.append(row['answer_label'])
+  assert set(answer_labels) == set(range(world_lib.VCR_CHOICES))
+
+
 def test_splits_partition_images(world):
   seen = set()
   for split in world_lib.SPLITS:
     images = set(world.split_images[split])
     assert not images & seen
     seen |= images
-    for table in (world.captions, world.vqa, world.refexp):
+    for table in (world.captions, world.vqa, world.refexp, world.vcr):
       assert {row['image_index'] for row in table[split]} <= images
     for row in world.nlvr2[split]:
       assert {row['left_image_index'], row['right_image_index']} <= images

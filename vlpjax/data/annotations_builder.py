@@ -18,6 +18,9 @@
                           about Flickr30k images and their 3-way gold label
   nlvr2                   NLVR2: lil-lab's jsonl `{train,dev,test1,test2}.json`
                           or LXMERT's json lists: a sentence, two images, True/False
+  vcr                     VCR: r2c's `{train,val,test}.jsonl`, a question, four
+                          answers and four rationales that refer to the
+                          image's objects by index
   refcoco                 RefCOCO/RefCOCO+/RefCOCOg: `refs(unc).p`/`refs(umd).p`
                           (pickles, only with --trust_pickle) or their JSON
                           conversion, with COCO `instances.json`: one row per
@@ -47,7 +50,6 @@ import functools
 import io
 import json
 import os
-import pickle
 import re
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
@@ -638,33 +640,29 @@ class SnliVe(TextTableBuilder):
              ) -> list[dict[str, Any]]:
     """The labelled pairs of one jsonl file, in its order."""
     examples, seen = [], set()
-    with epath.Path(path).open(encoding='utf-8') as f:
-      for number, line in enumerate(f, start=1):
-        if not line.strip():
+    for number, where, line in _jsonl_lines(path):
+      try:
+        entry = _json_line(where, line)
+        pair_id = str(entry.get('pairID', f'{os.path.basename(path)}:{number}'))
+        where = f'{where}: pair {pair_id}'
+        gold_label = _field(where, entry, 'gold_label', 'pair')
+        if gold_label == self.NO_CONSENSUS:
+          report.skip(formats.FormatError(where, "gold_label '-': the annotators did not "
+                                          'agree', kind='no consensus'))
           continue
-        where = f'{path}: line {number}'
-        try:
-          entry = _json_line(where, line)
-          pair_id = str(entry.get('pairID', f'{os.path.basename(path)}:{number}'))
-          where = f'{where}: pair {pair_id}'
-          gold_label = _field(where, entry, 'gold_label', 'pair')
-          if gold_label == self.NO_CONSENSUS:
-            report.skip(formats.FormatError(where, "gold_label '-': the annotators did not "
-                                            'agree', kind='no consensus'))
-            continue
-          if gold_label not in world_lib.ENTAILMENT_LABELS:
-            raise formats.FormatError(where, f'bad gold_label {gold_label!r}; expected one of '
-                                      f"{world_lib.ENTAILMENT_LABELS} or '-'", kind='bad label')
-          if pair_id in seen:
-            raise formats.FormatError(where, 'duplicate pair id', kind='duplicate pair')
-          image_id = _field(where, entry, 'Flickr30K_ID', 'pair')
-          sentence = _field(where, entry, 'sentence2', 'pair')
-        except formats.FormatError as e:
-          report.handle(e)
-          continue
-        seen.add(pair_id)
-        self._add(examples, report, where, image_id, images, sentence, pair_id=pair_id,
-                  label=world_lib.ENTAILMENT_LABELS.index(gold_label))
+        if gold_label not in world_lib.ENTAILMENT_LABELS:
+          raise formats.FormatError(where, f'bad gold_label {gold_label!r}; expected one of '
+                                    f"{world_lib.ENTAILMENT_LABELS} or '-'", kind='bad label')
+        if pair_id in seen:
+          raise formats.FormatError(where, 'duplicate pair id', kind='duplicate pair')
+        image_id = _field(where, entry, 'Flickr30K_ID', 'pair')
+        sentence = _field(where, entry, 'sentence2', 'pair')
+      except formats.FormatError as e:
+        report.handle(e)
+        continue
+      seen.add(pair_id)
+      self._add(examples, report, where, image_id, images, sentence, pair_id=pair_id,
+                label=world_lib.ENTAILMENT_LABELS.index(gold_label))
     return examples
 
 
@@ -678,20 +676,6 @@ class RefexpConfig(TextConfig):
       It changes what may be read, not the table: not a build setting.
   """
   trust_pickle: bool = False
-
-
-class _PlainUnpickler(pickle.Unpickler):
-  """Loads lists, dicts, strings and numbers only: any class or function the
-  pickle names (the way a pickle runs code) is refused."""
-
-  def __init__(self, file: Any, path: str):
-    # The refs were pickled by Python 2: its byte strings are UTF-8 text.
-    super().__init__(file, encoding='utf-8')
-    self.path = path
-
-  def find_class(self, module: str, name: str) -> Any:
-    raise formats.FormatError(self.path, f'the pickle asks for {module}.{name}; refs hold '
-                              'only lists, dicts, strings and numbers', kind='pickled class')
 
 
 class Refcoco(TextTableBuilder):
@@ -790,7 +774,7 @@ class Refcoco(TextTableBuilder):
         raise formats.pickle_refusal(f'{path} (a refs pickle; pass --trust_pickle, or use '
                                      'its JSON conversion)')
       try:
-        refs = _PlainUnpickler(io.BytesIO(data), path).load()
+        refs = formats.PlainUnpickler(io.BytesIO(data), path).load()
       except formats.FormatError:
         raise
       except Exception as e:  # pylint: disable=broad-except
@@ -826,6 +810,14 @@ class Refcoco(TextTableBuilder):
       raise formats.FormatError(where, f'bad bbox {bbox!r}: width and height must be positive',
                                 kind='bad box')
     return np.array([x, y, x + w, y + h], np.float32)
+
+
+def _jsonl_lines(path: str) -> Iterator[tuple[int, str, str]]:
+  """(line number, where: '<path>: line N', the line) of each non-blank line."""
+  with epath.Path(path).open(encoding='utf-8') as f:
+    for number, line in enumerate(f, start=1):
+      if line.strip():
+        yield number, f'{path}: line {number}', line
 
 
 def _json_line(where: str, line: str) -> dict[str, Any]:
@@ -950,9 +942,118 @@ class Nlvr2(TextTableBuilder):
             where)
 
 
+class Vcr(TextTableBuilder):
+  """VCR (Visual Commonsense Reasoning): a question about a movie still, four
+  answers and four rationales, whose words refer to the image's objects.
+
+  Files r2c's `{train,val,test}.jsonl` (val is split 'validation'), one JSON
+  object a line with `annot_id`, `img_fn` (the image: the images table's id,
+  matched exactly), `objects` (the class name of each of the image's objects),
+  `question`, `answer_choices` [4] and `rationale_choices` [4] (token lists:
+  a word is a string, an object reference a list of indices into `objects`,
+  e.g. `["Why", "is", [0], "smiling", "?"]`), `answer_label` and
+  `rationale_label` (0-3; the test file has none: stored as -1, and the
+  evaluator then writes predictions without accuracies). The images table's
+  regions must be the annotated objects first, in `objects` order (UNITER's
+  `vcr_gt` features), since references index them. Rows: annot_id,
+  image_index, image_id, question, answer_choices, rationale_choices and
+  objects as JSON text (VCR's own structures), answer_label, rationale_label.
+  Errors (a reference out of range of `objects` among them) name the file, the
+  line and the annot_id.
+  """
+  FEATURES = dict(annot_id=tfds.features.Text(), image_index=np.int64,
+                  image_id=tfds.features.Text(), question=tfds.features.Text(),
+                  answer_choices=tfds.features.Text(), rationale_choices=tfds.features.Text(),
+                  objects=tfds.features.Text(), answer_label=np.int32,
+                  rationale_label=np.int32)
+  SPLITS = ('train', 'validation', 'test')
+  DEFAULT_FILES = {'train': 'train.jsonl', 'validation': 'val.jsonl', 'test': 'test.jsonl'}
+  CHOICES = world_lib.VCR_CHOICES
+  UNLABELLED = -1
+  CONFIG_DEFAULTS = dict(match='exact', splits=SPLITS)
+  BUILDER_CONFIGS = [TextConfig(name='vcr1', images='lxmert_tsv/vcr_gt',
+                                description="VCR 1.0's train, val and test", **CONFIG_DEFAULTS)]
+
+  def _split_examples(self, path, images, report):
+    unknown = sorted(set(self.builder_config.splits) - set(self.SPLITS))
+    if unknown:
+      raise ValueError(f'vcr: splits must be among {self.SPLITS}, got {unknown}')
+    return {split: self._examples(path(split), split, images, report)
+            for split in self.builder_config.splits}
+
+  def _examples(self, path: str, split: str, images: ImageIndex, report: formats.ErrorReport
+                ) -> list[dict[str, Any]]:
+    """The examples of one jsonl file, in its order."""
+    examples, seen = [], set()
+    for _, where, line in _jsonl_lines(path):
+      try:
+        entry = _json_line(where, line)
+        annot_id = str(_field(where, entry, 'annot_id', 'example'))
+        where = f'{where}: annot_id {annot_id}'
+        if annot_id in seen:
+          raise formats.FormatError(where, 'duplicate annot_id', kind='duplicate example')
+        example = self._example(where, entry, split)
+        image_index, image_id = images.lookup(_field(where, entry, 'img_fn', 'example'), where)
+      except formats.FormatError as e:
+        report.handle(e)
+        continue
+      seen.add(annot_id)
+      examples.append(dict(example, annot_id=annot_id, image_index=image_index,
+                           image_id=image_id))
+    return examples
+
+  def _example(self, where: str, entry: Mapping[str, Any], split: str) -> dict[str, Any]:
+    """The checked fields of one line (less annot_id and the image)."""
+    objects = _field(where, entry, 'objects', 'example')
+    if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
+      raise formats.FormatError(where, f'objects must be a list of class names, got '
+                                f'{objects!r}', kind='bad objects')
+    question = _field(where, entry, 'question', 'example')
+    self._check_tokens(where, 'question', question, len(objects))
+    example = dict(question=json.dumps(question), objects=json.dumps(objects))
+    for stage in ('answer', 'rationale'):
+      choices = _field(where, entry, f'{stage}_choices', 'example')
+      if not isinstance(choices, list) or len(choices) != self.CHOICES:
+        raise formats.FormatError(where, f'{stage}_choices must be a list of {self.CHOICES} '
+                                  f'token lists, got {choices!r}', kind='bad choices')
+      for k, choice in enumerate(choices):
+        self._check_tokens(where, f'{stage}_choices[{k}]', choice, len(objects))
+      example[f'{stage}_choices'] = json.dumps(choices)
+      example[f'{stage}_label'] = self._label(where, entry, f'{stage}_label', split)
+    return example
+
+  def _label(self, where: str, entry: Mapping[str, Any], name: str, split: str) -> int:
+    """The label `name` in [0, CHOICES); UNLABELLED when the test file has none."""
+    if name not in entry and split == 'test':
+      return self.UNLABELLED
+    label = _field(where, entry, name, 'example')
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < self.CHOICES:
+      raise formats.FormatError(where, f'bad {name} {label!r}; expected 0 to {self.CHOICES - 1}',
+                                kind='bad label')
+    return label
+
+  def _check_tokens(self, where: str, field: str, tokens: Any, num_objects: int) -> None:
+    """A token list: a non-empty list of words and references (non-empty lists of
+    indices into the `num_objects` objects)."""
+    if not isinstance(tokens, list) or not tokens:
+      raise formats.FormatError(where, f'{field} must be a non-empty token list, got '
+                                f'{tokens!r}', kind='bad tokens')
+    for token in tokens:
+      if isinstance(token, str):
+        continue
+      if (not isinstance(token, list) or not token
+          or any(isinstance(i, bool) or not isinstance(i, int) for i in token)):
+        raise formats.FormatError(where, f'{field}: token {token!r} is neither a word nor a '
+                                  'list of object indices', kind='bad tokens')
+      outside = [i for i in token if not 0 <= i < num_objects]
+      if outside:
+        raise formats.FormatError(where, f'{field}: object reference {token!r} is out of '
+                                  f'range of the {num_objects} objects', kind='bad reference')
+
+
 BUILDERS = {'coco_captions': CocoCaptions, 'vg_region_descriptions': VgRegionDescriptions,
             'vqa_v2': VqaV2, 'gqa': Gqa, 'snli_ve': SnliVe, 'refcoco': Refcoco,
-            'nlvr2': Nlvr2}
+            'nlvr2': Nlvr2, 'vcr': Vcr}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -974,7 +1075,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--on_error', choices=formats.ON_ERROR_CHOICES, default='raise')
   parser.add_argument('--splits', nargs='+', default=None,
                       help='default: train validation (gqa: train validation testdev test; '
-                      'snli_ve: train validation test)')
+                      'snli_ve, vcr: train validation test)')
   parser.add_argument('--min_answer_count', type=int, default=None,
                       help='default: 9 (gqa: 1)')
   parser.add_argument('--answer_vocab_splits', nargs='+', default=['train'])

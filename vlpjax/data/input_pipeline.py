@@ -199,8 +199,7 @@ def make_pretraining_iterator(data_config: ml_collections.ConfigDict, model_name
                                                   data_axes)
   assembler = examples.make_batch_assembler(data_config, design, split=split, seed=seed,
                                             process_count=process_count)
-  num_sentences, shard_size, images = (assembler.num_sentences, assembler.shard_size,
-                                       assembler.images)
+  num_sentences, images = assembler.num_sentences, assembler.images
   sentences = assembler.sentences
 
   stream = endless_batches(data_config, num_sentences, local_batch_size, seed, assembler)

@@ -2,8 +2,9 @@
 
 Layout: one builder, `VlpWorld`, with a builder config per (size, table), named
 `<size>_<table>`: `tiny_images`, `tiny_captions`, `tiny_vqa`, `tiny_gqa`,
-`tiny_refexp`, `tiny_nlvr2`, `tiny_snli_ve`, `default_images`, ... A TFDS builder has one
-feature spec per config, and the six tables have different features, hence one
+`tiny_refexp`, `tiny_nlvr2`, `tiny_snli_ve`, `tiny_gt_images`, `tiny_vcr`,
+`default_images`, ... A TFDS builder has one
+feature spec per config, and the tables have different features, hence one
 config per table. All configs of a size share one `WorldConfig`, so their tables describe
 the same images; since every image is a pure function of (seed, index), any
 table can be built alone, and building several in one process generates the
@@ -46,7 +47,7 @@ from vlpjax.data import vocab as vocab_lib
 from vlpjax.data import world as world_lib
 from vlpjax.data import features_builder
 
-TABLES = ('images', 'captions', 'vqa', 'gqa', 'refexp', 'nlvr2', 'snli_ve', 'gt_images')
+TABLES = ('images', 'captions', 'vqa', 'gqa', 'refexp', 'nlvr2', 'snli_ve', 'gt_images', 'vcr')
 # Tables of images (the images table's features), by the World method that makes their rows:
 # `gt_images` has one region per object, its true box (referring expressions'
 # "ground-truth regions").
@@ -124,17 +125,22 @@ def table_features(table: str, feature_dim: int) -> tfds.features.FeaturesDict:
           label=np.int32, identifier=text),  # lil-lab's `<split>-<set>-<pair>-<sentence>`
       # As `annotations_builder.SnliVe`'s; label into world.ENTAILMENT_LABELS.
       'snli_ve': lambda: dict(pair_id=text, text=text, **image_ref, label=np.int32),
+      # As `annotations_builder.Vcr`'s: VCR's token lists and object names as JSON
+      # text, references into the gt_images table's regions; labels -1 when unknown.
+      'vcr': lambda: dict(annot_id=text, **image_ref, question=text, answer_choices=text,
+                          rationale_choices=text, objects=text, answer_label=np.int32,
+                          rationale_label=np.int32),
   }[table]()
   return features if table in IMAGE_TABLES else tfds.features.FeaturesDict(features)
 
 
 _ID_FIELDS = dict(captions='caption_id', vqa='question_id', gqa='question_id', refexp='ref_id',
-                  nlvr2='pair_id', snli_ve='pair_id')
+                  nlvr2='pair_id', snli_ve='pair_id', vcr='annot_id')
 
 
 class VlpWorld(features_builder.SideFilesBuilder):
   """The embedded vision-language world: images, captions, VQA, GQA, refexp, NLVR2,
-  SNLI-VE."""
+  SNLI-VE, ground-truth regions, VCR."""
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First release.'}
   BUILDER_CONFIGS = [_config(size, table) for size in WORLD_SIZES for table in TABLES]

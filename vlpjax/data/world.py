@@ -21,9 +21,11 @@ alone and all tables agree on what image i shows.
   text         captions, VQA questions with ten noisy annotator answers (and
                the same questions with their one true answer, GQA-style),
                referring expressions, NLVR2-style statements about pairs
-               of images and SNLI-VE-style entailment statements about one
-               (entailment / neutral / contradiction), from a grammar with
-               attributes and spatial relations.
+               of images, SNLI-VE-style entailment statements about one
+               (entailment / neutral / contradiction) and VCR-style
+               multiple-choice questions with rationales that refer to
+               objects by index, from a grammar with attributes and spatial
+               relations.
 
 `make_world(config)` builds (and caches) the scenes and all text tables of one
 world; `World.image_examples` streams the images table with features.
@@ -33,6 +35,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import json
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -72,6 +75,7 @@ COLOUR_CONFUSIONS = {
 # Random stream ids: one independent stream per (purpose, item).
 _SCENE, _RENDER, _DETECT, _CAPTION, _VQA, _REFEXP, _NLVR2, _PAIRS = range(8)
 _ENTAILMENT = 8
+_VCR = 9
 
 
 def _rng(seed: int, stream: int, index: int) -> np.random.Generator:
@@ -92,6 +96,7 @@ class WorldConfig:
     captions_per_image, questions_per_image, refexps_per_image: text per image.
     nlvr2_per_image: NLVR2 statements per image of a split (pairs = round(n * this)).
     snli_ve_per_image: entailment statements per image (SNLI-VE-style).
+    vcr_per_image: multiple-choice questions per image (VCR-style).
     split_fractions: train/validation/test fractions of the images (contiguous
       index ranges in that order).
     vocab_size: the most WordPiece tokens the vocabulary trainer may make.
@@ -113,6 +118,7 @@ class WorldConfig:
   refexps_per_image: int = 3
   nlvr2_per_image: float = 1.0
   snli_ve_per_image: int = 3
+  vcr_per_image: int = 3
   split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
   vocab_size: int = 1024
   seed: int = 0
@@ -126,7 +132,7 @@ class WorldConfig:
         raise ValueError(f'WorldConfig.{field}={getattr(self, field)!r}: {why}')
     for field in ('num_images', 'num_regions', 'min_regions', 'feature_dim', 'feature_grid',
                   'captions_per_image', 'questions_per_image', 'refexps_per_image',
-                  'snli_ve_per_image'):
+                  'snli_ve_per_image', 'vcr_per_image'):
       check(getattr(self, field) > 0, field, 'must be positive')
     for field in ('image_height', 'image_width', 'num_objects'):
       low, high = getattr(self, field)
@@ -895,6 +901,103 @@ def entailment_statements(scene: Scene, config: WorldConfig) -> list[tuple[str, 
                    key=lambda s: s[0])
 
 
+# ----------------------------------------------------------------------------
+# VCR-style multiple choice: a question, four answers, four rationales.
+#
+# Text is VCR's token list: words, and object references as lists of object
+# indices into the scene's objects (`[0]` is object 0: region 0 of the
+# ground-truth regions table, which holds one region per object in object
+# order). Every word is one the vocabulary's corpus has (or spells in word
+# pieces): VCR's own punctuation '.' would be [UNK].
+
+VCR_CHOICES = 4
+# The vcr table's fields that hold VCR's JSON (token lists, object names).
+VCR_JSON_FIELDS = ('question', 'answer_choices', 'rationale_choices', 'objects')
+# A VCR token list: words and object references (lists of object indices).
+VcrTokens = list[Any]
+
+
+def _vcr_objects(scene: Scene, rng: np.random.Generator, k: int) -> list[int]:
+  """k distinct objects to refer to, among those whose shape no other object
+  has when there are k of them, so a reference rendered as the object's class
+  name (the 'names' references of r2c and ViLBERT) still picks it out."""
+  shapes = collections.Counter(o.shape for o in scene.objects)
+  unique = [i for i, o in enumerate(scene.objects) if shapes[o.shape] == 1]
+  pool = unique if len(unique) >= k else list(range(len(scene.objects)))
+  return [int(i) for i in rng.choice(pool, k, replace=False)]
+
+
+def _wrong_colours(colour: int, rng: np.random.Generator, k: int) -> list[int]:
+  """k colours other than `colour`: its confusions first (shuffled), then others."""
+  confused = [COLOURS.index(c) for c in COLOUR_CONFUSIONS[COLOURS[colour]]]
+  others = [c for c in range(len(COLOURS)) if c != colour and c not in confused]
+  return ([int(c) for c in rng.permutation(confused)]
+          + [int(c) for c in rng.permutation(others)])[:k]
+
+
+def _relation_tokens(side: str) -> list[str]:
+  return RELATION_WORDS[side].split()
+
+
+def _vcr_colour(scene: Scene, rng: np.random.Generator
+                ) -> tuple[VcrTokens, list[VcrTokens], list[VcrTokens]]:
+  """What colour is [i]? Answers: its colour and three confusable ones. Rationales
+  `[i] is the <colour> <shape> <relation> [j]`: the true one, two with the wrong
+  answers' colours and one with the true colour but the opposite relation
+  (false: only the image tells it from the right one)."""
+  i, j = _vcr_objects(scene, rng, 2)
+  obj = scene.objects[i]
+  side = relation(obj, scene.objects[j])
+  colours = [obj.colour] + _wrong_colours(obj.colour, rng, VCR_CHOICES - 1)
+  answers = [[[i], 'is', COLOURS[c]] for c in colours]
+  def rationale(colour: int, relation_side: str) -> VcrTokens:
+    return [[i], 'is', 'the', COLOURS[colour], SHAPES[obj.shape],
+            *_relation_tokens(relation_side), [j]]
+  rationales = [rationale(obj.colour, side), rationale(colours[1], side),
+                rationale(colours[2], side), rationale(obj.colour, _OPPOSITE[side])]
+  return ['what', 'color', 'is', [i], '?'], answers, rationales
+
+
+def _vcr_position(scene: Scene, rng: np.random.Generator
+                  ) -> tuple[VcrTokens, list[VcrTokens], list[VcrTokens]]:
+  """Where is [i]? Answers: [i] is <relation> [j], one per relation (the true
+  one is `relation`'s). Rationales `the <colour> <shape> is <relation> the
+  <colour> <shape>`: the true one, two with the wrong answers' relations and
+  one with the true relation but a wrong colour of [i]."""
+  i, j = _vcr_objects(scene, rng, 2)
+  a, b = scene.objects[i], scene.objects[j]
+  side = relation(a, b)
+  sides = [side] + [str(s) for s in rng.permutation([s for s in RELATION_WORDS if s != side])]
+  answers = [[[i], 'is', *_relation_tokens(s), [j]] for s in sides]
+  def rationale(colour: int, relation_side: str) -> VcrTokens:
+    return ['the', COLOURS[colour], SHAPES[a.shape], 'is', *_relation_tokens(relation_side),
+            'the', COLOURS[b.colour], SHAPES[b.shape]]
+  rationales = [rationale(a.colour, side), rationale(a.colour, sides[1]),
+                rationale(a.colour, sides[2]), rationale(_wrong_colours(a.colour, rng, 1)[0], side)]
+  return ['where', 'is', [i], '?'], answers, rationales
+
+
+def vcr_question(scene: Scene, rng: np.random.Generator) -> dict[str, Any]:
+  """One VCR-style example: question, answer_choices [4], answer_label,
+  rationale_choices [4], rationale_label (token lists as VCR's jsonl, the
+  choices shuffled) and objects (every object's class name, in object order)."""
+  question, answers, rationales = _pick(rng, (_vcr_colour, _vcr_position))(scene, rng)
+  answer_order = rng.permutation(VCR_CHOICES)
+  rationale_order = rng.permutation(VCR_CHOICES)
+  return dict(question=question, answer_choices=[answers[k] for k in answer_order],
+              answer_label=int(np.argmin(answer_order)),
+              rationale_choices=[rationales[k] for k in rationale_order],
+              rationale_label=int(np.argmin(rationale_order)),
+              objects=[SHAPES[o.shape] for o in scene.objects])
+
+
+def vcr_questions(scene: Scene, config: WorldConfig) -> list[dict[str, Any]]:
+  """Up to `vcr_per_image` distinct VCR-style examples about the scene."""
+  rng = _rng(config.seed, _VCR, scene.index)
+  return _distinct(lambda: vcr_question(scene, rng), config.vcr_per_image,
+                   key=lambda q: repr(q['question']))
+
+
 def nlvr2_identifiers(split: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
   """lil-lab's `<split>-<set>-<pair>-<sentence>` identifier of each row, from its text.
 
@@ -1026,6 +1129,25 @@ class World:
                     for k, (text, label) in enumerate(
                         entailment_statements(self.scenes[i], self.config))]
             for split, indices in self.split_images.items()}
+
+  @functools.cached_property
+  def vcr(self) -> dict[str, list[dict[str, Any]]]:
+    """Split -> rows {annot_id (VCR's `<split>-<n>`), image_index, image_id,
+    question, answer_choices, rationale_choices, objects (VCR's token lists and
+    object names, as JSON text: `vcr_question`), answer_label, rationale_label}.
+    References index the ground-truth regions table (`gt_image_examples`:
+    region k is object k). Not in `texts`: its words are the other tables'."""
+    rows = {}
+    for split, indices in self.split_images.items():
+      rows[split] = []
+      for i in indices:
+        for example in vcr_questions(self.scenes[i], self.config):
+          rows[split].append(dict(
+              annot_id=f'{split}-{len(rows[split])}', **self._image_fields(i),
+              **{k: json.dumps(example[k]) for k in VCR_JSON_FIELDS},
+              answer_label=example['answer_label'],
+              rationale_label=example['rationale_label']))
+    return rows
 
   def texts(self) -> Iterator[str]:
     """Every sentence and answer of every table and split (the vocabulary's corpus)."""

@@ -1,6 +1,8 @@
 """Pretraining and task heads shared across designs (BERT-style)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -71,20 +73,22 @@ class ClassifierHead(nn.Module):
 
 
 class AnswerHead(nn.Module):
-  """VQA-style head: [B, H] -> dense(2H) -> GELU -> LN -> dense(num_answers).
+  """VQA-style head: [B, H] -> dense(2H) -> activation -> LN -> dense(num_answers).
 
-  Submodules: hidden, norm, output. (LXMERT, UNITER; see MODELS.md.)
+  Submodules: hidden, norm, output. (LXMERT, UNITER; see MODELS.md.) The
+  activation is GELU but for UNITER's VCR head (`vcr_output`), whose is ReLU.
   """
   num_answers: int
   hidden_size: int
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  activation: Callable[[jax.Array], jax.Array] = layers.gelu
 
   @nn.compact
   def __call__(self, pooled: jax.Array) -> jax.Array:
     h = layers.Dense(2 * self.hidden_size, ('embed', 'mlp'), dtype=self.dtype,
                      param_dtype=self.param_dtype, name='hidden')(pooled)
     h = layers.LayerNorm('mlp', dtype=self.dtype, param_dtype=self.param_dtype,
-                         name='norm')(layers.gelu(h))
+                         name='norm')(self.activation(h))
     return layers.Dense(self.num_answers, ('mlp', 'vocab'), dtype=self.dtype,
                         param_dtype=self.param_dtype, name='output')(h)

@@ -110,10 +110,19 @@ class Embed(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, ids: jax.Array, extra_rows: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array]:
+    """ids: [...] int -> ([..., features], the table [num, features]).
+
+    extra_rows: [K, features] or None, rows num .. num + K - 1 that ids may also
+    index: a task's rows past the table (VCR's region tokens), held by the task
+    so the table keeps its shape and pretrained checkpoints load.
+    """
     table = self.param('embedding', normal_init(self.axes),
                        (self.num_embeddings, self.features), self.param_dtype)
-    return jnp.take(table, ids, axis=0).astype(self.dtype), table
+    rows = table if extra_rows is None else jnp.concatenate(
+        [table, extra_rows.astype(table.dtype)], axis=0)
+    return jnp.take(rows, ids, axis=0).astype(self.dtype), table
 
 
 class HeadsDense(nn.Module):
@@ -382,19 +391,28 @@ class TextEmbeddings(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array | None = None,
-               position_ids: jax.Array | None = None, deterministic: bool = True
+               position_ids: jax.Array | None = None, deterministic: bool = True,
+               extra_word_embeddings: jax.Array | None = None,
+               extra_token_type_embeddings: jax.Array | None = None
                ) -> tuple[jax.Array, jax.Array]:
-    """input_ids: [B, T] -> ([B, T, E], [V, E])."""
+    """input_ids: [B, T] -> ([B, T, E], [V, E]).
+
+    extra_word_embeddings [K, E], extra_token_type_embeddings [K', E]: rows past
+    the word and token type tables that input_ids (ids V .. V + K - 1) and
+    token_type_ids may index (`Embed`'s extra_rows); the returned table is the
+    word table alone.
+    """
     embed = functools.partial(Embed, dtype=self.dtype, param_dtype=self.param_dtype)
     if position_ids is None:
       position_ids = jnp.arange(input_ids.shape[1])[None, :]
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
-    words, table = embed(self.vocab_size, self.hidden_size, name='word_embeddings')(input_ids)
+    words, table = embed(self.vocab_size, self.hidden_size, name='word_embeddings')(
+        input_ids, extra_word_embeddings)
     positions, _ = embed(self.max_position_embeddings, self.hidden_size,
                          ('positions', 'embed'), name='position_embeddings')(position_ids)
     types, _ = embed(self.type_vocab_size, self.hidden_size, ('types', 'embed'),
-                     name='token_type_embeddings')(token_type_ids)
+                     name='token_type_embeddings')(token_type_ids, extra_token_type_embeddings)
     x = LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='norm')(
         words + positions + types)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)

@@ -111,7 +111,8 @@ class Uniter(UniterFields):
                return_attention: bool = False, masked_regions: jax.Array | None = None,
                attention_mask: jax.Array | None = None,
                visual_token_type_ids: jax.Array | None = None,
-               extra_token_type_embeddings: jax.Array | None = None) -> dict[str, jax.Array]:
+               extra_token_type_embeddings: jax.Array | None = None,
+               extra_word_embeddings: jax.Array | None = None) -> dict[str, jax.Array]:
     """Encodes text and regions jointly.
 
     Args:
@@ -120,7 +121,8 @@ class Uniter(UniterFields):
       region_feats: [B, R, F] detector features, zero-padded.
       region_loc: [B, R, 7] normalised [x1, y1, x2, y2, w, h, w*h].
       region_mask: [B, R], 1 on real regions.
-      token_type_ids: [B, T] text types (default 0); regions always get type 1.
+      token_type_ids: [B, T] text types (default 0), rows of the token type
+        table grown by `extra_token_type_embeddings` (VCR: answer 2, rationale 3).
       deterministic: no dropout when True.
       return_attention: also return per-layer attention probabilities.
       masked_regions: [B, R] bool, regions masked for MRFR/MRC (their features
@@ -133,8 +135,12 @@ class Uniter(UniterFields):
         None: IMAGE_TOKEN_TYPE for every region.
       extra_token_type_embeddings: [K, H] or None, rows type_vocab_size ..
         type_vocab_size + K - 1 of the token type table for
-        `visual_token_type_ids`: a task's new types (NLVR2's right image, the
-        original's grown table) that a pretrained table lacks, held by the task.
+        `visual_token_type_ids` and `token_type_ids`: a task's new types
+        (NLVR2's right image, VCR's answer and rationale: the original's grown
+        table) that a pretrained table lacks, held by the task.
+      extra_word_embeddings: [K, H] or None, rows vocab_size .. vocab_size + K - 1
+        of the word table for `input_ids`: a task's new tokens (VCR's region
+        references, the original's `init_word_embedding`), held by the task.
 
     Returns:
       dict with 'text' [B, T, H], 'vision' [B, R, H], 'pooled' [B, H],
@@ -149,7 +155,8 @@ class Uniter(UniterFields):
         self.vocab_size, self.hidden_size, self.max_position_embeddings,
         self.type_vocab_size, self.dropout_rate, dtype=dtype, param_dtype=param_dtype,
         name='embeddings')
-    text, word_table = text_embeddings(input_ids, token_type_ids, None, deterministic)
+    text, word_table = text_embeddings(input_ids, token_type_ids, None, deterministic,
+                                       extra_word_embeddings, extra_token_type_embeddings)
     # The region type embedding is a row of the text's token type table (shared).
     type_table = nn.meta.unbox(
         text_embeddings.variables['params']['token_type_embeddings']['embedding'])

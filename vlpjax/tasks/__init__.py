@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-TASKS = ('pretrain', 'vqa', 'gqa', 'snli_ve', 'refexp', 'retrieval', 'nlvr2')
+TASKS = ('pretrain', 'vqa', 'gqa', 'snli_ve', 'refexp', 'retrieval', 'nlvr2', 'vcr')
 
 
 def get_task(name: str) -> ModuleType:

@@ -607,17 +607,8 @@ def init_heads(config: ml_collections.ConfigDict, params: Mapping[str, Any],
   type rows past the backbone's table start as copies of the left image's row
   of the loaded table, as UNITER's `init_type_embedding` (row 2 <- row 1). An
   'orbax:' source of this model's full params keeps its own rows."""
-  from vlpjax import checkpointing  # pylint: disable=g-import-not-at-top
-  kind, _, directory = config.init.source.partition(':')
-  if EXTRA_TYPES_NAME not in params or (
-      kind == 'orbax' and checkpointing.stored_top_level_keys(directory) == set(params)):
-    return params
-  left_type = get_design(config.model.name).pair_image_token_types[0]
-  table = params['backbone']['embeddings']['token_type_embeddings']['embedding']
-  extra = params[EXTRA_TYPES_NAME]
-  rows = jnp.broadcast_to(jnp.asarray(table)[left_type], extra.shape).astype(extra.dtype)
-  sharding = abstract_params[EXTRA_TYPES_NAME].sharding
-  return dict(params, **{EXTRA_TYPES_NAME: jax.device_put(rows, sharding)})
+  return vqa.init_extra_type_rows(config, params, abstract_params, EXTRA_TYPES_NAME,
+                                  get_design(config.model.name).pair_image_token_types[0])
 
 
 def make_evaluators(config: ml_collections.ConfigDict, model: Nlvr2Model, mesh: Mesh,
@@ -626,11 +617,6 @@ def make_evaluators(config: ml_collections.ConfigDict, model: Nlvr2Model, mesh: 
   from vlpjax.evaluators import common  # pylint: disable=g-import-not-at-top
   return common.build_evaluators(config, 'nlvr2', {EVAL_TYPE: Nlvr2Evaluator}, model, mesh,
                                  workdir)
-
-
-# One image of your own: (features [N, F], boxes [N, 4] x1, y1, x2, y2 in pixels,
-# image_size (width, height)).
-Image = tuple[np.ndarray, np.ndarray, tuple[float, float]]
 
 
 class Nlvr2Predictor:
@@ -651,10 +637,10 @@ class Nlvr2Predictor:
     self.params, self.step, self._logits = vqa.restore_for_inference(
         self.model, self.inputs(['?'], image, image), workdir, step, 'logits')
 
-  def inputs(self, sentences: Sequence[str], left: Image, right: Image
+  def inputs(self, sentences: Sequence[str], left: vqa.Image, right: vqa.Image
              ) -> dict[str, np.ndarray]:
     """Model inputs for `sentences` [S], each about the same `left` and `right`
-    images (`Image`); the first `data.max_regions` regions of each are used."""
+    images (`vqa.Image`); the first `data.max_regions` regions of each are used."""
     batch = self.tokenizer.encode(list(sentences))
     for side, (features, boxes, image_size) in zip(SIDES, (left, right)):
       regions = vqa.image_regions(self.config, self.design, features, boxes, image_size,
@@ -662,7 +648,7 @@ class Nlvr2Predictor:
       batch.update({f'{side}_{k}': v for k, v in regions.items()})
     return batch
 
-  def judge(self, sentences: Sequence[str], left: Image, right: Image) -> list[str]:
+  def judge(self, sentences: Sequence[str], left: vqa.Image, right: vqa.Image) -> list[str]:
     """'True' or 'False' for each sentence about the two images (see `inputs`)."""
     logits = self._logits(self.params, self.inputs(sentences, left, right))
     return [LABELS[int(i)] for i in np.asarray(vqa.predict(logits))]

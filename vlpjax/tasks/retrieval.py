@@ -934,11 +934,62 @@ def init_heads(config: ml_collections.ConfigDict, params: Mapping[str, Any],
   return dict(params, **{SCORE_HEAD: state_lib.from_host(head, shardings)})
 
 
-def predictor(config: ml_collections.ConfigDict, workdir: str, step: int | None) -> Any:
-  """Retrieval runs have no `vlpjax.load` predictor: their evaluators rank (`vlpjax.evaluate`)."""
-  del config, step
-  raise ValueError(f'{workdir} is a retrieval run, which `vlpjax.load` does not serve; '
-                   'rank a split with python -m vlpjax.evaluate --workdir=' + str(workdir))
+class RetrievalPredictor:
+  """Scores and ranks captions against images of your own features (`vlpjax.load`).
+
+  Every (caption, image) pair goes through the cross-encoder, in batches of
+  `batch_size` pairs (the last one padded, so one shape compiles).
+
+  Attributes:
+    config: the run's config; model: the RetrievalModel; params: its params
+    (first device); step: the checkpoint's step.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, step: int | None,
+               batch_size: int = 64):
+    self.config = config
+    self.design = get_design(config.model.name)
+    self.tokenizer = vqa.run_tokenizer(config, workdir)
+    self.batch_size = batch_size
+    self.model = build_model(config)
+    example = dict(self.tokenizer.encode(['?']),
+                   **vqa.image_regions(config, self.design, *vqa.blank_image(config), 1))
+    self.params, self.step, self._scores = vqa.restore_for_inference(
+        self.model, example, workdir, step, 'scores')
+
+  def scores(self, captions: Sequence[str], images: Sequence[vqa.Image]) -> np.ndarray:
+    """float32 [C, I]: the score of every caption with every image (`vqa.Image`:
+    features [N, F], boxes [N, 4] pixels, (width, height)); higher = better match."""
+    if not captions or not images:
+      raise ValueError(f'need captions and images, got {len(captions)} and {len(images)}')
+    text = self.tokenizer.encode(list(captions))
+    regions = [vqa.image_regions(self.config, self.design, *image, 1) for image in images]
+    caption_of, image_of = np.divmod(np.arange(len(captions) * len(images)), len(images))
+    scores = np.empty(len(caption_of), np.float32)
+    for start in range(0, len(caption_of), self.batch_size):
+      # The last batch wraps around to the first pairs, whose repeated scores are dropped.
+      rows = np.arange(start, start + self.batch_size) % len(caption_of)
+      batch = {k: v[caption_of[rows]] for k, v in text.items()}
+      batch.update({k: np.concatenate([regions[i][k] for i in image_of[rows]])
+                    for k in IMAGE_KEYS})
+      real = min(self.batch_size, len(caption_of) - start)
+      scores[start:start + real] = np.asarray(self._scores(self.params, batch))[:real]
+    return scores.reshape(len(captions), len(images))
+
+  def rank_images(self, caption: str, images: Sequence[vqa.Image], k: int = 5) -> list[int]:
+    """Indices into `images` of the `k` best matches of `caption`, best first."""
+    return [int(i) for i in np.argsort(-self.scores([caption], images)[0], kind='stable')[:k]]
+
+  def rank_captions(self, image: vqa.Image, captions: Sequence[str], k: int = 5) -> list[int]:
+    """Indices into `captions` of the `k` best descriptions of `image`, best first."""
+    return [int(i) for i in np.argsort(-self.scores(captions, [image])[:, 0], kind='stable')[:k]]
+
+
+def predictor(config: ml_collections.ConfigDict, workdir: str, step: int | None
+              ) -> RetrievalPredictor:
+  """`vlpjax.load`'s object for a retrieval run: `scores(captions, images)`,
+  `rank_images(caption, images)`, `rank_captions(image, captions)`."""
+  return RetrievalPredictor(config, workdir, step)
 
 
 def make_evaluators(config: ml_collections.ConfigDict, model: RetrievalModel, mesh: Mesh,

@@ -1077,17 +1077,22 @@ def flops_per_example(config: ml_collections.ConfigDict,
 
 def prediction_step(model: nn.Module, sharding: jax.sharding.NamedSharding,
                     inputs: Callable[[Mapping[str, jax.Array]], dict[str, jax.Array]]
-                    | None = None) -> Callable[[Any, Mapping[str, jax.Array]], jax.Array]:
+                    | None = None,
+                    read: Callable[[Mapping[str, jax.Array]], jax.Array] | None = None
+                    ) -> Callable[[Any, Mapping[str, jax.Array]], jax.Array]:
   """The evaluators' jitted step: (params, batch) -> predicted answers int32 [B],
   sharded as the batch. `inputs`: a batch -> the model's kwargs (another
-  task's model, e.g. NLVR2's); None: VqaModel's, features widened to float32."""
+  task's model, e.g. NLVR2's); None: VqaModel's, features widened to float32.
+  `read`: the model's outputs -> what the step returns, [B, ...] (VCR's
+  candidate scores); None: the predicted answers (`predict` of 'logits')."""
   def answer(params, batch):
     if inputs is not None:
       kwargs = inputs(batch)
     else:
       kwargs = model_inputs(batch)
       kwargs['region_feats'] = kwargs['region_feats'].astype(jnp.float32)
-    return predict(model.apply({'params': params}, **kwargs, deterministic=True)['logits'])
+    outputs = model.apply({'params': params}, **kwargs, deterministic=True)
+    return predict(outputs['logits']) if read is None else read(outputs)
 
   return jax.jit(answer, out_shardings=sharding)
 
@@ -1199,6 +1204,30 @@ def make_evaluators(config: ml_collections.ConfigDict, model: VqaModel, mesh: Me
   from vlpjax.evaluators import common  # pylint: disable=g-import-not-at-top
   return common.build_evaluators(config, 'vqa', {'vqa': VqaEvaluator}, model, mesh,
                                  workdir)
+
+
+def init_extra_type_rows(config: ml_collections.ConfigDict, params: Mapping[str, Any],
+                         abstract_params: Mapping[str, Any], name: str, row: int
+                         ) -> Mapping[str, Any]:
+  """A task's token type rows past the backbone's table (param `name` [K, H],
+  NLVR2's right image, VCR's answer and rationale types) after `init.source`
+  gave the backbone: each a copy of row `row` of the loaded table, as UNITER's
+  `init_type_embedding`. Without such a param, or from an 'orbax:' source of
+  this model's full params (which holds its own rows), `params` as they are."""
+  from vlpjax import checkpointing  # pylint: disable=g-import-not-at-top
+  kind, _, directory = config.init.source.partition(':')
+  if name not in params or (
+      kind == 'orbax' and checkpointing.stored_top_level_keys(directory) == set(params)):
+    return params
+  table = params[BACKBONE]['embeddings']['token_type_embeddings']['embedding']
+  extra = params[name]
+  rows = jnp.broadcast_to(jnp.asarray(table)[row], extra.shape).astype(extra.dtype)
+  return dict(params, **{name: jax.device_put(rows, abstract_params[name].sharding)})
+
+
+# One image of your own, as the predictors take it: (features [N, F], boxes [N, 4]
+# x1, y1, x2, y2 in pixels, image_size (width, height)).
+Image = tuple[np.ndarray, np.ndarray, tuple[float, float]]
 
 
 def image_regions(config: ml_collections.ConfigDict, design: Any, features: np.ndarray,
