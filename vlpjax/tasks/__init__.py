@@ -16,6 +16,7 @@ task says how):
   init_heads(config, params, abstract_params)   heads from `init.source`, after it
   predictor(config, workdir, step)       `vlpjax.load`'s object
   make_evaluators(config, model, mesh, workdir) -> [Evaluator]   (`vlpjax.evaluators`)
+  HEADLINE_METRIC (fine-tuning tasks)   the `<task>_test` metric comparisons report
 
 The loop, the step, the sharding and the checkpoints call these and know no
 task by name.

@@ -41,6 +41,8 @@ from vlpjax.tasks import vqa
 
 TABLE = 'gqa'
 EVAL_TYPE = 'gqa'
+# The metric of the `gqa_test` evaluator a comparison of designs reports.
+HEADLINE_METRIC = 'accuracy'
 
 # Published fine-tuning recipes at `base` (TASKS.md), as `config.train` fields.
 RECIPES = {

@@ -85,6 +85,8 @@ from vlpjax.tasks import vqa
 
 TABLE = 'nlvr2'
 EVAL_TYPE = 'nlvr2'
+# The metric of the `nlvr2_test` evaluator a comparison of designs reports.
+HEADLINE_METRIC = 'accuracy'
 # Label ids -> lil-lab's label strings (label 1 = the sentence is true).
 LABELS = ('False', 'True')
 SIDES = ('left', 'right')

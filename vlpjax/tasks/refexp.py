@@ -82,6 +82,8 @@ from vlpjax.tasks import gqa, vqa
 TABLE = 'refexp'
 GT_IMAGES = 'gt_images'
 EVAL_TYPE = 'refexp'
+# The metric of the `refexp_test` evaluator a comparison of designs reports.
+HEADLINE_METRIC = 'accuracy'
 
 HEAD_KINDS = ('linear', 'mlp')
 HEADS = {'uniter': 'linear', 'vilbert': 'linear', 'lxmert': 'linear', 'visualbert': 'linear'}

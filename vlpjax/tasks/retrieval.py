@@ -90,6 +90,8 @@ from vlpjax.models import layers
 from vlpjax.tasks import vqa
 
 EVAL_TYPE = 'retrieval'
+# The metric of the `retrieval_test` evaluator a comparison of designs reports.
+HEADLINE_METRIC = 'r_mean'
 LOSS_KINDS = ('hinge', 'four_way')
 # Each design's original loss (TASKS.md); LXMERT and VisualBERT: UNITER's.
 LOSSES = {'uniter': 'hinge', 'vilbert': 'four_way', 'lxmert': 'hinge', 'visualbert': 'hinge'}

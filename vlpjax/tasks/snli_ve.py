@@ -58,6 +58,8 @@ from vlpjax.tasks import gqa, vqa
 
 TABLE = 'snli_ve'
 EVAL_TYPE = 'snli_ve'
+# The metric of the `snli_ve_test` evaluator a comparison of designs reports.
+HEADLINE_METRIC = 'accuracy'
 LABELS = world_lib.ENTAILMENT_LABELS
 # The table's fields a batch is made of.
 PAIR_KEYS = ('pair_id', 'text', 'image_index', 'label')

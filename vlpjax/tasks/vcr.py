@@ -129,6 +129,8 @@ from vlpjax.tasks import vqa
 TABLE = 'vcr'
 REGIONS_TABLE = 'gt_images'
 EVAL_TYPE = 'vcr'
+# The metric of the `vcr_test` evaluator a comparison of designs reports.
+HEADLINE_METRIC = 'q_ar_accuracy'
 CHOICES = world_lib.VCR_CHOICES
 # The table's fields a batch is made of.
 EXAMPLE_KEYS = ('annot_id', 'image_index', 'answer_label', 'rationale_label'

@@ -107,6 +107,8 @@ HEAD_PARAM_NAMES = {'pooled_mlp': 'answer_head', 'mask_slot': 'slot_head',
                     'pooled_linear': 'linear_head'}
 # The backbone's param name (VqaModel's attribute, as in the pretraining modules).
 BACKBONE = 'backbone'
+# The metric of the `vqa_test` evaluator a comparison of designs reports.
+HEADLINE_METRIC = 'accuracy'
 
 # The vqa table's fields a batch is made of (pipeline data contract).
 QUESTION_KEYS = ('question_id', 'question', 'image_index', 'answer_labels', 'answer_scores')
