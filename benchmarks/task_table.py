@@ -14,7 +14,8 @@ pretrained column, `init.source=workdir:<run>`. The cell is the task's
 `HEADLINE_METRIC` of its `<task>_test` evaluator (`vlpjax.tasks`). A design
 without a `--pretrained` run gets the scratch column only. Runs already
 finished under `--workdir` are read, not rerun, so an interrupted table
-resumes. Writes benchmarks/results/task_table.json (with each cell's command
+resumes, and cells of an earlier table at the same steps and size are kept.
+Writes benchmarks/results/task_table.json (with each cell's command
 and seconds) and prints a markdown table.
 """
 from __future__ import annotations
@@ -78,6 +79,19 @@ def markdown(cells: list[dict[str, Any]], tasks: list[str], designs: list[str]) 
   return '\n'.join(lines)
 
 
+def merged_cells(cells: list[dict[str, Any]], steps: int, size: str) -> list[dict[str, Any]]:
+  """`cells` and those of the results file's earlier table at the same steps and
+  size that `cells` does not redo (so tables of several invocations add up)."""
+  if not os.path.exists(RESULTS):
+    return cells
+  with open(RESULTS, encoding='utf-8') as f:
+    earlier = json.load(f)
+  if (earlier.get('steps'), earlier.get('size')) != (steps, size):
+    return cells
+  redone = {(c['design'], c['task'], c['init']) for c in cells}
+  return [c for c in earlier['cells'] if (c['design'], c['task'], c['init']) not in redone] + cells
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--tasks', default=','.join(FINE_TUNING_TASKS))
@@ -121,7 +135,9 @@ def main() -> None:
     print(f'[{number}/{len(runs)}] {design} {task} {init}: {value:.4f}'
           f'{f" in {seconds:.0f} s" if seconds else " (done before)"}; '
           f'ETA {elapsed / number * (len(runs) - number) / 60:.0f} min', flush=True)
-  table = markdown(cells, tasks, designs)
+  cells = merged_cells(cells, args.steps, args.size)
+  table = markdown(cells, list(dict.fromkeys(c['task'] for c in cells)),
+                   list(dict.fromkeys(c['design'] for c in cells)))
   print(table)
   os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
   with open(RESULTS, 'w', encoding='utf-8') as f:

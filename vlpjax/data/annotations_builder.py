@@ -1071,7 +1071,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--caption_source', choices=('karpathy', 'official'), default='karpathy')
   # None: the dataset's default (`CONFIG_DEFAULTS`, else TextConfig's).
   parser.add_argument('--match', choices=('number', 'exact'), default=None,
-                      help="default: exact for gqa, else number")
+                      help="default: exact for gqa and vcr, else number")
   parser.add_argument('--on_error', choices=formats.ON_ERROR_CHOICES, default='raise')
   parser.add_argument('--splits', nargs='+', default=None,
                       help='default: train validation (gqa: train validation testdev test; '
