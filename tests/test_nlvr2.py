@@ -275,6 +275,10 @@ def test_heads_and_region_token_types(design, head):
     np.testing.assert_array_equal(
         started[nlvr2.EXTRA_TYPES_NAME][0],
         params['backbone']['embeddings']['token_type_embeddings']['embedding'][1])
+  else:
+    # A design without pair types has no rows to start: its params pass through.
+    config.init.source = 'workdir:/somewhere'
+    assert nlvr2.init_heads(config, params, params) is params
 
 
 def test_config_recipes_and_evaluators():

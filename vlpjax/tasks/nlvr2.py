@@ -609,6 +609,8 @@ def init_heads(config: ml_collections.ConfigDict, params: Mapping[str, Any],
   type rows past the backbone's table start as copies of the left image's row
   of the loaded table, as UNITER's `init_type_embedding` (row 2 <- row 1). An
   'orbax:' source of this model's full params keeps its own rows."""
+  if EXTRA_TYPES_NAME not in params:  # designs with no pair token types
+    return params
   return vqa.init_extra_type_rows(config, params, abstract_params, EXTRA_TYPES_NAME,
                                   get_design(config.model.name).pair_image_token_types[0])
 
