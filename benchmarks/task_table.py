@@ -15,8 +15,8 @@ pretrained column, `init.source=workdir:<run>`. The cell is the task's
 without a `--pretrained` run gets the scratch column only. Runs already
 finished under `--workdir` are read, not rerun, so an interrupted table
 resumes, and cells of an earlier table at the same steps and size are kept.
-Writes benchmarks/results/task_table.json (with each cell's command
-and seconds) and prints a markdown table.
+Writes benchmarks/results/task_table.json (each cell with its command, the
+init.source included, and seconds) and prints a markdown table.
 """
 from __future__ import annotations
 
@@ -81,15 +81,20 @@ def markdown(cells: list[dict[str, Any]], tasks: list[str], designs: list[str]) 
 
 def merged_cells(cells: list[dict[str, Any]], steps: int, size: str) -> list[dict[str, Any]]:
   """`cells` and those of the results file's earlier table at the same steps and
-  size that `cells` does not redo (so tables of several invocations add up)."""
+  size (so tables of several invocations add up); a cell read back from its
+  finished run (no `seconds`) keeps the earlier entry, which has them."""
   if not os.path.exists(RESULTS):
     return cells
   with open(RESULTS, encoding='utf-8') as f:
     earlier = json.load(f)
   if (earlier.get('steps'), earlier.get('size')) != (steps, size):
     return cells
-  redone = {(c['design'], c['task'], c['init']) for c in cells}
-  return [c for c in earlier['cells'] if (c['design'], c['task'], c['init']) not in redone] + cells
+  key = lambda c: (c['design'], c['task'], c['init'])
+  kept = {key(c): c for c in earlier['cells']}
+  for cell in cells:
+    if cell['seconds'] is not None or key(cell) not in kept:
+      kept[key(cell)] = cell
+  return list(kept.values())
 
 
 def main() -> None:
@@ -142,7 +147,7 @@ def main() -> None:
   os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
   with open(RESULTS, 'w', encoding='utf-8') as f:
     json.dump(dict(machine=dict(platform=platform.platform(), cpus=os.cpu_count()),
-                   steps=args.steps, size=args.size, pretrained=pretrained, note=args.note,
+                   steps=args.steps, size=args.size, note=args.note,
                    cells=cells, markdown=table), f, indent=1)
   print(f'wrote {RESULTS}')
 
