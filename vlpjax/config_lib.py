@@ -138,6 +138,9 @@ def make_config(model: ml_collections.ConfigDict, size: str = '', task: str = 'p
       # Evaluators: {name: dict(type=..., split=..., batch_size=..., log_steps=...)}.
       evals={},
       seed=0,                          # params init, masking, dropout and data order
+      # JAX's persistent compilation cache (local or gs://), so that a resumed run
+      # skips compiling; '' keeps $JAX_COMPILATION_CACHE_DIR (read by JAX itself).
+      compilation_cache_dir='',
       train=train_config(model.name),
       # Objectives; the token ids are set from the data's vocabulary at run time.
       pretrain=pretrain,

@@ -11,10 +11,18 @@ Multi-process: on Cloud TPU, Slurm, Open MPI or Kubernetes,
 `jax.distributed.initialize()` finds the coordinator from the environment (every
 process runs the same command); elsewhere pass `--coordinator_address`,
 `--num_processes` and `--process_id`.
+
+Compilation cache: compiled programs persist in `config.compilation_cache_dir`
+(local or gs://; when it is empty, JAX's own `$JAX_COMPILATION_CACHE_DIR`), so a
+resumed or restarted run skips most of its compilation.
 """
 from __future__ import annotations
 
+import logging
+
 from absl import app, flags
+import jax
+import ml_collections
 from ml_collections import config_flags
 
 from vlpjax import config_lib
@@ -31,9 +39,22 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_pro
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def set_compilation_cache(config: ml_collections.ConfigDict) -> str | None:
+  """Points JAX's persistent compilation cache at `config.compilation_cache_dir`
+  and returns it; None (JAX keeps `$JAX_COMPILATION_CACHE_DIR`, which it reads
+  itself) when the field is empty. Call before anything is compiled."""
+  directory = config.compilation_cache_dir
+  if not directory:
+    return None
+  jax.config.update('jax_compilation_cache_dir', directory)
+  logging.info('persistent compilation cache: %s', directory)
+  return directory
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  set_compilation_cache(_CONFIG.value)
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)
   from vlpjax import train  # pylint: disable=g-import-not-at-top  (after distributed init)
