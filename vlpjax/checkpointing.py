@@ -42,6 +42,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from vlpjax import paths
+
 STATE = 'state'
 DATA_ITERATOR = 'data_iterator'
 ON_CORRUPT = ('fallback', 'fail')
@@ -244,7 +246,7 @@ class Checkpointer:
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(preservation),
         enable_async_checkpointing=config.async_save,
         create=True)
-    self.directory = absolute_path(workdir) / 'checkpoints'
+    self.directory = paths.path(workdir) / 'checkpoints'
     self._on_corrupt = config.on_corrupt
     self._write_failed = False
     _drop_closed_loop_callback_errors()
@@ -422,17 +424,10 @@ class Checkpointer:
       logging.warning('checkpoint: closing after the failed save: %s', e)
 
 
-def absolute_path(path: str | os.PathLike) -> epath.Path:
-  """`path` with local paths made absolute (from the working directory) and URIs
-  such as gs:// kept as they are: orbax finds nothing at a relative path."""
-  path = epath.Path(path)
-  return path if path.is_absolute() else path.absolute()
-
-
 def _stored_tree(checkpointer: ocp.StandardCheckpointer, directory: str | os.PathLike
                  ) -> tuple[epath.Path, Any]:
   """(absolute path, tree metadata) of the params checkpoint at `directory`."""
-  path = absolute_path(directory)
+  path = paths.path(directory)
   if not path.exists():
     raise FileNotFoundError(f'params checkpoint {directory}: not found ({path})')
   stored = checkpointer.metadata(path).item_metadata if path.is_dir() else None
@@ -512,7 +507,7 @@ def restore_params(directory: str | os.PathLike, abstract_params: Any,
 
 def _newest_state(workdir: str | os.PathLike, step: int | None = None) -> tuple[epath.Path, int]:
   """(path of the state item, step) of checkpoint `step` (None: the newest) of a workdir."""
-  directory = absolute_path(workdir) / 'checkpoints'
+  directory = paths.path(workdir) / 'checkpoints'
   steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()
                  ) if directory.is_dir() else []
   if not steps or (step is not None and step not in steps):

@@ -40,7 +40,7 @@ import ml_collections
 from ml_collections import config_flags
 import orbax.checkpoint as ocp
 
-from vlpjax import checkpointing
+from vlpjax import checkpointing, paths
 from vlpjax import config_lib
 from vlpjax.checkpoints import hf
 from vlpjax.checkpoints import original
@@ -124,7 +124,7 @@ def new_output(out: str) -> epath.Path:
   Raises:
     FileExistsError naming the path.
   """
-  path = checkpointing.absolute_path(out)
+  path = paths.path(out)
   if path.exists():
     raise FileExistsError(f'--out={out} exists ({path}); choose a new path')
   return path

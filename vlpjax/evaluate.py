@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 from absl import app, flags
 import flax.linen as nn
@@ -21,7 +20,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from vlpjax import config_lib, sharding
+from vlpjax import config_lib, paths, sharding
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
              checkpoint_step: int | None = None) -> dict[str, dict[str, float]]:
@@ -57,8 +56,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
       logging.info('eval %s step %d | %s', evaluator.name, step,
                    ' '.join(f'{k} {v:.4g}' for k, v in results[evaluator.name].items()))
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, f'eval_step{step}.json'), 'w', encoding='utf-8') as f:
-      json.dump(results, f, indent=2)
+    paths.path(workdir).joinpath(f'eval_step{step}.json').write_text(
+        json.dumps(results, indent=2), encoding='utf-8')
   return results
 
 

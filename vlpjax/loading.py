@@ -12,22 +12,20 @@ returned object its methods (VQA: `answer`).
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import ml_collections
 
-from vlpjax import checkpointing, train
+from vlpjax import paths, train
 from vlpjax.tasks import get_task
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run in `workdir` trained with (`config.json`)."""
-  path = os.path.join(os.fspath(checkpointing.absolute_path(workdir)), train.RUN_CONFIG)
-  if not os.path.isfile(path):
+  path = paths.path(workdir) / train.RUN_CONFIG
+  if not path.is_file():
     raise FileNotFoundError(f'{path} does not exist: is {workdir} a vlpjax workdir?')
-  with open(path, encoding='utf-8') as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text(encoding='utf-8')))
 
 
 def load(workdir: str, step: int | None = None) -> Any:

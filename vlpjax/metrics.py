@@ -5,6 +5,8 @@ in the workdir: `metrics.jsonl` (one JSON object per logged step, appended so a
 resumed run continues the file) and TensorBoard event files under `tensorboard/`.
 A run resumed from step S repeats the steps after S that an interrupted run may
 have logged already: `metrics.jsonl` drops them, and TensorBoard hides them.
+On gs:// (no appends to an object) `metrics.jsonl` is rewritten whole, at most
+every REMOTE_FLUSH_SECONDS and on close, as tensorboardX does its event files.
 """
 from __future__ import annotations
 
@@ -18,11 +20,13 @@ from typing import Mapping
 import jax
 import numpy as np
 import tensorboardX
+from etils import epath
 
-from vlpjax import flops
+from vlpjax import flops, paths
 
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
+REMOTE_FLUSH_SECONDS = 30.0
 
 
 def format_duration(seconds: float) -> str:
@@ -64,14 +68,13 @@ class MetricWriter:
     self._jsonl = None
     self._tensorboard = None
     if self._writes:
-      os.makedirs(workdir, exist_ok=True)
-      path = os.path.join(workdir, METRICS_FILE)
-      _drop_records_after(path, start_step)
-      self._jsonl = open(path, 'a', encoding='utf-8')
+      workdir = paths.path(workdir)
+      workdir.mkdir(parents=True, exist_ok=True)
+      self._jsonl = _JsonlFile(workdir / METRICS_FILE, start_step)
       # TensorBoard hides the events of earlier files from this step on (it reads
       # the purge step as a restart, SessionLog.START).
       self._tensorboard = tensorboardX.SummaryWriter(
-          os.path.join(workdir, TENSORBOARD_DIR), purge_step=start_step + 1)
+          os.fspath(workdir / TENSORBOARD_DIR), purge_step=start_step + 1)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> dict[str, float]:
     """Logs `scalars` (host floats) at `step`; returns them with throughput added."""
@@ -94,8 +97,7 @@ class MetricWriter:
   def _emit(self, step: int, record: Mapping[str, float]) -> bool:
     """Appends `record` to metrics.jsonl and TensorBoard; True if this process writes."""
     if self._writes:
-      self._jsonl.write(json.dumps({'step': step, **record}) + '\n')
-      self._jsonl.flush()
+      self._jsonl.append(json.dumps({'step': step, **record}) + '\n')
       for name, value in record.items():
         self._tensorboard.add_scalar(name, value, step)
       self._tensorboard.flush()
@@ -132,13 +134,51 @@ class MetricWriter:
       self._tensorboard.close()
 
 
-def _drop_records_after(path: str, step: int) -> None:
-  """Rewrites the metrics file at `path` (if any) without the records of steps
-  after `step`, atomically: a kill leaves either file whole."""
-  if not os.path.exists(path):
-    return
-  with open(path, encoding='utf-8') as f:
-    lines = f.readlines()
+class _JsonlFile:
+  """metrics.jsonl: the records up to `start_step` kept, new lines appended
+  (locally) or the whole file rewritten (gs://, throttled)."""
+
+  def __init__(self, path: epath.Path, start_step: int):
+    self.path = path
+    self._local = paths.is_local(path)
+    self._lines = _records_until(path, start_step)
+    self._written = time.monotonic()
+    self._rewrite()
+    self._file = path.open('a', encoding='utf-8') if self._local else None
+
+  def append(self, line: str) -> None:
+    if self._local:
+      self._file.write(line)
+      self._file.flush()
+    else:
+      self._lines.append(line)
+      if time.monotonic() - self._written >= REMOTE_FLUSH_SECONDS:
+        self._rewrite()
+
+  def close(self) -> None:
+    if self._local:
+      self._file.close()
+    else:
+      self._rewrite()
+
+  def _rewrite(self) -> None:
+    """Writes the kept lines whole, atomically: a kill leaves either file whole
+    (a gs:// object is replaced at once; locally through a renamed copy)."""
+    if self._local:
+      scratch = self.path.with_name(self.path.name + '.tmp')
+      scratch.write_text(''.join(self._lines), encoding='utf-8')
+      scratch.replace(self.path)
+    else:
+      self.path.write_text(''.join(self._lines), encoding='utf-8')
+    self._written = time.monotonic()
+
+
+def _records_until(path: epath.Path, step: int) -> list[str]:
+  """The lines of the metrics file at `path` (if any) of steps up to `step`:
+  a resumed run repeats the later ones."""
+  if not path.exists():
+    return []
+  lines = path.read_text(encoding='utf-8').splitlines(keepends=True)
   kept = []
   for line in lines:
     try:
@@ -149,9 +189,7 @@ def _drop_records_after(path: str, step: int) -> None:
   if len(kept) < len(lines):
     logging.info('%s: dropping %d record(s) after step %d, which this run repeats',
                  path, len(lines) - len(kept), step)
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
-      f.writelines(kept)
-    os.replace(path + '.tmp', path)
+  return kept
 
 
 def to_host(metrics: Mapping[str, jax.Array]) -> dict[str, float]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from types import ModuleType
 from typing import Any, Iterator, Mapping
@@ -21,7 +20,7 @@ import jax
 import ml_collections
 import optax
 
-from vlpjax import checkpointing, config_lib, flops, metrics as metrics_lib, sharding
+from vlpjax import checkpointing, config_lib, flops, metrics as metrics_lib, paths, sharding
 from vlpjax import optim, state as state_lib, step as step_lib
 from vlpjax.data import tables, tokenizer
 from vlpjax.evaluators import common as evaluators
@@ -98,14 +97,13 @@ def write_run_files(config: ml_collections.ConfigDict, workdir: str, task: Modul
   `answers.txt`), so that `vlpjax.load` needs no data tables."""
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, RUN_CONFIG), 'w', encoding='utf-8') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  workdir = paths.path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / RUN_CONFIG).write_text(config.to_json_best_effort(indent=2), encoding='utf-8')
   files = {RUN_VOCAB: list(tokenizer.read_vocab(tables.vocab_file(config.data))),
            **task.inference_files(config)}
   for name, lines in files.items():
-    with open(os.path.join(workdir, name), 'w', encoding='utf-8') as f:
-      f.writelines(f'{line}\n' for line in lines)
+    (workdir / name).write_text(''.join(f'{line}\n' for line in lines), encoding='utf-8')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

@@ -22,7 +22,7 @@ from etils import epath
 import flax
 import numpy as np
 
-from vlpjax import checkpointing
+from vlpjax import paths
 
 Params = Any
 StateDict = dict[str, np.ndarray]
@@ -108,7 +108,7 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     ValueError naming the file: of an unknown type, unreadable as its type, or
       holding no state dict.
   """
-  path = epath.Path(path)
+  given, path = path, paths.path(path)
   if path.is_dir():
     found = [path / f for f in WEIGHT_FILES if (path / f).exists()]
     if not found:
@@ -116,7 +116,7 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
                               'save_pretrained directory)')
     path = found[0]
   if not path.exists():
-    raise FileNotFoundError(f'{path}: not found ({checkpointing.absolute_path(path)})')
+    raise FileNotFoundError(f'{os.fspath(given)}: not found ({path})')
   if path.suffix not in _LOADERS:
     raise ValueError(f'{path}: unknown weight file type (want .safetensors, .bin, .pt, '
                      '.pth, .npz)')
@@ -184,7 +184,7 @@ def _state_dict_in(loaded: Any, path: epath.Path) -> Mapping[str, Any]:
 def write_state_dict(state_dict: StateDict, path: str | os.PathLike) -> None:
   """Writes a state dict as safetensors (contiguous copies of every array)."""
   from safetensors.numpy import save  # pylint: disable=import-outside-toplevel
-  epath.Path(path).write_bytes(save({k: np.ascontiguousarray(v) for k, v in state_dict.items()}))
+  paths.path(path).write_bytes(save({k: np.ascontiguousarray(v) for k, v in state_dict.items()}))
 
 
 def _flat_shapes(params: Params) -> dict[str, tuple[int, ...]]:

@@ -53,10 +53,10 @@ import os
 import re
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vlpjax import paths
 from vlpjax.data import features_builder
 from vlpjax.data import formats
 from vlpjax.data import world as world_lib
@@ -148,8 +148,7 @@ def answer_vocab(builder: tfds.core.DatasetBuilder | str,
   TFDS name); line i is answer label i."""
   if isinstance(builder, str):
     builder = tfds.builder(builder, data_dir=data_dir)
-  with open(os.path.join(builder.data_dir, ANSWERS_FILE), encoding='utf-8') as f:
-    return f.read().splitlines()
+  return (paths.path(builder.data_dir) / ANSWERS_FILE).read_text(encoding='utf-8').splitlines()
 
 
 # ---------------------------------------------------------------------------
@@ -300,8 +299,7 @@ def _keyed(examples: Sequence[dict[str, Any]], first: int) -> Iterator[tuple[int
 
 def _load_json(path: str) -> Any:
   try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
+    return json.loads(paths.path(path).read_text(encoding='utf-8'))
   except json.JSONDecodeError as e:
     raise ValueError(f'{path}: not valid JSON ({e})') from e
 
@@ -763,7 +761,7 @@ class Refcoco(TextTableBuilder):
 
   def _read_refs(self, path: str) -> list[Any]:
     """The refs list of a pickle (trust_pickle only) or of its JSON conversion."""
-    data = epath.Path(path).read_bytes()
+    data = paths.path(path).read_bytes()
     if data.lstrip()[:1] in (b'[', b'{'):
       try:
         refs = json.loads(data)
@@ -814,7 +812,7 @@ class Refcoco(TextTableBuilder):
 
 def _jsonl_lines(path: str) -> Iterator[tuple[int, str, str]]:
   """(line number, where: '<path>: line N', the line) of each non-blank line."""
-  with epath.Path(path).open(encoding='utf-8') as f:
+  with paths.path(path).open(encoding='utf-8') as f:
     for number, line in enumerate(f, start=1):
       if line.strip():
         yield number, f'{path}: line {number}', line
@@ -879,7 +877,7 @@ class Nlvr2(TextTableBuilder):
   def _pairs(self, path: str, images: ImageIndex, report: formats.ErrorReport
              ) -> list[dict[str, Any]]:
     """The labelled pairs of one file (either format), in its order."""
-    text = epath.Path(path).read_text(encoding='utf-8')
+    text = paths.path(path).read_text(encoding='utf-8')
     if text.lstrip().startswith('['):
       try:
         entries = json.loads(text)

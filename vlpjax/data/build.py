@@ -15,6 +15,7 @@ from absl import app
 from absl import flags
 import tensorflow_datasets as tfds
 
+from vlpjax import paths
 from vlpjax.data import vlp_world
 
 _SIZE = flags.DEFINE_enum('size', 'default', list(vlp_world.WORLD_SIZES),
@@ -23,13 +24,13 @@ _DATA_DIR = flags.DEFINE_string('data_dir', '~/tensorflow_datasets', 'TFDS data 
 
 
 def directory_bytes(path: str) -> int:
-  return sum(os.path.getsize(os.path.join(root, name))
-             for root, _, names in os.walk(path) for name in names)
+  return sum((root / name).stat().length
+             for root, _, names in paths.path(path).walk() for name in names)
 
 
 def build(size: str, data_dir: str) -> dict[str, str]:
   """Builds the tables of world `size` under `data_dir`; returns table -> data directory."""
-  data_dir = os.path.expanduser(data_dir)
+  data_dir = os.fspath(paths.path(data_dir))
   start_wall, start_cpu = time.perf_counter(), time.process_time()
   built = {}
   for table in vlp_world.TABLES:

@@ -39,7 +39,6 @@ import abc
 import argparse
 import dataclasses
 import functools
-import glob
 import hashlib
 import json
 import os
@@ -48,6 +47,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vlpjax import paths
 from vlpjax.data import formats
 
 IMAGES_SPLIT = 'train'
@@ -117,14 +117,23 @@ class ImagesConfig(tfds.core.BuilderConfig):
 
 def resolve_paths(patterns: Sequence[str], manual_dir: Callable[[], os.PathLike[str]]) -> list[str]:
   """Sources relative to the manual dir (asked for only when needed), globs expanded."""
-  paths = []
+  found = []
   for pattern in patterns:
-    full = pattern if os.path.isabs(pattern) else os.path.join(os.fspath(manual_dir()), pattern)
-    matches = sorted(glob.glob(full))
+    relative = paths.is_local(pattern) and not os.path.isabs(os.path.expanduser(pattern))
+    full = paths.join(manual_dir(), pattern) if relative else os.fspath(paths.path(pattern))
+    matches = _glob(full)
     if not matches:
       raise FileNotFoundError(f'source {pattern!r}: nothing matches {full}')
-    paths.extend(matches)
-  return paths
+    found.extend(matches)
+  return found
+
+
+def _glob(pattern: str) -> list[str]:
+  """The paths `pattern` (local or gs://; wildcards in its last part) matches, sorted."""
+  location = paths.path(pattern)
+  if not any(c in location.name for c in '*?['):
+    return [pattern] if location.exists() else []
+  return sorted(os.fspath(p) for p in location.parent.glob(location.name))
 
 
 def image_ids_fingerprint(image_ids: Sequence[str]) -> str:
@@ -189,9 +198,9 @@ class SideFilesBuilder(tfds.core.ShardBasedBuilder):
     download_config = download_config or tfds.download.DownloadConfig()
     if self.is_prepared() and not download_config.download_mode.overwrite_dataset:
       self._check_settings()
-    failed_report = os.path.join(os.fspath(self.data_path.parent), REPORT_FILE)
-    if os.path.exists(failed_report):
-      os.remove(failed_report)  # an earlier failed build's
+    failed_report = paths.path(self.data_path.parent) / REPORT_FILE
+    if failed_report.exists():
+      failed_report.unlink()  # an earlier failed build's
     self.side_files, self.report = {}, None
     try:
       super().download_and_prepare(download_config=download_config, **kwargs)
@@ -269,15 +278,15 @@ class ImagesTableBuilder(SideFilesBuilder, abc.ABC):
     return formats.load_image_sizes(sizes_path, config.match)
 
   @abc.abstractmethod
-  def _readers(self, paths: Sequence[str], dl_manager: tfds.download.DownloadManager
+  def _readers(self, sources: Sequence[str], dl_manager: tfds.download.DownloadManager
                ) -> list[formats.Reader]:
     """One reader per resolved source path."""
 
   def _shard_iterators_per_split(self, dl_manager: tfds.download.DownloadManager
                                  ) -> dict[str, list[Callable[[], Iterator[Any]]]]:
     config = self.builder_config
-    paths = resolve_paths(config.sources, self._manual_dir(dl_manager))
-    readers = self._readers(paths, dl_manager)
+    sources = resolve_paths(config.sources, self._manual_dir(dl_manager))
+    readers = self._readers(sources, dl_manager)
     self.report = report = formats.ErrorReport(config.on_error,
                                                source=f'{self.name}/{config.name}')
     image_ids, max_object_ids, max_attr_ids = [], [], []
@@ -296,7 +305,7 @@ class ImagesTableBuilder(SideFilesBuilder, abc.ABC):
     self.side_files[IMAGE_IDS_FILE] = ''.join(f'{image_id}\n' for image_id in image_ids)
     # The largest ids, so that a model's label heads are checked without a scan.
     self.info.metadata.update({
-        SOURCES_KEY: paths, IMAGE_IDS_FINGERPRINT: image_ids_fingerprint(image_ids),
+        SOURCES_KEY: sources, IMAGE_IDS_FINGERPRINT: image_ids_fingerprint(image_ids),
         MAX_OBJECT_ID: max(max_object_ids), MAX_ATTR_ID: max(max_attr_ids)})
     step = config.images_per_shard
     return {IMAGES_SPLIT: [functools.partial(_write_images, kept[start:start + step], start)
@@ -311,7 +320,7 @@ def _write_images(records: Sequence[tuple[formats.Reader, Any]], first_index: in
 
 
 _MANUAL = """Place the region-feature files in the manual dir (`--manual_dir`, default
-`<data_dir>/downloads/manual/`) or give absolute paths in the config's `sources`."""
+`<data_dir>/downloads/manual/`) or give absolute sources in the config's `sources`."""
 
 
 class LxmertTsv(ImagesTableBuilder):
@@ -324,8 +333,8 @@ E.g. `train2014_obj36.tsv`, `val2014_obj36.tsv` (mscoco_imgfeat) or `vg_gqa_obj3
       ImagesConfig(name='vg_gqa', sources=('vg_gqa_obj36.tsv',)),
   ]
 
-  def _readers(self, paths, dl_manager):
-    return [formats.LxmertTsvReader(path, self.builder_config.feature_dim) for path in paths]
+  def _readers(self, sources, dl_manager):
+    return [formats.LxmertTsvReader(path, self.builder_config.feature_dim) for path in sources]
 
 
 class UniterLmdb(ImagesTableBuilder):
@@ -336,27 +345,26 @@ Each source is a UNITER image dir such as `coco_train2014/` holding one LMDB dir
 an LMDB dir itself (the JSON is then its sibling, `feat_` renamed `nbb_` + .json)."""
   FORMAT_NUM_CLASSES = 1601
 
-  def _readers(self, paths, dl_manager):
+  def _readers(self, sources, dl_manager):
     config = self.builder_config
     return [formats.UniterLmdbReader(lmdb_path, box_counts, config.feature_dim,
                                      self.num_classes, self._image_sizes(dl_manager),
                                      config.match)
-            for lmdb_path, box_counts in map(uniter_lmdb_paths, paths)]
+            for lmdb_path, box_counts in map(uniter_lmdb_paths, sources)]
 
 
 def uniter_lmdb_paths(source: str) -> tuple[str, str]:
   """(LMDB dir, box-count JSON) of a UNITER image dir or LMDB dir."""
   source = source.rstrip('/')
-  if not os.path.exists(os.path.join(source, 'data.mdb')):
-    lmdbs = sorted(glob.glob(os.path.join(source, 'feat_*')))
+  if not paths.path(source).joinpath('data.mdb').exists():
+    lmdbs = _glob(paths.join(source, 'feat_*'))
     if len(lmdbs) != 1:
       raise FileNotFoundError(f'{source}: expected one LMDB dir feat_* in it, found '
                               f'{[os.path.basename(p) for p in lmdbs]}; name the LMDB dir')
     source = lmdbs[0]
   name = os.path.basename(source)
-  box_counts = os.path.join(os.path.dirname(source),
-                            name.replace('feat', 'nbb', 1) + '.json')
-  if not os.path.exists(box_counts):
+  box_counts = paths.join(os.path.dirname(source), name.replace('feat', 'nbb', 1) + '.json')
+  if not paths.path(box_counts).exists():
     raise FileNotFoundError(f'{source}: its box-count JSON {box_counts} is missing')
   return source, box_counts
 
@@ -367,10 +375,10 @@ class RegionNpy(ImagesTableBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL + """
 Each source is a folder of per-image files."""
 
-  def _readers(self, paths, dl_manager):
+  def _readers(self, sources, dl_manager):
     config = self.builder_config
     return [formats.NpyFolderReader(path, config.feature_dim, self.num_classes,
-                                    config.trust_pickle) for path in paths]
+                                    config.trust_pickle) for path in sources]
 
 
 class VilbertLmdb(ImagesTableBuilder):
@@ -379,10 +387,10 @@ class VilbertLmdb(ImagesTableBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL + """
 Each source is a ViLBERT LMDB (e.g. `coco_trainval_resnext152_faster_rcnn_genome.lmdb`)."""
 
-  def _readers(self, paths, dl_manager):
+  def _readers(self, sources, dl_manager):
     config = self.builder_config
     return [formats.VilbertLmdbReader(path, config.feature_dim, self.num_classes,
-                                      config.trust_pickle) for path in paths]
+                                      config.trust_pickle) for path in sources]
 
 
 class ButdHdf5(ImagesTableBuilder):
@@ -398,11 +406,11 @@ Each source is an HDF5 file such as `train36.hdf5`, with its index
       ImagesConfig(name='coco', sources=('train36.hdf5', 'val36.hdf5')),
   ]
 
-  def _readers(self, paths, dl_manager):
+  def _readers(self, sources, dl_manager):
     config = self.builder_config
     sizes = self._image_sizes(dl_manager)
     return [formats.ButdHdf5Reader(path, config.feature_dim, sizes, config.match)
-            for path in paths]
+            for path in sources]
 
 
 BUILDERS = {'lxmert_tsv': LxmertTsv, 'uniter_lmdb': UniterLmdb, 'region_npy': RegionNpy,
@@ -429,10 +437,9 @@ def table_image_ids(builder: tfds.core.DatasetBuilder) -> list[str]:
   Reads `image_ids.txt` written beside the table; for tables without it (e.g.
   the embedded world) reads the `image_id` of every record.
   """
-  ids_file = os.path.join(builder.data_dir, IMAGE_IDS_FILE)
-  if os.path.exists(ids_file):
-    with open(ids_file) as f:
-      return f.read().splitlines()
+  ids_file = paths.path(builder.data_dir) / IMAGE_IDS_FILE
+  if ids_file.exists():
+    return ids_file.read_text().splitlines()
   source = builder.as_data_source(split=IMAGES_SPLIT)
   return [source[i]['image_id'].decode() for i in range(len(source))]
 

@@ -48,6 +48,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from vlpjax import paths
+
 ON_ERROR_CHOICES = ('raise', 'skip')
 LXMERT_TSV_FIELDS = ('img_id', 'img_h', 'img_w', 'objects_id', 'objects_conf',
                      'attrs_id', 'attrs_conf', 'num_boxes', 'boxes', 'features')
@@ -141,8 +143,7 @@ class ErrorReport:
                       self.source, len(self.skipped), self.to_dict()['by_reason'])
 
   def write(self, path: str | os.PathLike[str]) -> None:
-    with open(path, 'w') as f:
-      json.dump(self.to_dict(), f, indent=1)
+    paths.path(path).write_text(json.dumps(self.to_dict(), indent=1))
 
 
 @dataclasses.dataclass
@@ -323,7 +324,7 @@ class LxmertTsvReader:
     self.num_classes = None
 
   def iter_raw(self) -> Iterator[tuple[tuple[int, int], bytes]]:
-    with open(self.path, 'rb') as f:
+    with paths.path(self.path).open('rb') as f:
       line_number = 0
       while True:
         offset = f.tell()
@@ -338,7 +339,7 @@ class LxmertTsvReader:
     return f'{self.path}:{key[0]}'
 
   def fetch(self, key: tuple[int, int]) -> bytes:
-    with open(self.path, 'rb') as f:
+    with paths.path(self.path).open('rb') as f:
       f.seek(key[1])
       return f.readline()
 
@@ -437,8 +438,7 @@ def image_key(image_id: Any, match: str) -> str | int:
 def load_image_sizes(path: str | os.PathLike[str], match: str) -> dict[str | int, tuple[int, int]]:
   """Image sizes (h, w) from a COCO-style JSON (`images`: id, file_name, width,
   height; e.g. `captions_train2014.json`) or a JSON {image_id: [h, w]}."""
-  with open(path) as f:
-    data = json.load(f)
+  data = json.loads(paths.path(path).read_text())
   sizes = {}
   if isinstance(data, dict) and 'images' in data:
     for image in data['images']:
@@ -463,6 +463,9 @@ class _LmdbReader:
 
   def _open(self) -> None:
     import lmdb  # pylint: disable=g-import-not-at-top
+    if not paths.is_local(self.path):
+      raise ValueError(f'{self.path}: LMDB reads local files only; copy it to this '
+                       'machine (gcloud storage cp -r) and give that path')
     self.env = lmdb.open(self.path, readonly=True, lock=False, readahead=False,
                          create=False, subdir=os.path.isdir(self.path))
 
@@ -499,8 +502,7 @@ class UniterLmdbReader(_LmdbReader):
     self.num_classes = num_classes
     self.image_sizes = image_sizes
     self.match = match
-    with open(box_counts_path) as f:
-      self.box_counts = json.load(f)
+    self.box_counts = json.loads(paths.path(box_counts_path).read_text())
     self._open()
     with self.env.begin() as txn:
       lmdb_keys = {key.decode() for key, _ in txn.cursor()}
@@ -566,13 +568,13 @@ class NpyFolderReader:
     self.trust_pickle = trust_pickle
 
   def iter_raw(self) -> Iterator[tuple[str, None]]:
-    for name in sorted(os.listdir(self.path)):
+    for name in sorted(entry.name for entry in paths.path(self.path).iterdir()):
       stem, ext = os.path.splitext(name)
       if ext == '.npz' or (ext == '.npy' and not stem.endswith('_info')):
         yield name, None
 
   def describe(self, key: str) -> str:
-    return os.path.join(self.path, key)
+    return paths.join(self.path, key)
 
   def fetch(self, key: str) -> None:
     del key
@@ -585,8 +587,9 @@ class NpyFolderReader:
       if ext == '.npz':
         arrays = self._read_npz(path)
       else:
-        arrays = dict(self._read_info(os.path.join(self.path, stem + '_info.npy')))
-        arrays['features'] = np.load(path, allow_pickle=False)
+        arrays = dict(self._read_info(paths.join(self.path, stem + '_info.npy')))
+        with paths.path(path).open('rb') as f:
+          arrays['features'] = np.load(f, allow_pickle=False)
     except (FormatError, PickleRefusedError):
       raise
     except (OSError, ValueError, zipfile.BadZipFile) as e:
@@ -606,7 +609,7 @@ class NpyFolderReader:
                      if self.num_classes is not None else None))
 
   def _read_npz(self, path: str) -> dict[str, Any]:
-    with np.load(path, allow_pickle=self.trust_pickle) as archive:
+    with paths.path(path).open('rb') as f, np.load(f, allow_pickle=self.trust_pickle) as archive:
       names = archive.files
       if 'info' in names and not self.trust_pickle:
         raise pickle_refusal(f'{path} (its `info` field)')
@@ -616,12 +619,13 @@ class NpyFolderReader:
     return arrays
 
   def _read_info(self, path: str) -> Mapping[str, Any]:
-    if not os.path.exists(path):
+    if not paths.path(path).exists():
       raise FormatError(path, 'missing: Pythia-style features need a <id>_info.npy '
                         'beside <id>.npy', kind='missing info file')
     if not self.trust_pickle:
       raise pickle_refusal(path)
-    info = np.load(path, allow_pickle=True).item()
+    with paths.path(path).open('rb') as f:
+      info = np.load(f, allow_pickle=True).item()
     if not isinstance(info, dict):
       raise FormatError(path, f'expected a dict, got {type(info).__name__}', kind='not a dict')
     return info
@@ -708,7 +712,8 @@ class ButdHdf5Reader:
     self.num_classes = None
     self.image_sizes = image_sizes
     self.match = match
-    self.file = h5py.File(self.path, 'r')
+    # h5py reads a file object as well, so gs:// goes through the same path type.
+    self.file = h5py.File(paths.path(self.path).open('rb'), 'r')
     missing = [name for name in ('image_features', 'image_bb') if name not in self.file]
     if missing:
       raise FormatError(self.path, f'missing datasets {missing}; a BUTD HDF5 holds '
@@ -741,13 +746,13 @@ class ButdHdf5Reader:
     stem = os.path.splitext(self.path)[0]
     for suffix in BUTD_INDEX_SUFFIXES:
       where = stem + suffix
-      if os.path.exists(where):
+      if paths.path(where).exists():
         break
     else:
       raise FileNotFoundError(
           f'{self.path}: no image-id index: neither an {"/".join(BUTD_ID_DATASETS)} dataset in '
           f'the file nor {" or ".join(stem + s for s in BUTD_INDEX_SUFFIXES)}')
-    with open(where, 'rb') as f:
+    with paths.path(where).open('rb') as f:
       try:
         index = json.load(f) if where.endswith('.json') else PlainUnpickler(f, where).load()
       except FormatError:

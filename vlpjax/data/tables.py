@@ -24,14 +24,18 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
+import time
 from typing import Any, Callable, Sequence
 
+import jax
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 from grain.multiprocessing import SharedMemoryArray
 from tensorflow_datasets.proto import tf_example_pb2
 
+from vlpjax import paths
 from vlpjax.data import features_builder
 from vlpjax.data.tokenizer import read_vocab
 
@@ -42,6 +46,10 @@ REGION_LABEL_KEYS = ('object_ids', 'object_conf', 'attr_ids', 'attr_conf', 'clas
 # Rows of a text table whose image ids are compared with the images table's when
 # the text table stores no fingerprint of its images (built before it did).
 ID_CHECK_ROWS = 64
+# How long a process waits for another to build the embedded world.
+WORLD_BUILD_TIMEOUT_SECONDS = 1800
+# TFDS's metadata file: a table with it is prepared.
+DATASET_INFO_FILE = 'dataset_info.json'
 
 
 # ----------------------------------------------------------------------------
@@ -49,7 +57,7 @@ ID_CHECK_ROWS = 64
 
 
 def _data_dir(data_config: ml_collections.ConfigDict) -> str:
-  return os.path.expanduser(data_config.data_dir or '~/tensorflow_datasets')
+  return os.fspath(paths.path(data_config.data_dir or '~/tensorflow_datasets'))
 
 
 def table_name(data_config: ml_collections.ConfigDict, table: str) -> str:
@@ -73,10 +81,72 @@ def _builder(data_config: ml_collections.ConfigDict, table: str) -> tfds.core.Da
     if not (name.startswith('vlp_world/') and data_config.build_if_missing):
       raise FileNotFoundError(f'TFDS table {name!r} is not prepared under '
                               f'{_data_dir(data_config)}')
-    logging.info('Building the embedded dataset table %s under %s', name,
-                 _data_dir(data_config))
-    builder.download_and_prepare()
+    _build_once(name, _data_dir(data_config))
+    builder = tfds.builder(name, data_dir=_data_dir(data_config))
   return builder
+
+
+def _build_once(name: str, data_dir: str) -> None:
+  """Builds the world's table `name` unless another process is building it into the
+  same `data_dir`, then waits for that one. On gs:// (shared by all hosts)
+  process 0 builds; a local data_dir is claimed with a lock file, so that hosts
+  sharing it (NFS) build it once and hosts with their own disks each build theirs."""
+  if not paths.is_local(data_dir):
+    if jax.process_index() == 0:
+      _build_world_table(name, data_dir)
+    else:
+      _wait(name, data_dir, lambda: False)
+    return
+  lock = paths.path(data_dir) / f'{name.replace("/", "_")}.building'
+  lock.parent.mkdir(parents=True, exist_ok=True)
+  while not tfds.builder(name, data_dir=data_dir).is_prepared():
+    try:
+      os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # local: claimed atomically
+    except FileExistsError:
+      if time.time() - lock.stat().mtime > WORLD_BUILD_TIMEOUT_SECONDS:
+        logging.warning('%s: removing a stale lock (a build that died?)', lock)
+        lock.unlink(missing_ok=True)
+      else:
+        _wait(name, data_dir, lambda: not lock.exists())
+      continue
+    try:
+      _build_world_table(name, data_dir)
+    finally:
+      lock.unlink(missing_ok=True)
+
+
+def _build_world_table(name: str, data_dir: str) -> None:
+  """Builds the embedded world's table `name` into `data_dir`; a remote data_dir
+  (gs://) gets a local build copied up, since ArrayRecord writes local files only."""
+  logging.info('Building the embedded dataset table %s under %s', name, data_dir)
+  if paths.is_local(data_dir):
+    tfds.builder(name, data_dir=data_dir).download_and_prepare()
+    return
+  with tempfile.TemporaryDirectory() as local_dir:
+    built = tfds.builder(name, data_dir=local_dir)
+    built.download_and_prepare()
+    target = paths.path(data_dir) / os.path.relpath(built.data_dir, local_dir)
+    files = sorted((os.path.join(root, f) for root, _, names in os.walk(built.data_dir)
+                    for f in names), key=lambda f: os.path.basename(f) == DATASET_INFO_FILE)
+    # dataset_info.json last: with it the table counts as prepared elsewhere.
+    for file in files:
+      destination = target / os.path.relpath(file, built.data_dir)
+      destination.parent.mkdir(parents=True, exist_ok=True)
+      paths.path(file).copy(destination, overwrite=True)
+    logging.info('copied %d files of %s to %s', len(files), name, target)
+
+
+def _wait(name: str, data_dir: str, given_up: Callable[[], bool]) -> None:
+  """Waits until table `name` is prepared under `data_dir` by another process, or
+  `given_up()` (its builder stopped)."""
+  logging.info('waiting for another process to build %s under %s', name, data_dir)
+  deadline = time.monotonic() + WORLD_BUILD_TIMEOUT_SECONDS
+  while not tfds.builder(name, data_dir=data_dir).is_prepared() and not given_up():
+    if time.monotonic() > deadline:
+      raise TimeoutError(f'process {jax.process_index()}: {name} did not appear under '
+                         f'{data_dir} within {WORLD_BUILD_TIMEOUT_SECONDS} s; is data_dir '
+                         'the same directory on every host?')
+    time.sleep(1)
 
 
 def open_table(data_config: ml_collections.ConfigDict, table: str, split: str):
@@ -93,8 +163,8 @@ def _find_in_data_dirs(data_config: ml_collections.ConfigDict, tables: Sequence[
   """Path of `filename` stored with the first of `tables` that has it."""
   searched = []
   for table in tables:
-    path = os.path.join(_builder(data_config, table).data_dir, filename)
-    if os.path.isfile(path):
+    path = paths.join(_builder(data_config, table).data_dir, filename)
+    if paths.path(path).is_file():
       return path
     searched.append(path)
   raise FileNotFoundError(f'{filename} not found; looked at {searched}')
@@ -103,15 +173,14 @@ def _find_in_data_dirs(data_config: ml_collections.ConfigDict, tables: Sequence[
 def vocab_file(data_config: ml_collections.ConfigDict) -> str:
   """The vocabulary: `data.vocab_file` if set, else the dataset's `vocab.txt`."""
   if data_config.vocab_file:
-    return os.path.expanduser(data_config.vocab_file)
+    return os.fspath(paths.path(data_config.vocab_file))
   return _find_in_data_dirs(data_config, ('captions', 'images'), 'vocab.txt')
 
 
 def answer_vocab(data_config: ml_collections.ConfigDict, table: str = 'vqa') -> list[str]:
   """The answer vocabulary (`answers.txt`) stored with a question table ('vqa', 'gqa')."""
   path = _find_in_data_dirs(data_config, (table,), 'answers.txt')
-  with open(path, encoding='utf-8') as f:
-    return [line.rstrip('\n') for line in f]
+  return paths.path(path).read_text(encoding='utf-8').splitlines()
 
 
 def dataset_info(data_config: ml_collections.ConfigDict) -> dict[str, Any]:

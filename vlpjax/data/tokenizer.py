@@ -19,17 +19,21 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
+from vlpjax import paths
+
 SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
 
 
-def read_vocab(vocab_file: str) -> dict[str, int]:
+def read_vocab(vocab_file: paths.PathLike) -> dict[str, int]:
   """Reads a BERT `vocab.txt` (or the `vocab.txt` inside a model directory)."""
-  if os.path.isdir(vocab_file):
-    vocab_file = os.path.join(vocab_file, 'vocab.txt')
-  if not os.path.isfile(vocab_file):
-    raise FileNotFoundError(f'vocabulary file {vocab_file!r} does not exist')
-  with open(vocab_file, encoding='utf-8') as f:
-    tokens = [line.rstrip('\n') for line in f]
+  location = paths.path(vocab_file)
+  if location.is_dir():
+    location = vocab_file = location / 'vocab.txt'
+  if not location.is_file():
+    raise FileNotFoundError(f'vocabulary file {os.fspath(vocab_file)!r} does not exist')
+  tokens = location.read_text(encoding='utf-8').split('\n')
+  if tokens and not tokens[-1]:
+    tokens.pop()  # the final newline
   vocab = {}
   for line_number, token in enumerate(tokens, start=1):
     if not token:

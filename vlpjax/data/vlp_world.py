@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vlpjax import paths
 from vlpjax.data import vocab as vocab_lib
 from vlpjax.data import world as world_lib
 from vlpjax.data import features_builder
@@ -210,12 +211,12 @@ def dataset_dir(data_dir: str | os.PathLike[str], size: str, table: str) -> str:
   """The data directory of table `table` of world `size` under TFDS `data_dir`."""
   if table not in TABLES:
     raise ValueError(f'table must be one of {TABLES}, got {table!r}')
-  return os.path.join(os.fspath(data_dir), 'vlp_world', f'{size}_{table}', str(VlpWorld.VERSION))
+  return paths.join(data_dir, 'vlp_world', f'{size}_{table}', str(VlpWorld.VERSION))
 
 
 def _stored_file(directory: str | os.PathLike[str], filename: str) -> str:
-  path = os.path.join(os.fspath(directory), filename)
-  if not os.path.isfile(path):
+  path = paths.join(directory, filename)
+  if not paths.path(path).is_file():
     raise FileNotFoundError(f'{path} does not exist: build the table first '
                             '(python -m vlpjax.data.build)')
   return path
@@ -229,5 +230,5 @@ def vocab_path(data_dir: str | os.PathLike[str], size: str, table: str = 'captio
 def answer_vocab(source: tfds.core.DatasetBuilder | str | os.PathLike[str]) -> list[str]:
   """The answer vocabulary stored with a vqa or gqa table, given its builder or data directory."""
   directory = source.data_dir if isinstance(source, tfds.core.DatasetBuilder) else source
-  with open(_stored_file(directory, ANSWERS_FILE), encoding='utf-8') as f:
-    return f.read().splitlines()
+  return paths.path(_stored_file(directory, ANSWERS_FILE)).read_text(
+      encoding='utf-8').splitlines()

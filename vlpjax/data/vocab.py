@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import collections
 import functools
-import os
 from typing import Iterable
 
 import tokenizers
 
+from vlpjax import paths
+from vlpjax.data import tokenizer as tokenizer_lib
 from vlpjax.data import world as world_lib
 
 CONTINUATION = '##'
@@ -58,14 +59,11 @@ def world_vocab(config: world_lib.WorldConfig) -> tuple[str, ...]:
   return tuple(train_vocab(world_lib.make_world(config).texts(), config.vocab_size))
 
 
-def write_vocab(tokens: Iterable[str], path: str | os.PathLike[str]) -> None:
-  with open(path, 'w', encoding='utf-8') as f:
-    f.write(''.join(f'{token}\n' for token in tokens))
+def write_vocab(tokens: Iterable[str], path: paths.PathLike) -> None:
+  paths.path(path).write_text(''.join(f'{token}\n' for token in tokens), encoding='utf-8')
 
 
-def load_tokenizer(path: str | os.PathLike[str]) -> tokenizers.BertWordPieceTokenizer:
+def load_tokenizer(path: paths.PathLike) -> tokenizers.BertWordPieceTokenizer:
   """A lowercasing BERT WordPiece tokenizer over the vocabulary file at `path`."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'vocabulary file {os.fspath(path)!r} does not exist')
-  return tokenizers.BertWordPieceTokenizer(os.fspath(path), lowercase=True,
+  return tokenizers.BertWordPieceTokenizer(tokenizer_lib.read_vocab(path), lowercase=True,
                                            wordpieces_prefix=CONTINUATION)

@@ -30,6 +30,8 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
+from vlpjax import paths
+
 MASK_KEY = '_mask'
 INDEX_KEY = '_index'
 # `_index` is int32 because JAX (x64 off) would narrow int64 to int32 anyway.
@@ -197,7 +199,7 @@ def process_sum(tree: Any) -> Any:
 def part_path(path: str | epath.PathLike, process_index: int, process_count: int
               ) -> epath.Path:
   """`<path>.part-<process_index>-of-<process_count>`."""
-  path = epath.Path(path)
+  path = paths.path(path)
   return path.with_name(f'{path.name}.part-{process_index}-of-{process_count}')
 
 
@@ -234,7 +236,7 @@ def merge_prediction_parts(path: str | epath.PathLike, process_count: int,
   Raises:
     FileNotFoundError naming the first missing part.
   """
-  path = epath.Path(path)
+  path = paths.path(path)
   parts = [part_path(path, i, process_count) for i in range(process_count)]
   records = []
   for part in parts:
@@ -296,7 +298,7 @@ def write_prediction_parts(path: str | epath.PathLike, records: Sequence[Mapping
     FileNotFoundError (process 0) naming a missing part; RuntimeError on the
     other processes when a process failed to write or merge.
   """
-  path = epath.Path(path)
+  path = paths.path(path)
   count, index = jax.process_count(), jax.process_index()
   def write_part():
     lines = ''.join(json.dumps(dict(r), default=_json_default) + '\n' for r in records)

@@ -71,7 +71,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -82,6 +81,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vlpjax import paths
 from vlpjax.data import examples as examples_lib
 from vlpjax.data import input_pipeline, tables
 from vlpjax.data.tokenizer import BertTokenizer
@@ -749,7 +749,7 @@ class RetrievalEvaluator:
     self.image_sharding = input_pipeline.batch_sharding(mesh, tuple(config.mesh.data_axes),
                                                         self.image_block)
     self.caption_sharding = NamedSharding(mesh, PartitionSpec())
-    self.prediction_dir = os.path.join(workdir, 'predictions')
+    self.prediction_dir = paths.join(workdir, 'predictions')
     self._score = block_scorer(model, self.image_sharding, self.caption_sharding)
 
   def image_batch(self, positions: np.ndarray) -> dict[str, np.ndarray]:
@@ -767,7 +767,7 @@ class RetrievalEvaluator:
         self.caption_sharding, name=self.name)
     metrics, top_images, top_captions, _ = process_metrics(positions, scores,
                                                            self.caption_image)
-    write_predictions(os.path.join(self.prediction_dir, f'{self.name}_step{step}'),
+    write_predictions(paths.join(self.prediction_dir, f'{self.name}_step{step}'),
                       self.caption_ids, self.image_ids, positions, top_images, top_captions)
     yield from metrics.items()
 

@@ -86,6 +86,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from vlpjax import paths
 from vlpjax.data import examples as examples_lib
 from vlpjax.data import input_pipeline, tables
 from vlpjax.data.tokenizer import BertTokenizer
@@ -378,11 +379,10 @@ def read_answer_vocab(path: str) -> list[str]:
   `trainval_ans2label.json`) or a JSON list of answers (`trainval_label2ans.json`).
   Errors name the file and what is wrong with it.
   """
-  path = os.path.expanduser(path)
-  if not os.path.isfile(path):
+  path = os.fspath(paths.path(path))
+  if not paths.path(path).is_file():
     raise FileNotFoundError(f'answer vocabulary {path!r} does not exist')
-  with open(path, encoding='utf-8') as f:
-    text = f.read()
+  text = paths.path(path).read_text(encoding='utf-8')
   if path.endswith('.json'):
     answers = _answers_from_json(path, text)
   else:
@@ -978,11 +978,11 @@ def init_heads(config: ml_collections.ConfigDict, params: Mapping[str, Any],
   from vlpjax import checkpointing, state as state_lib  # pylint: disable=g-import-not-at-top
   kind, _, directory = config.init.source.partition(':')
   name = HEAD_PARAM_NAMES['pooled_mlp']
-  answers_file = os.path.join(directory, ANSWERS_FILE)
+  answers_file = paths.join(directory, ANSWERS_FILE)
   if (kind != 'workdir' or not config.vqa.head_from_pretraining
       or resolve_head(config.model.name, config.vqa.head) != 'pooled_mlp'
       or name not in checkpointing.workdir_param_keys(directory)
-      or not os.path.isfile(answers_file)):
+      or not paths.path(answers_file).is_file()):
     return dict(params)
   pretrained, step = checkpointing.restore_workdir_params(directory, subtree=name)
   answers = _answers(config, table)
@@ -1151,11 +1151,11 @@ class SplitEvaluator:
     self.batch_size = eval_config.batch_size
     self.sharding = input_pipeline.batch_sharding(mesh, tuple(config.mesh.data_axes),
                                                   self.batch_size)
-    self.prediction_dir = os.path.join(workdir, 'predictions')
+    self.prediction_dir = paths.join(workdir, 'predictions')
 
   def prediction_path(self, step: int, extension: str = 'json') -> str:
     """`<workdir>/predictions/<name>_step<step>.<extension>`."""
-    return os.path.join(self.prediction_dir, f'{self.name}_step{step}.{extension}')
+    return paths.join(self.prediction_dir, f'{self.name}_step{step}.{extension}')
 
 
 class VqaEvaluator(SplitEvaluator):
@@ -1272,7 +1272,7 @@ def run_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> BertTokeni
   """The tokenizer a run trained with: its workdir's vocabulary (`train.RUN_VOCAB`),
   `data.max_text_len` and `data.lowercase`. What the predictors encode text with."""
   from vlpjax import train  # pylint: disable=g-import-not-at-top
-  return BertTokenizer(os.path.join(workdir, train.RUN_VOCAB), config.data.max_text_len,
+  return BertTokenizer(paths.join(workdir, train.RUN_VOCAB), config.data.max_text_len,
                        lowercase=config.data.lowercase)
 
 
@@ -1319,7 +1319,7 @@ class VqaPredictor:
     self.config = config
     self.design = get_design(config.model.name)
     self.head = resolve_head(config.model.name, config.vqa.head) if head is None else head
-    self.answers = read_answer_vocab(os.path.join(workdir, ANSWERS_FILE))
+    self.answers = read_answer_vocab(paths.join(workdir, ANSWERS_FILE))
     self.tokenizer = run_tokenizer(config, workdir)
     # Inference is deterministic: the dropout rate changes nothing.
     self.model = build_model(config.model, len(self.answers), head=self.head)
