@@ -188,6 +188,9 @@ class Launcher:
     argv = ['python3', '-m', 'vlpjax.main', f'--config={a.config}', f'--workdir={a.workdir}']
     if a.data_dir:
       argv.append(f'--config.data.data_dir={a.data_dir}')  # before FLAGS: a FLAG wins
+    if a.node_count > 1:
+      # Data parallel across the slices (DCN); a dcn_shape among FLAGS wins.
+      argv.append(f'--config.mesh.dcn_shape=({a.node_count},1,1)')
     return argv + list(a.flags)
 
   def run_env(self) -> dict[str, str]:

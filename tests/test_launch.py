@@ -182,6 +182,11 @@ def test_tpu_multislice_reserved_and_libtpu_args():
     assert launcher.ssh_command(node, launcher.setup_remote()) in printed
     assert launcher.ssh_command(node, launcher.start_remote()) in printed
   assert launcher.run_env()['LIBTPU_INIT_ARGS'] == '--xla_tpu_enable_async_collective_fusion=true'
+  # Data parallel across the two slices, unless the run's own flags say otherwise.
+  assert '--config.mesh.dcn_shape=(2,1,1)' in launcher.run_argv()
+  own = tpu_vm.Launcher(tpu_vm.parse_args([*args, "--config.mesh.dcn_shape=(1,2,1)"]))
+  argv = own.run_argv()
+  assert argv.index('--config.mesh.dcn_shape=(2,1,1)') < argv.index('--config.mesh.dcn_shape=(1,2,1)')
   on_demand = tpu_vm.Launcher(tpu_vm.parse_args(tpu_args('--provisioning=on-demand')))
   assert not {'--spot', '--reserved'} & set(on_demand.create_command())
 

@@ -5,6 +5,7 @@ and tensor 2 x data 4 must give the loss and updated parameters of the
 single-device step (fp32, dropout on: the RNG does not depend on the sharding).
 VisualBERT runs by default; the other designs are `slow` (compiles dominate).
 """
+import dataclasses
 import functools
 import importlib
 
@@ -251,3 +252,102 @@ def test_gradient_buffers_are_donated_and_change_no_value():
   assert_trees_close(new_state.params, ref_state.params, rtol=1e-4, atol=2e-6)
   grads = jax.tree_util.tree_leaves(new_state.grads)
   assert all(np.isfinite(g).all() for g in grads) and any(np.abs(g).max() > 0 for g in grads)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FakeHostDevice:
+  """A device without `slice_index` (as CPU/GPU): slices are its processes."""
+  id: int
+  process_index: int
+  platform: str = 'gpu'
+  device_kind: str = 'fake gpu'
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FakeTpuDevice(FakeHostDevice):
+  """A TPU v4 chip (one core) at `coords` in its slice's physical torus."""
+  slice_index: int
+  coords: tuple[int, int, int]
+  core_on_chip: int = 0
+  platform: str = 'tpu'
+  device_kind: str = 'TPU v4'
+
+
+def fake_tpu_slices(num_slices: int, torus: tuple[int, int, int]) -> list[FakeTpuDevice]:
+  """`num_slices` slices of a `torus` of chips each, ids in slice order, two
+  processes per slice."""
+  per_slice = int(np.prod(torus))
+  return [FakeTpuDevice(id=s * per_slice + i, process_index=2 * s + 2 * i // per_slice,
+                        slice_index=s, coords=tuple(int(c) for c in np.unravel_index(i, torus[::-1])[::-1]))
+          for s in range(num_slices) for i in range(per_slice)]
+
+
+def multislice_config(shape, dcn_shape) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(dict(mesh=sharding.mesh_config()))
+  config.mesh.shape, config.mesh.dcn_shape = shape, dcn_shape
+  return config
+
+
+def slice_indices(mesh: jax.sharding.Mesh, attr: str = 'slice_index') -> np.ndarray:
+  return np.vectorize(lambda d: getattr(d, attr))(mesh.devices)
+
+
+def test_multislice_mesh_keeps_each_slice_contiguous_along_the_dcn_axis():
+  """2 slices of 2x2 chips, data parallel across them: mesh[0] is slice 0, mesh[1] slice 1."""
+  devices = fake_tpu_slices(2, (2, 2, 1))
+  mesh = sharding.make_mesh(multislice_config((-1, 2, 2), (2, 1, 1)), devices)
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 2, 'tensor': 2}
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+  np.testing.assert_array_equal(slice_indices(mesh), np.arange(2)[:, None, None] * np.ones((2, 2, 2)))
+  assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
+  # 2 slices of 2x2x2 chips, per-slice data 2: the data axis (4) is slice 0 then slice 1.
+  devices = fake_tpu_slices(2, (2, 2, 2))
+  mesh = sharding.make_mesh(multislice_config((2, 2, 2), (-1, 1, 1)), devices)
+  assert mesh.devices.shape == (4, 2, 2)
+  np.testing.assert_array_equal(slice_indices(mesh)[:, 0, 0], [0, 0, 1, 1])
+  assert all(len(set(slice_indices(mesh)[i].flat)) == 1 for i in range(4))
+  # Across slices along fsdp instead: only that axis leaves the slice.
+  mesh = sharding.make_mesh(multislice_config((2, -1, 2), (1, 2, 1)), devices)
+  assert mesh.devices.shape == (2, 4, 2)
+  np.testing.assert_array_equal(slice_indices(mesh)[0, :, 0], [0, 0, 1, 1])
+
+
+def test_multislice_mesh_without_slice_index_groups_by_process():
+  devices = [FakeHostDevice(id=i, process_index=i // 4) for i in reversed(range(8))]
+  mesh = sharding.make_mesh(multislice_config((-1, 1, 2), (2, 1, 1)), devices)
+  assert mesh.devices.shape == (4, 1, 2)
+  np.testing.assert_array_equal(slice_indices(mesh, 'process_index')[:, 0, 0], [0, 0, 1, 1])
+
+
+def test_multislice_mesh_errors():
+  devices = fake_tpu_slices(2, (2, 2, 1))
+  cases = [
+      ((-1, 2, 2), (2, 1), r'config.mesh.axes=.* and config.mesh.dcn_shape=\(2, 1\) differ in length'),
+      ((-1, 2, 2), (1, 1, 1), r'config.mesh.dcn_shape=\(1, 1, 1\) uses 1 slices .* but 2 are present'),
+      ((-1, 2, 2), (4, 1, 1), r'config.mesh.dcn_shape=\(4, 1, 1\) does not divide the 2 slices'),
+      ((-1, 2, 2), (-1, -1, 1), r'config.mesh.dcn_shape=\(-1, -1, 1\): .*at most one -1'),
+      ((-1, 2, 2), (2, 1.5, 1), r'config.mesh.dcn_shape: 1.5 is not an integer'),
+      ((-1, 4, 2), (2, 1, 1), r'config.mesh.shape \(per slice\)=\(-1, 4, 2\) does not divide '
+                              r'the 4 devices of each of the 2 slices'),
+      ((1, 2, 1), (2, 1, 1), r'config.mesh.shape \(per slice\)=\(1, 2, 1\) uses 2 devices of '
+                             r'each of the 2 slices but 4 are present'),
+  ]
+  for shape, dcn_shape, message in cases:
+    with pytest.raises(ValueError, match=message):
+      sharding.make_mesh(multislice_config(shape, dcn_shape), devices)
+  with pytest.raises(ValueError, match=r'slices \(devices by slice_index\) differ in size'):
+    sharding.make_mesh(multislice_config((-1, 1, 1), (2, 1, 1)), devices[:7])
+
+
+def test_multislice_mesh_on_one_host_is_the_single_slice_mesh():
+  """The 8 CPU devices are one process, so one slice: dcn (1,1,1) changes nothing
+  and more slices are refused."""
+  config = multislice_config((-1, 2, 2), ())
+  single = sharding.make_mesh(config)
+  config.mesh.dcn_shape = (1, 1, 1)
+  hybrid = sharding.make_mesh(config)
+  assert hybrid.shape == single.shape and hybrid.axis_types == single.axis_types
+  np.testing.assert_array_equal(hybrid.devices, single.devices)
+  config.mesh.dcn_shape = (2, 1, 1)
+  with pytest.raises(ValueError, match=r'does not divide the 1 slices \(devices by process_index\)'):
+    sharding.make_mesh(config)

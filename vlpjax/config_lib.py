@@ -191,6 +191,7 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
     if value not in allowed:
       raise ValueError(f'config.{section}.{name} must be one of {allowed}, got {value!r}')
   sharding.mesh_shape(config.mesh)
+  sharding.mesh_shape(config.mesh, 'dcn_shape')
 
 
 # ----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ case so nothing happens silently.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
 from typing import Any, Sequence
@@ -23,6 +24,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax._src import clusters  # the environments jax.distributed.initialize() detects
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -53,6 +55,10 @@ def mesh_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       axes=DEFAULT_MESH_AXES,
       shape=(-1, 1, 1),             # one -1: fill with the remaining devices
+      # Multi-slice (ICI within a slice, DCN across): () is one slice; else the
+      # number of slices along each axis (at most one -1), e.g. (2, 1, 1) = data
+      # parallel over 2 slices, and `shape` is then the per-slice (ICI) shape.
+      dcn_shape=(),
       data_axes=('data', 'fsdp'),   # mesh axes the batch is split over
       logical_axis_rules=DEFAULT_LOGICAL_AXIS_RULES,
   ))
@@ -89,52 +95,101 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
                jax.device_count())
 
 
-def mesh_shape(mesh_config: ml_collections.ConfigDict) -> tuple[int, ...]:
-  """`config.mesh.shape`, checked to be integers.
+def mesh_shape(mesh_config: ml_collections.ConfigDict, field: str = 'shape') -> tuple[int, ...]:
+  """`config.mesh.shape` (or the sizes field `field`, e.g. `dcn_shape`), checked
+  to be integers.
 
   Raises:
     ValueError naming the field if an entry is not an integer. An override that
     is not a tuple of integers (`--config.mesh.shape='(2,a,1)'`) reaches the
     config as one string, which is reported as the parse error it is.
   """
-  shape = tuple(mesh_config.shape)
+  shape = tuple(getattr(mesh_config, field))
   bad = [s for s in shape if isinstance(s, bool) or not isinstance(s, int)]
   if bad:
     what = (f'could not parse {bad[0]!r} as a tuple of integers' if isinstance(bad[0], str)
             else f'{bad[0]!r} is not an integer')
-    raise ValueError(f'config.mesh.shape: {what}; give one size per axis of '
+    example = ("'(2,1,1)' (slices per axis)" if field == 'dcn_shape'
+               else "'(-1,2,1)' (one -1: the remaining devices)")
+    raise ValueError(f'config.mesh.{field}: {what}; give one size per axis of '
                      f"config.mesh.axes={tuple(mesh_config.axes)}, e.g. "
-                     "--config.mesh.shape='(-1,2,1)' (one -1: the remaining devices)")
+                     f'--config.mesh.{field}={example}')
   return shape
 
 
-def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int,
+                       field: str = 'config.mesh.shape',
+                       unit: str = 'devices') -> tuple[int, ...]:
   """Replaces the single -1 in `shape` so that the product is `num_devices`.
 
+  `field` and `unit` name the sizes and what they count in the errors (e.g.
+  `config.mesh.dcn_shape` and 'slices').
+
   Raises:
-    ValueError (naming `config.mesh.shape`) if the sizes cannot cover the devices.
+    ValueError (naming `field`) if the sizes cannot cover the devices.
   """
   shape = tuple(int(s) for s in shape)
   if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f'config.mesh.shape={shape}: sizes must be positive, with at most '
+    raise ValueError(f'{field}={shape}: sizes must be positive, with at most '
                      'one -1 (fill)')
   known = math.prod(s for s in shape if s != -1)
   if num_devices % known:
-    raise ValueError(f'config.mesh.shape={shape} does not divide the {num_devices} devices')
+    raise ValueError(f'{field}={shape} does not divide the {num_devices} {unit}')
   if -1 in shape:
     shape = tuple(num_devices // known if s == -1 else s for s in shape)
   if math.prod(shape) != num_devices:
-    raise ValueError(f'config.mesh.shape={shape} uses {math.prod(shape)} devices but '
+    raise ValueError(f'{field}={shape} uses {math.prod(shape)} {unit} but '
                      f'{num_devices} are present; use -1 for one axis to fill')
   return shape
+
+
+def hybrid_device_array(ici_shape: Sequence[int], dcn_shape: Sequence[int],
+                        devices: Sequence[jax.Device]) -> np.ndarray:
+  """Devices of a multi-slice mesh, for `jax.sharding.Mesh`.
+
+  Args:
+    ici_shape: sizes within one slice (`config.mesh.shape`), at most one -1.
+    dcn_shape: number of slices along each axis (`config.mesh.dcn_shape`), of
+      the same length, at most one -1.
+    devices: the devices of all slices.
+
+  Returns:
+    An array of shape `ici_shape * dcn_shape` (elementwise, -1s resolved) made of
+    one `ici_shape` block per slice, the blocks laid out in `dcn_shape` in slice
+    order; so only the axes with a dcn size > 1 cross slices.
+
+  Raises:
+    ValueError naming `config.mesh.dcn_shape` or `config.mesh.shape` if the
+    slices differ in size or the shapes do not cover the slices and devices.
+  """
+  # TPU devices carry the index of their slice; CPU and GPU devices do not, so
+  # there each process (one host, whose devices share fast links) is a slice.
+  process_is_granule = not all(hasattr(d, 'slice_index') for d in devices)
+  key = 'process_index' if process_is_granule else 'slice_index'
+  slice_sizes = collections.Counter(getattr(d, key) for d in devices)
+  if len(set(slice_sizes.values())) > 1:
+    raise ValueError(f'config.mesh.dcn_shape: the slices (devices by {key}) differ in size: '
+                     f'{dict(sorted(slice_sizes.items()))} devices')
+  num_slices = len(slice_sizes)
+  per_slice = len(devices) // num_slices
+  dcn_shape = resolve_mesh_shape(dcn_shape, num_slices, 'config.mesh.dcn_shape',
+                                 f'slices (devices by {key})')
+  ici_shape = resolve_mesh_shape(ici_shape, per_slice, 'config.mesh.shape (per slice)',
+                                 f'devices of each of the {num_slices} slices')
+  # Splitting a physical axis is only a fallback (used when no whole-axis
+  # assignment fits), so any per-slice shape that factors the slice works.
+  return mesh_utils.create_hybrid_device_mesh(
+      ici_shape, dcn_shape, devices, process_is_granule=process_is_granule,
+      allow_split_physical_axes=True)
 
 
 def make_mesh(config: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds the mesh of `config.mesh` over `devices` (default: all devices).
 
-  Axes are `Auto` (classic GSPMD sharding propagation), which linen's logical
-  partitioning needs.
+  With `config.mesh.dcn_shape` set the mesh spans slices: axis i has size
+  `shape[i] * dcn_shape[i]` (see `hybrid_device_array`). Axes are `Auto`
+  (classic GSPMD sharding propagation), which linen's logical partitioning needs.
   """
   axes = tuple(config.mesh.axes)
   shape = mesh_shape(config.mesh)
@@ -146,9 +201,15 @@ def make_mesh(config: ml_collections.ConfigDict,
     raise ValueError(f'config.mesh.data_axes names {sorted(unknown)}, not in '
                      f'config.mesh.axes={axes}')
   devices = list(jax.devices() if devices is None else devices)
+  axis_types = (AxisType.Auto,) * len(axes)
+  dcn_shape = mesh_shape(config.mesh, 'dcn_shape')
+  if dcn_shape:
+    if len(dcn_shape) != len(axes):
+      raise ValueError(f'config.mesh.axes={axes} and config.mesh.dcn_shape={dcn_shape} '
+                       'differ in length')
+    return Mesh(hybrid_device_array(shape, dcn_shape, devices), axes, axis_types=axis_types)
   shape = resolve_mesh_shape(shape, len(devices))
-  return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes),
-                       devices=devices)
+  return jax.make_mesh(shape, axes, axis_types=axis_types, devices=devices)
 
 
 def logical_axis_rules(config: ml_collections.ConfigDict) -> Rules:
