@@ -7,6 +7,7 @@ each sentence names its image ("image three caption one"), so a batch shows whic
 image and which sentence every example joined. The embedded world's tiny build
 is the integration test.
 """
+import dataclasses
 import json
 import os
 
@@ -17,8 +18,9 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 import transformers
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh
 
+from vlpjax import sharding
 from vlpjax.data import examples
 from vlpjax.data import input_pipeline
 from vlpjax.data import tables
@@ -618,3 +620,43 @@ def test_float16_conversion_is_exact():
   converted = np.zeros((256, 256), np.float32)
   tables._convert_into(converted, every_half)  # pylint: disable=protected-access
   np.testing.assert_array_equal(converted, every_half.astype(np.float32))  # NaNs equal too
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FakeDevice:
+  """A device of process `process_index` (enough for a sharding's index maps)."""
+  id: int
+  process_index: int
+  platform: str = 'cpu'
+  device_kind: str = 'cpu'
+
+
+def two_process_sharding(shape, order=None):
+  """The batch sharding over a mesh `shape` of 8 devices, 4 per process, laid out
+  in `order` (device ids in mesh order)."""
+  devices = [FakeDevice(id=i, process_index=i // 4) for i in range(8)]
+  grid = np.array([devices[i] for i in (order or range(8))]).reshape(shape)
+  mesh = Mesh(grid, sharding.DEFAULT_MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+  return input_pipeline.batch_sharding(mesh, ('data', 'fsdp'), 16)
+
+
+def test_process_batch_rows_come_from_the_sharding():
+  assert input_pipeline.process_batch_rows(two_process_sharding((8, 1, 1)), 16) == {
+      0: (0, 8), 1: (8, 16)}
+  # Tensor parallel within each host, data parallel across the two.
+  assert input_pipeline.process_batch_rows(two_process_sharding((2, 1, 4)), 16) == {
+      0: (0, 8), 1: (8, 16)}
+  # Process 1's devices first: it holds the first rows.
+  order = [4, 5, 6, 7, 0, 1, 2, 3]
+  assert input_pipeline.process_batch_rows(two_process_sharding((8, 1, 1), order), 16) == {
+      0: (8, 16), 1: (0, 8)}
+
+
+@pytest.mark.parametrize('shape, order', [
+    ((1, 1, 8), None),                          # the batch replicated on both hosts
+    ((2, 1, 4), [0, 1, 4, 5, 2, 3, 6, 7]),      # a tensor axis spanning the hosts
+])
+def test_bad_batch_layout_is_refused_naming_mesh_and_processes(shape, order):
+  with pytest.raises(ValueError, match=r"does not split over the 2 processes: mesh "
+                     r"\{'data': \d, 'fsdp': 1, 'tensor': \d\}.*process 0: rows .*process 1"):
+    input_pipeline.process_batch_rows(two_process_sharding(shape, order), 16)

@@ -130,10 +130,50 @@ def batch_layout(data_config: ml_collections.ConfigDict, global_batch_size: int,
     raise ValueError(f'global_batch_size {global_batch_size} must be a positive multiple '
                      f'of the process count {process_count}')
   sharding = None if mesh is None else batch_sharding(mesh, data_axes, global_batch_size)
+  local_batch_size = global_batch_size // process_count
+  if sharding is not None:
+    start, stop = process_batch_rows(sharding, global_batch_size)[jax.process_index()]
+    local_batch_size = stop - start
   seed = seed if data_config.seed is None else data_config.seed
   if not 0 <= seed < 2**32:
     raise ValueError(f'data seed must be in [0, 2**32), got {seed}')
-  return global_batch_size // process_count, seed, sharding
+  return local_batch_size, seed, sharding
+
+
+def process_batch_rows(sharding: NamedSharding, global_batch_size: int
+                       ) -> dict[int, tuple[int, int]]:
+  """{process: [start, stop)}, the rows of a global batch each process's devices
+  hold under `sharding` (from its device -> index map, not assumed).
+
+  Every process feeds examples of its own (`endless_batches`), so the layout
+  must give each one a contiguous block of its own, all of one size.
+
+  Raises:
+    ValueError naming the mesh and each process's rows when processes share
+      rows (a batch shard replicated across hosts, e.g. a `tensor` axis that
+      spans them, or a mesh (1,1,8) over 2 processes): their replicas would
+      silently receive different examples.
+  """
+  rows: dict[int, set[int]] = {}
+  for device, index in sharding.devices_indices_map((global_batch_size,)).items():
+    rows.setdefault(device.process_index, set()).update(
+        range(*index[0].indices(global_batch_size)))
+  blocks = {p: (min(r), max(r) + 1) for p, r in sorted(rows.items())}
+  expected = global_batch_size // len(blocks)
+  fits = (all(len(rows[p]) == stop - start == expected for p, (start, stop) in blocks.items())
+          and sum(len(r) for r in rows.values()) == global_batch_size)
+  if not fits:
+    mesh = sharding.mesh
+    layout = ', '.join(f'process {p}: rows {sorted(rows[p])[:4]}{"..." if len(rows[p]) > 4 else ""}'
+                       f' ({len(rows[p])})' for p in blocks)
+    raise ValueError(
+        f'the batch layout does not split over the {len(blocks)} processes: mesh '
+        f'{dict(mesh.shape)} shards the batch over {tuple(sharding.spec[0] or ())} '
+        f'({global_batch_size} rows), and {layout}; each process must hold its own '
+        'contiguous block of rows, or its replicas would receive different examples. '
+        'Make the data axes (config.mesh.data_axes) span the processes, e.g. '
+        "--config.mesh.shape='(-1,1,1)', and keep the other axes within a host")
+  return blocks
 
 
 def endless_batches(data_config: ml_collections.ConfigDict, num_examples: int,
