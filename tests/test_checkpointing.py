@@ -111,16 +111,30 @@ def test_bad_checkpoint_config(tmp_path, overrides):
     checkpointing.Checkpointer(str(tmp_path), checkpoint_config(**overrides))
 
 
-def test_restore_with_other_process_count_is_an_error(tmp_path, mesh):
+def test_restore_on_another_process_count_takes_the_saved_position(tmp_path, mesh):
   checkpointer = checkpointing.Checkpointer(str(tmp_path), checkpoint_config())
-  checkpointer.save(1, make_state(mesh, 1.0), CountingIterator(), force=True)
+  saved = CountingIterator()
+  for _ in range(3):
+    next(saved)
+  checkpointer.save(1, make_state(mesh, 1.0), saved, force=True)
   checkpointer.close()
   data_dir = tmp_path / 'checkpoints' / '1' / 'data_iterator'
-  os.rename(data_dir / 'process_0-of-1.json', data_dir / 'process_0-of-2.json')
-  restorer = checkpointing.Checkpointer(str(tmp_path), checkpoint_config())
+  # As if 2 processes had saved it (the same global position each).
+  text = (data_dir / 'process_0-of-1.json').read_text()
+  os.remove(data_dir / 'process_0-of-1.json')
+  for index in range(2):
+    (data_dir / f'process_{index}-of-2.json').write_text(text)
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                           make_state(mesh, 1.0))
-  with pytest.raises(ValueError, match='different number of processes'):
+  restorer = checkpointing.Checkpointer(str(tmp_path), checkpoint_config())
+  restored = CountingIterator()
+  restorer.restore(1, abstract, restored)
+  assert restored.get_state() == saved.get_state()
+  restorer.close()
+  # Saved states that disagree cannot be one global position.
+  (data_dir / 'process_1-of-2.json').write_text(text.replace('3', '4'))
+  restorer = checkpointing.Checkpointer(str(tmp_path), checkpoint_config())
+  with pytest.raises(checkpointing.CheckpointCorruptError, match='differ'):
     restorer.restore(1, abstract, CountingIterator())
   restorer.close()
 

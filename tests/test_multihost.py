@@ -46,6 +46,21 @@ def run_two_processes(workdir: str, data_dir: str, cache_dir: str, *overrides: s
   assert 'process 1 of 2, 4 local / 8 global devices' in outputs[1]
 
 
+def run_one_process(workdir: str, data_dir: str, cache_dir: str, *overrides: str,
+                    config: str = 'configs/visualbert.py:tiny') -> None:
+  """Runs `vlpjax.main` as one process over the same 8 CPU devices."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='8', PYTHONPATH=REPO,
+             JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  result = subprocess.run(
+      [sys.executable, '-m', 'vlpjax.main', f'--config={config}', f'--workdir={workdir}',
+       f'--config.data.data_dir={data_dir}', '--config.data.size=tiny',
+       '--config.model.vocab_size=144', '--config.train.global_batch_size=8',
+       f'--config.train.num_steps={NUM_STEPS}', '--config.train.log_every_steps=1',
+       '--config.checkpoint.every_steps=2', *overrides],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-4000:]
+
+
 def losses(workdir) -> dict[int, float]:
   with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
     return {r['step']: r['loss'] for r in map(json.loads, f)}
@@ -94,3 +109,25 @@ def test_two_processes_evaluate_every_question_once(tmp_path):
               encoding='utf-8') as f:
       assert sorted(p['question_id'] for p in json.load(f)) == questions
   assert not [f for f in os.listdir(os.path.join(workdir, 'predictions')) if '.part-' in f]
+
+
+@pytest.mark.slow
+def test_resume_on_another_number_of_processes_matches(tmp_path):
+  """2 processes for 2 steps, resumed on 1 process (and the reverse): the same
+  global examples, so the losses of an uninterrupted run."""
+  data_dir, cache_dir = str(tmp_path / 'tfds'), str(tmp_path / 'jax_cache')
+  tables.dataset_info(ml_collections.ConfigDict(dict(input_pipeline.default_data_config(),
+                                                       size='tiny', data_dir=data_dir)))
+  reference = str(tmp_path / 'reference')
+  run_two_processes(reference, data_dir, cache_dir)
+  two_then_one, one_then_two = str(tmp_path / 'two_then_one'), str(tmp_path / 'one_then_two')
+  run_two_processes(two_then_one, data_dir, cache_dir, '--config.train.max_steps_this_run=2')
+  run_one_process(two_then_one, data_dir, cache_dir)
+  run_one_process(one_then_two, data_dir, cache_dir, '--config.train.max_steps_this_run=2')
+  run_two_processes(one_then_two, data_dir, cache_dir)
+  want = losses(reference)
+  for workdir in (two_then_one, one_then_two):
+    got = losses(workdir)
+    assert sorted(got) == sorted(want) == list(range(1, NUM_STEPS + 1)), workdir
+    for step in want:
+      assert got[step] == pytest.approx(want[step], rel=1e-5), (workdir, step)

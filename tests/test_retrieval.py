@@ -180,7 +180,7 @@ def test_negatives_are_other_images_and_deterministic(data_dir):
   tokenizer, images, captions, index = retrieval.open_split(config.data, 'uniter', 'train')
   assert (len(captions), len(index.images)) == (72, 24)
   examples = retrieval.RetrievalExamples('uniter', tokenizer, images, captions, index, 6, 5,
-                                         seed=3, shard_size=72)
+                                         seed=3)
   rows = np.arange(72)
   batch = examples.examples(rows, np.zeros(72, np.int64))
   assert batch['neg_region_feats'].shape[:2] == (72, 6)

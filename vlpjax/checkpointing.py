@@ -75,10 +75,6 @@ class CheckpointWriteError(OSError):
   directory and its free space."""
 
 
-class ProcessCountError(ValueError):
-  """The checkpoint was written by a different number of processes."""
-
-
 def _reason(error: BaseException) -> str:
   """'<type>: <first line>' of the innermost cause of `error` (orbax wraps
   tensorstore's errors, which go on with pages of spec)."""
@@ -94,7 +90,7 @@ def _read_errors(path: epath.Path) -> Iterator[None]:
   """Re-raises what reading the checkpoint at `path` raised as one CheckpointCorruptError."""
   try:
     yield
-  except (CheckpointCorruptError, ProcessCountError):
+  except CheckpointCorruptError:
     raise
   except Exception as e:  # pylint: disable=broad-exception-caught  (orbax raises bare Exception)
     raise CheckpointCorruptError(f'{path}: {_reason(e)}') from None
@@ -168,8 +164,9 @@ class DataIteratorHandler(ocp.CheckpointHandler):
 
   Accepts iterators whose state is a JSON-able dict (grain `DatasetIterator`
   style) or UTF-8 bytes (grain `DataLoaderIterator` style), and restores the
-  same kind. Restoring with a different process count is an error: each
-  process's position in its own shard would be lost.
+  same kind. vlpjax's iterators walk one global order (`endless_batches`), so
+  every process saves the same state, and a run restarted on another number of
+  processes restores the saved one (checked to agree across the saved files).
   """
 
   def _file(self, directory: epath.Path) -> epath.Path:
@@ -185,13 +182,21 @@ class DataIteratorHandler(ocp.CheckpointHandler):
     """Returns the saved state; the caller sets it (its errors are not damage)."""
     del args
     path = self._file(directory)
-    if not path.exists():
-      found = sorted(p.name for p in directory.glob('process_*.json'))
-      if found:
-        raise ProcessCountError(
-            f'{path} is missing (found {found}): the checkpoint was written by a '
-            f'different number of processes than {jax.process_count()}')
+    if path.exists():
+      return self._read(path)
+    found = sorted(directory.glob('process_*.json'))
+    if not found:
       raise CheckpointCorruptError(f'{path}: missing')
+    states = [self._read(p) for p in found]
+    if any(s != states[0] for s in states):
+      raise CheckpointCorruptError(
+          f'{directory}: the data states of {[p.name for p in found]} differ, so they '
+          f'cannot be restored on {jax.process_count()} process(es)')
+    logging.info('checkpoint: data position from %s (saved by another number of '
+                 'processes; the data order is global)', found[0].name)
+    return states[0]
+
+  def _read(self, path: epath.Path) -> Any:
     try:
       record = json.loads(path.read_text())
       return record['state'].encode() if record['kind'] == 'bytes' else record['state']
@@ -314,7 +319,6 @@ class Checkpointer:
 
     Raises:
       CheckpointCorruptError: the checkpoint does not read back.
-      ProcessCountError: it was written by a different number of processes.
     """
     step_dir = self.directory / str(step)
     # The small item first: a damaged one then costs no read of the state.

@@ -147,14 +147,14 @@ class CaptionGroups:
 class BatchAssembler:
   """Turns a batch of positions in the shuffled sentence stream into model inputs.
 
-  Called as `assembler(batch_number, sentence_indices [B])` by grain; position
-  `batch_number * B + j` of this process's stream is example j.
+  Called as `assembler(epochs [B], sentence_indices [B])` (`endless_batches`):
+  row j is sentence `sentence_indices[j]` as drawn in epoch `epochs[j]` (an int:
+  the same epoch for all).
   """
   design: design_lib.Design
   tokenizer: BertTokenizer
   images: tables.ImageTable
   sentences: Sequence[tables.Table]  # in index order: captions[, vqa]
-  shard_size: int                   # sentences per epoch in this process's shard
   seed: int
   mismatch_prob: float
   num_answers: int | None = None
@@ -212,10 +212,10 @@ class BatchAssembler:
                        f'{self.images.name} ({self.images.num_images} images)')
     return image
 
-  def __call__(self, batch_number: int, anchor: np.ndarray) -> dict[str, np.ndarray]:
+  def __call__(self, epochs: np.ndarray | int, anchor: np.ndarray) -> dict[str, np.ndarray]:
     anchor = np.asarray(anchor, np.int64)
     b = len(anchor)
-    epoch = (batch_number * b + np.arange(b)) // self.shard_size
+    epoch = np.broadcast_to(np.asarray(epochs, np.int64), (b,))
     records = self.read_sentences(anchor)
     anchor_image = self._image_index(anchor, records)
     mismatched = hashed_uniform(self.seed, epoch, anchor, _MISMATCH) < self.mismatch_prob
@@ -267,7 +267,7 @@ class BatchAssembler:
 
 
 def make_batch_assembler(data_config: ml_collections.ConfigDict, design: design_lib.Design, *,
-                         split: str, seed: int, process_count: int = 1) -> BatchAssembler:
+                         split: str, seed: int) -> BatchAssembler:
   """The tables of `split` and the design's pairing, as a `BatchAssembler`.
 
   `assembler(0, indices)` gives the pairs of sentences `indices` drawn as in
@@ -298,11 +298,7 @@ def make_batch_assembler(data_config: ml_collections.ConfigDict, design: design_
   if design.pairing == design_lib.SECOND_CAPTION:
     caption_groups = CaptionGroups.from_image_index(tables.read_image_indices(sentences[0]),
                                                     images.num_images)
-  num_sentences = sum(len(s) for s in sentences)
-  shard_size = num_sentences // process_count
-  if shard_size == 0:
-    raise ValueError(f'{num_sentences} sentences cannot be shared by {process_count} processes')
   return BatchAssembler(
       design=design, tokenizer=tokenizer, images=images, sentences=sentences,
-      shard_size=shard_size, seed=seed, mismatch_prob=data_config.mismatch_prob,
+      seed=seed, mismatch_prob=data_config.mismatch_prob,
       num_answers=num_answers, caption_groups=caption_groups)

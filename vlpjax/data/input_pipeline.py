@@ -116,8 +116,9 @@ class PretrainingIterator(grain.DatasetIterator):
 
 def batch_layout(data_config: ml_collections.ConfigDict, global_batch_size: int, seed: int,
                  mesh: Mesh | None, data_axes: Sequence[str]
-                 ) -> tuple[int, int, NamedSharding | None]:
-  """(this process's batch size, the data seed, the batch sharding or None).
+                 ) -> tuple[tuple[int, int], int, NamedSharding | None]:
+  """(this process's rows [start, stop) of each global batch, the data seed, the
+  batch sharding or None).
 
   The data seed is `data.seed` when set, else the run's `seed`.
 
@@ -130,14 +131,14 @@ def batch_layout(data_config: ml_collections.ConfigDict, global_batch_size: int,
     raise ValueError(f'global_batch_size {global_batch_size} must be a positive multiple '
                      f'of the process count {process_count}')
   sharding = None if mesh is None else batch_sharding(mesh, data_axes, global_batch_size)
-  local_batch_size = global_batch_size // process_count
+  local = global_batch_size // process_count
+  rows = (jax.process_index() * local, (jax.process_index() + 1) * local)
   if sharding is not None:
-    start, stop = process_batch_rows(sharding, global_batch_size)[jax.process_index()]
-    local_batch_size = stop - start
+    rows = process_batch_rows(sharding, global_batch_size)[jax.process_index()]
   seed = seed if data_config.seed is None else data_config.seed
   if not 0 <= seed < 2**32:
     raise ValueError(f'data seed must be in [0, 2**32), got {seed}')
-  return local_batch_size, seed, sharding
+  return rows, seed, sharding
 
 
 def process_batch_rows(sharding: NamedSharding, global_batch_size: int
@@ -145,8 +146,8 @@ def process_batch_rows(sharding: NamedSharding, global_batch_size: int
   """{process: [start, stop)}, the rows of a global batch each process's devices
   hold under `sharding` (from its device -> index map, not assumed).
 
-  Every process feeds examples of its own (`endless_batches`), so the layout
-  must give each one a contiguous block of its own, all of one size.
+  Every process builds only its rows (`endless_batches`), so the layout must
+  give each one a contiguous block of its own, all of one size.
 
   Raises:
     ValueError naming the mesh and each process's rows when processes share
@@ -177,22 +178,30 @@ def process_batch_rows(sharding: NamedSharding, global_batch_size: int
 
 
 def endless_batches(data_config: ml_collections.ConfigDict, num_examples: int,
-                    local_batch_size: int, seed: int,
-                    make_batch: Callable[[int, np.ndarray], dict[str, np.ndarray]]
+                    global_batch_size: int, rows: tuple[int, int], seed: int,
+                    make_batch: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
                     ) -> grain.IterDataset:
-  """This process's endless batches of examples [0, num_examples), prefetched.
+  """This process's rows of endless global batches of examples [0, num_examples),
+  prefetched.
 
-  Each process takes a contiguous equal shard (the remainder is left out of every
-  epoch), shuffled afresh each epoch (grain, from `seed`); `make_batch(batch_number,
-  indices [local_batch_size])` builds each batch, in `data.worker_count` worker
+  One global stream: position q = b * global_batch_size + r (row r of batch b)
+  is example perm_e(q mod N) of epoch e = q // N, each epoch shuffled afresh
+  (grain's index shuffle, from `seed`). So the example at every position is a
+  pure function of (seed, position), whatever the number of processes: a run
+  resumes on another topology with the same global order, each process taking
+  its `rows` [start, stop) (`batch_layout`). `make_batch(epochs [L], indices [L])`
+  builds this process's part of each batch, in `data.worker_count` worker
   processes or a prefetch thread.
   """
-  process_index, process_count = jax.process_index(), jax.process_count()
-  shard_size = num_examples // process_count
-  dataset = grain.MapDataset.range(num_examples)
-  dataset = dataset[process_index * shard_size:(process_index + 1) * shard_size]
-  dataset = dataset.shuffle(seed=seed).repeat()
-  dataset = dataset.batch(local_batch_size, drop_remainder=True).map_with_index(make_batch)
+  start, stop = rows
+  dataset = grain.MapDataset.range(num_examples).shuffle(seed=seed).repeat()
+  dataset = dataset.batch(global_batch_size, drop_remainder=True)
+
+  def local_part(batch_number: int, examples: np.ndarray) -> dict[str, np.ndarray]:
+    epochs = (batch_number * global_batch_size + np.arange(start, stop)) // num_examples
+    return make_batch(epochs, np.asarray(examples[start:stop], np.int64))
+
+  dataset = dataset.map_with_index(local_part)
   if data_config.worker_count > 0:
     if not flags.FLAGS.is_parsed():
       # grain's worker processes read absl flags; outside an absl app use defaults.
@@ -234,18 +243,17 @@ def make_pretraining_iterator(data_config: ml_collections.ConfigDict, model_name
                      'has no QA objective')
   if not 0.0 <= data_config.mismatch_prob <= 1.0:
     raise ValueError(f'data.mismatch_prob must be in [0, 1], got {data_config.mismatch_prob}')
-  process_count = jax.process_count()
-  local_batch_size, seed, sharding = batch_layout(data_config, global_batch_size, seed, mesh,
-                                                  data_axes)
-  assembler = examples.make_batch_assembler(data_config, design, split=split, seed=seed,
-                                            process_count=process_count)
+  rows, seed, sharding = batch_layout(data_config, global_batch_size, seed, mesh, data_axes)
+  assembler = examples.make_batch_assembler(data_config, design, split=split, seed=seed)
   num_sentences, images = assembler.num_sentences, assembler.images
   sentences = assembler.sentences
 
-  stream = endless_batches(data_config, num_sentences, local_batch_size, seed, assembler)
+  stream = endless_batches(data_config, num_sentences, global_batch_size, rows, seed,
+                           assembler)
+  # The process count is not part of it: the global order does not depend on it.
   fingerprint = dict(
       design=model_name, seed=seed, global_batch_size=global_batch_size,
-      process_count=process_count, split=split, num_sentences=num_sentences,
+      split=split, num_sentences=num_sentences,
       num_images=images.num_images,
       tables=[tables.table_name(data_config, t)
               for t in ('images', 'captions', 'vqa')[:1 + len(sentences)]],

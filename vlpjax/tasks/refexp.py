@@ -298,7 +298,7 @@ def append_regions(gathered: dict[str, np.ndarray], extra: dict[str, np.ndarray]
 @dataclasses.dataclass
 class RefexpExamples:
   """Builds referring-expression batches (the module docstring's keys);
-  `examples(indices)` or grain's `examples_fn(batch_number, indices)`.
+  `examples(indices)` or `endless_batches`' `examples_fn(epochs, indices)`.
 
   Attributes:
     design: the model's design (its region inputs and leading slots).
@@ -338,8 +338,8 @@ class RefexpExamples:
                  target_box=target_box)
     return batch
 
-  def examples_fn(self, batch_number: int, indices: np.ndarray) -> dict[str, np.ndarray]:
-    del batch_number  # no per-example randomness: the shuffle is grain's
+  def examples_fn(self, epochs: np.ndarray, indices: np.ndarray) -> dict[str, np.ndarray]:
+    del epochs  # no per-example randomness: the shuffle is grain's
     return self.examples(indices)
 
 

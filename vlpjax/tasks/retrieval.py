@@ -393,7 +393,7 @@ class RetrievalExamples:
     captions: the captions table's split ('text', 'image_index').
     index: its CaptionIndex.
     image_negatives, text_negatives: `drawn` negatives per side.
-    seed: the data seed; shard_size: captions per epoch of this process.
+    seed: the data seed.
   """
   design: str
   tokenizer: BertTokenizer
@@ -403,7 +403,6 @@ class RetrievalExamples:
   image_negatives: int
   text_negatives: int
   seed: int
-  shard_size: int
 
   def __len__(self) -> int:
     return len(self.captions)
@@ -438,11 +437,9 @@ class RetrievalExamples:
       batch[NEGATIVE_PREFIX + key] = value.reshape((b, self.text_negatives) + value.shape[1:])
     return batch
 
-  def examples_fn(self, batch_number: int, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """grain's `map_with_index` function: position batch_number * B + j is row j."""
-    indices = np.asarray(indices, np.int64)
-    epoch = (batch_number * len(indices) + np.arange(len(indices))) // self.shard_size
-    return self.examples(indices, epoch)
+  def examples_fn(self, epochs: np.ndarray, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """`endless_batches`' function: captions `indices` [B] drawn as in `epochs` [B]."""
+    return self.examples(np.asarray(indices, np.int64), np.asarray(epochs, np.int64))
 
 
 def open_split(data_config: ml_collections.ConfigDict, design: str, split: str
@@ -471,25 +468,19 @@ def make_train_iterator(config: ml_collections.ConfigDict, mesh: Mesh | None
                         ) -> input_pipeline.PretrainingIterator:
   """Endless, shuffled, resumable batches of `retrieval.train_split`'s captions
   with their negatives (`RetrievalExamples`)."""
-  process_count = jax.process_count()
-  local_batch_size, seed, sharding = input_pipeline.batch_layout(
-      config.data, config.train.global_batch_size, config.seed, mesh,
-      tuple(config.mesh.data_axes))
+  global_batch_size = config.train.global_batch_size
+  rows, seed, sharding = input_pipeline.batch_layout(
+      config.data, global_batch_size, config.seed, mesh, tuple(config.mesh.data_axes))
   split = config.retrieval.train_split
   tokenizer, images, captions, index = open_split(config.data, config.model.name, split)
   image_side, text_side = negative_counts(config.retrieval, config.model.name)
-  shard_size = len(captions) // process_count
-  if shard_size < local_batch_size:
-    raise ValueError(f'{len(captions)} captions of split {split!r} over {process_count} '
-                     f'processes leave {shard_size} per process, fewer than the local batch '
-                     f'of {local_batch_size}')
   examples = RetrievalExamples(config.model.name, tokenizer, images, captions, index,
-                               image_side.drawn, text_side.drawn, seed, shard_size)
-  stream = input_pipeline.endless_batches(config.data, len(captions), local_batch_size, seed,
-                                          examples.examples_fn)
+                               image_side.drawn, text_side.drawn, seed)
+  stream = input_pipeline.endless_batches(config.data, len(captions), global_batch_size, rows,
+                                          seed, examples.examples_fn)
   fingerprint = dict(
       task='retrieval', design=config.model.name, seed=seed,
-      global_batch_size=config.train.global_batch_size, process_count=process_count,
+      global_batch_size=global_batch_size,
       split=split, num_captions=len(captions), num_images=len(index.images),
       tables=[tables.table_name(config.data, t) for t in ('images', 'captions')],
       negatives=[dataclasses.astuple(image_side), dataclasses.astuple(text_side)],

@@ -518,7 +518,7 @@ def answer_targets(records: Sequence[Mapping[str, Any]], num_answers: int,
 @dataclasses.dataclass
 class VqaExamples:
   """Builds VQA batches from the tables; `examples(indices)` or, as grain's
-  `map_with_index` function, `examples_fn(batch_number, indices)`.
+  function, `examples_fn(epochs, indices)` (`endless_batches`).
 
   Attributes:
     design: one of vlpjax.models.DESIGNS (region inputs).
@@ -557,8 +557,8 @@ class VqaExamples:
                                       ).reshape(-1)
     return batch
 
-  def examples_fn(self, batch_number: int, indices: np.ndarray) -> dict[str, np.ndarray]:
-    del batch_number  # no per-example randomness: the shuffle is grain's
+  def examples_fn(self, epochs: np.ndarray, indices: np.ndarray) -> dict[str, np.ndarray]:
+    del epochs  # no per-example randomness: the shuffle is grain's
     return self.examples(indices)
 
 
@@ -566,8 +566,8 @@ class VqaExamples:
 class PairExamples:
   """The tables a text table's batches are built from, where each row pairs a
   text with images by row (SNLI-VE's statements, NLVR2's sentences): a
-  subclass's `examples(indices)` builds the batch; grain's `map_with_index`
-  function is `examples_fn(batch_number, indices)`.
+  subclass's `examples(indices)` builds the batch; `endless_batches`'
+  function is `examples_fn(epochs, indices)`.
 
   Attributes:
     design: one of vlpjax.models.DESIGNS (region inputs).
@@ -587,8 +587,8 @@ class PairExamples:
     """The batch of records `indices` [B]: the task's."""
     raise NotImplementedError(f'{type(self).__name__} builds no batches')
 
-  def examples_fn(self, batch_number: int, indices: np.ndarray) -> dict[str, np.ndarray]:
-    del batch_number  # no per-example randomness: the shuffle is grain's
+  def examples_fn(self, epochs: np.ndarray, indices: np.ndarray) -> dict[str, np.ndarray]:
+    del epochs  # no per-example randomness: the shuffle is grain's
     return self.examples(indices)
 
 
@@ -727,20 +727,14 @@ def iterate_examples(data_config: ml_collections.ConfigDict, examples: Any,
   `fingerprint`: what else the batches follow (task, design, head, labels); the
   iterator adds the layout (seed, batch, processes, split, sizes, tables).
   """
-  process_count = jax.process_count()
-  local_batch_size, seed, sharding = input_pipeline.batch_layout(
+  rows, seed, sharding = input_pipeline.batch_layout(
       data_config, global_batch_size, seed, mesh, data_axes)
   num_questions = len(examples)
-  shard_size = num_questions // process_count
-  if shard_size < local_batch_size:
-    raise ValueError(f'{num_questions} examples of split {split!r} over {process_count} '
-                     f'processes leave {shard_size} per process, fewer than the local '
-                     f'batch of {local_batch_size}')
-  stream = input_pipeline.endless_batches(data_config, num_questions, local_batch_size, seed,
-                                          examples.examples_fn)
+  stream = input_pipeline.endless_batches(data_config, num_questions, global_batch_size, rows,
+                                          seed, examples.examples_fn)
   fingerprint = dict(
       fingerprint, seed=seed, global_batch_size=global_batch_size,
-      process_count=process_count, split=split, num_questions=num_questions,
+      split=split, num_questions=num_questions,
       num_images=examples.images.num_images,
       tables=[tables.table_name(data_config, t) for t in ('images', table)],
       max_text_len=data_config.max_text_len, max_regions=data_config.max_regions,
