@@ -343,7 +343,7 @@ def _make_inputs(design, batch, task, config, rng=0):
 
 
 def test_sample_task_is_deterministic_and_follows_ratios():
-  ratios = pretraining.task_ratios(_config('uniter'))
+  ratios = pretraining.task_ratios(_config("uniter"), 0)
   assert ratios == {'itm': 2.0, 'mlm': 2.0, 'mrfr': 1.0, 'mrckl': 1.0}
   draws = [pretraining.sample_task(0, step, ratios) for step in range(3000)]
   assert draws == [pretraining.sample_task(0, step, dict(reversed(list(ratios.items()))))
@@ -352,6 +352,25 @@ def test_sample_task_is_deterministic_and_follows_ratios():
   for task, expected in (('itm', 1 / 3), ('mlm', 1 / 3), ('mrfr', 1 / 6), ('mrckl', 1 / 6)):
     assert abs(freq[task] - expected) < 0.03, freq
   assert draws != [pretraining.sample_task(1, step, ratios) for step in range(3000)]
+
+
+def test_first_stage_draws_by_its_own_ratios():
+  config = _config('uniter', first_stage_steps=50, first_stage_ratios=(1, 0, 0, 0))
+  assert pretraining.tasks_for('uniter', config) == ['itm', 'mlm', 'mrfr', 'mrckl']
+  draws = [pretraining.sample_task(0, step, pretraining.task_ratios(config, step))
+           for step in range(1000)]
+  assert set(draws[:50]) == {'itm'}
+  assert set(draws[50:]) == {'itm', 'mlm', 'mrfr', 'mrckl'}
+  assert draws[50:] == [pretraining.sample_task(0, step, pretraining.task_ratios(_config('uniter'), 0))
+                        for step in range(50, 1000)]
+  with pytest.raises(ValueError, match=r'config.pretrain.first_stage_ratios \(1, 0\) must give'):
+    pretraining.tasks_for('uniter', _config('uniter', first_stage_steps=5, first_stage_ratios=(1, 0)))
+  # The world recipe (a `small` run) starts with matching alone.
+  small = importlib.import_module('configs.uniter').get_config('small')
+  assert small.pretrain.first_stage_steps > 0
+  assert [t for t, r in pretraining.task_ratios(small, 0).items() if r] == ['itm']
+  assert pretraining.task_ratios(small, small.pretrain.first_stage_steps) == {
+      'itm': 2.0, 'mlm': 2.0, 'mrfr': 1.0, 'mrckl': 1.0}
 
 
 def test_tasks_for_and_config_errors():

@@ -9,7 +9,6 @@ bypassed `vlpjax.paths` (an `open('gs://...')`, `os.makedirs`) would leave a loc
 `gs:` directory behind, or find nothing, and fail the test.
 """
 import json
-import os
 import subprocess
 import sys
 import urllib.parse

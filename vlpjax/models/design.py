@@ -93,6 +93,9 @@ class Design:
     pairing: how a mismatched pair is made (PAIRINGS).
     max_text_len: the original's text length (word pieces incl. [CLS]/[SEP]).
     world_text_len: the text length on the embedded world (its sentences are short).
+    world_pretrain: `config.pretrain` fields a `small` run on the embedded world
+      overrides: the recipe rebalanced so that every objective leaves its
+      plateau within the world's budget (config_lib.SMALL_RUN).
     recipe: the pretraining recipe.
     forward_flops: (model config, text_len, regions, mlm_predictions) -> forward
       FLOPs of one pretraining example.
@@ -128,6 +131,7 @@ class Design:
   after_bert_import: Callable[[Any, ml_collections.ConfigDict], Any] | None = None
   matching_head: str | None = None
   pair_image_token_types: tuple[int, int] | None = None
+  world_pretrain: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if self.pairing not in PAIRINGS:

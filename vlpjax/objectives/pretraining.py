@@ -6,11 +6,13 @@ The train step calls, inside `jax.jit` with `task` static:
   outputs = model.apply(params, **model_kwargs, ...)
   total, losses = compute_losses(design, outputs, targets, task, config)
 
-and picks `task` outside jit: `tasks_for(design, config)` lists the tasks; with
-`mix = 'sample'` (UNITER) each step runs one task drawn by
-`sample_task(seed, step, task_ratios(config))`, with `mix = 'sum'` (LXMERT,
-ViLBERT, VisualBERT) every step runs the single task 'all', the sum of the
-losses in `config.pretrain.tasks`.
+and picks `task` outside jit: `tasks_for(design, config)` lists the tasks and
+`task_for_step` picks one; with `mix = 'sample'` (UNITER) each step runs one
+task drawn by `sample_task(seed, step, task_ratios(config, step))`, with
+`mix = 'sum'` (LXMERT, ViLBERT, VisualBERT) every step runs the task 'all', the
+sum of the losses in `config.pretrain.tasks`. A first stage
+(`first_stage_steps`) draws by `first_stage_ratios` ('sample'), or sums only
+the losses those ratios do not zero, as the task 'first_stage' ('sum').
 
 Each design's recipe (`Design.recipe`, in `vlpjax/models/<design>.py`) names its
 loss components (the names of `config.pretrain.tasks` and of the returned
@@ -47,6 +49,7 @@ MATCHING_LOGITS = {'sentence_image': 'sentence_image_logits', 'alignment': 'alig
 REGION_COMPONENTS = ('region_kl', 'obj', 'attr', 'feat', 'mrfr', 'mrc', 'mrckl')
 MIXES = ('sample', 'sum')
 ALL = 'all'
+FIRST_STAGE = 'first_stage'
 
 
 def default_pretrain_config(design: DesignOrName) -> ml_collections.ConfigDict:
@@ -61,6 +64,11 @@ def default_pretrain_config(design: DesignOrName) -> ml_collections.ConfigDict:
       mix=recipe.mix,
       tasks=recipe.default_tasks,
       ratios=recipe.default_ratios,  # 'sample' only: relative task frequencies
+      # Steps [0, first_stage_steps) draw by first_stage_ratios instead (one per
+      # task; 'sum': the tasks with a nonzero one are summed), e.g. matching
+      # alone until it has left chance before the masked objectives join.
+      first_stage_steps=0,
+      first_stage_ratios=(),
       mask_prob=0.15,
       region_mask_prob=0.15,
       max_predictions=0,  # MLM slots per example; 0: masking.default_max_predictions(T)
@@ -88,19 +96,38 @@ def tasks_for(design: DesignOrName, config: ml_collections.ConfigDict) -> list[s
   if design.recipe.conditional_masking and pre.mix != 'sample':
     raise ValueError(f"config.pretrain.mix must be 'sample' for {design.name}: it masks one "
                      'modality per batch (conditional masking)')
+  if pre.first_stage_steps > 0:
+    task_ratios(config, 0)  # validates the first stage's ratios
   if pre.mix == 'sum':
-    return [ALL]
-  task_ratios(config)  # validates the ratios
+    return [FIRST_STAGE, ALL] if pre.first_stage_steps > 0 else [ALL]
+  task_ratios(config, pre.first_stage_steps)
   return list(pre.tasks)
 
 
-def task_ratios(config: ml_collections.ConfigDict) -> dict[str, float]:
-  """{task: ratio} from `config.pretrain.tasks` and `.ratios` (mix 'sample')."""
+def eval_tasks(design: DesignOrName, config: ml_collections.ConfigDict) -> list[str]:
+  """The tasks validation losses are computed for: `tasks_for` without the
+  first stage, so that each loss is counted once."""
+  return [t for t in tasks_for(design, config) if t != FIRST_STAGE]
+
+
+def task_for_step(design: DesignOrName, config: ml_collections.ConfigDict, step: int) -> str:
+  """The task of train step `step` (one of `tasks_for`)."""
+  tasks_for(design, config)  # validates the mix and stages
+  if config.pretrain.mix == 'sum':
+    return FIRST_STAGE if step < config.pretrain.first_stage_steps else ALL
+  return sample_task(config.seed, step, task_ratios(config, step))
+
+
+def task_ratios(config: ml_collections.ConfigDict, step: int) -> dict[str, float]:
+  """{task: ratio} at `step` from `config.pretrain.tasks` and `.ratios`, or
+  `.first_stage_ratios` before `.first_stage_steps` (mix 'sample')."""
   pre = config.pretrain
-  if len(pre.ratios) != len(pre.tasks) or any(r < 0 for r in pre.ratios) or not any(pre.ratios):
-    raise ValueError(f'config.pretrain.ratios {tuple(pre.ratios)} must give one non-negative '
+  field = 'first_stage_ratios' if step < pre.first_stage_steps else 'ratios'
+  ratios = tuple(pre[field])
+  if len(ratios) != len(pre.tasks) or any(r < 0 for r in ratios) or not any(ratios):
+    raise ValueError(f'config.pretrain.{field} {ratios} must give one non-negative '
                      f'ratio per task of config.pretrain.tasks {tuple(pre.tasks)}, not all 0')
-  return dict(zip(pre.tasks, (float(r) for r in pre.ratios)))
+  return dict(zip(pre.tasks, (float(r) for r in ratios)))
 
 
 def sample_task(seed: int, step: int, ratios: Mapping[str, float]) -> str:
@@ -269,7 +296,10 @@ def _components(design: design_lib.Design, task: str, config: ml_collections.Con
   if task not in tasks:
     raise ValueError(f'task {task!r} is not one of {tasks} (config.pretrain.mix '
                      f'{config.pretrain.mix!r}, tasks {tuple(config.pretrain.tasks)})')
-  return tuple(config.pretrain.tasks) if task == ALL else (task,)
+  pre = config.pretrain
+  if task == FIRST_STAGE:
+    return tuple(t for t, r in zip(pre.tasks, pre.first_stage_ratios) if r)
+  return tuple(pre.tasks) if task == ALL else (task,)
 
 
 def _loss_weights(design: design_lib.Design, config: ml_collections.ConfigDict

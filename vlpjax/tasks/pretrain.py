@@ -132,10 +132,9 @@ def objectives(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def objective_for_step(config: ml_collections.ConfigDict, names: list[str], step: int) -> str:
-  """The objective of `step`: sampled by ratio (mix 'sample') or the single one."""
-  if len(names) == 1:
-    return names[0]
-  return pretraining.sample_task(config.seed, step, pretraining.task_ratios(config))
+  """The objective of `step` (`pretraining.task_for_step`), one of `names`."""
+  del names  # objectives(config)
+  return pretraining.task_for_step(config.model.name, config, step)
 
 
 def make_inputs(config: ml_collections.ConfigDict, batch: Batch, rng: jax.Array,
@@ -180,7 +179,7 @@ class ValidationLossEvaluator:
         seed=config.seed if config.data.seed is None else config.data.seed)
     self.sharding = input_pipeline.batch_sharding(mesh, tuple(config.mesh.data_axes),
                                                   self.batch_size)
-    self.objectives = objectives(config)
+    self.objectives = pretraining.eval_tasks(config.model.name, config)
 
     def losses(params, batch, rng, objective):
       kwargs, targets = make_inputs(config, batch, rng, objective)
