@@ -18,7 +18,6 @@ import time
 from typing import Mapping
 
 import jax
-import numpy as np
 import tensorboardX
 from etils import epath
 
@@ -190,8 +189,3 @@ def _records_until(path: epath.Path, step: int) -> list[str]:
     logging.info('%s: dropping %d record(s) after step %d, which this run repeats',
                  path, len(lines) - len(kept), step)
   return kept
-
-
-def to_host(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
-  """Device scalars (replicated) -> Python floats."""
-  return {k: float(np.asarray(v)) for k, v in jax.device_get(dict(metrics)).items()}

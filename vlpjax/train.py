@@ -152,7 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       evals = task.make_evaluators(config, model, mesh, workdir)
       return _loop(config, workdir, task, model, tx, schedule, mesh, shardings, objectives,
-                   state, iterator, checkpointer, input_specs, evals)
+                   state, iterator, checkpointer, input_specs, batch_spec, evals)
   finally:
     checkpointer.close()
 
@@ -163,14 +163,18 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, task: ModuleType,
           state: state_lib.TrainState, iterator: Iterator,
           checkpointer: checkpointing.Checkpointer,
           input_specs: Mapping[str, jax.ShapeDtypeStruct],
+          batch_spec: Mapping[str, jax.ShapeDtypeStruct],
           evals: list[evaluators.Evaluator]) -> dict[str, float]:
   """The step loop of `train_and_evaluate` (arguments as built there).
 
-  The metrics of step s are fetched after step s+1 is dispatched, so the host
-  waits while the device works; before any checkpoint is written the step's own
-  metrics are checked, and non-finite ones also remove the checkpoint of the
-  step before (`_check_finite`). Evaluators run on the params after their step,
-  before its checkpoint, so a run preempted in its final evaluation reruns it.
+  Step metrics stay on the device until a step that logs, evaluates or saves:
+  then every step's since the last fetch comes over in one transfer and is
+  checked (`_check_finite`: a non-finite one also removes the checkpoint of the
+  step before), so the host never waits on a plain step. A log step's values
+  are fetched after the next step is dispatched, so the device keeps working;
+  before any checkpoint is written its step's own metrics are checked.
+  Evaluators run on the params after their step, before its checkpoint, so a
+  run preempted in its final evaluation reruns it.
   """
   train = config.train
   start = int(state.step)
@@ -184,34 +188,45 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, task: ModuleType,
       examples_per_step=train.global_batch_size,
       flops_per_step=(train.global_batch_size * task.flops_per_example(config, input_specs)
                       if mfu_known else None))
-  compiled = {}
-  pending: tuple[int, dict[str, jax.Array]] | None = None
+  # Every objective's program before step 1 (UNITER samples one of four per
+  # step): no compile lands in the middle of the run, or on one host only.
+  began = time.perf_counter()
+  compiled = {objective: step_lib.make_train_step(config, model, tx, schedule, mesh, shardings,
+                                                  task, objective).lower(state, batch_spec).compile()
+              for objective in objectives}
+  logging.info('compiled the train step%s in %.1f s',
+               f' of {len(objectives)} objectives' if len(objectives) > 1 else '',
+               time.perf_counter() - began)
+  unchecked: list[tuple[int, dict[str, jax.Array]]] = []
   host_metrics: dict[str, float] = {}
 
-  def finish(step, step_metrics):
-    nonlocal host_metrics
-    host_metrics = metrics_lib.to_host(step_metrics)
-    _check_finite(step, host_metrics, checkpointer)
+  def logs(step: int) -> bool:
     # The run's first step is logged too: the starting loss.
-    if step % train.log_every_steps == 0 or step in (start + 1, last):
-      writer.write(step, host_metrics)
+    return step % train.log_every_steps == 0 or step in (start + 1, last)
+
+  def check(through: int) -> None:
+    """Fetches, checks and logs the metrics of the steps up to `through`."""
+    nonlocal host_metrics
+    ready = [entry for entry in unchecked if entry[0] <= through]
+    del unchecked[:len(ready)]
+    for step, values in jax.device_get(ready):
+      host_metrics = {k: float(v) for k, v in values.items()}
+      _check_finite(step, host_metrics, checkpointer)
+      if logs(step):
+        writer.write(step, host_metrics)
 
   try:
     with checkpointing.PreemptionWatcher() as preemption:
       for step in range(start + 1, last + 1):
         objective = task.objective_for_step(config, objectives, step - 1)
-        if objective not in compiled:
-          compiled[objective] = step_lib.make_train_step(config, model, tx, schedule, mesh,
-                                                         shardings, task, objective)
         state, step_metrics = compiled[objective](state, next(iterator))
-        if pending:
-          finish(*pending)
-        pending = (step, step_metrics)
+        unchecked.append((step, step_metrics))
         due = [e for e in evals if evaluators.should_run(step, start + 1, last, e.log_steps)]
         preempted = preemption.reached(step)
         if preempted or due or step == last or checkpointer.should_save(step):
-          finish(*pending)
-          pending = None
+          check(through=step)
+        elif logs(step - 1):
+          check(through=step - 1)
         for evaluator in due:
           began = time.perf_counter()
           results = dict(evaluator.run(state.params, step))
