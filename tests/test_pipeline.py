@@ -7,7 +7,6 @@ each sentence names its image ("image three caption one"), so a batch shows whic
 image and which sentence every example joined. The embedded world's tiny build
 is the integration test.
 """
-import dataclasses
 import json
 import os
 
@@ -29,6 +28,8 @@ from vlpjax.data import world as world_lib
 from vlpjax.data.features_builder import images_features
 from vlpjax.data.tokenizer import BertTokenizer
 from vlpjax.models import DESIGNS
+
+from test_sharding import FakeHostDevice
 
 # The originals' location widths, and who reads class distributions.
 LOC_DIMS = {'visualbert': 4, 'lxmert': 4, 'vilbert': 5, 'uniter': 7}
@@ -624,19 +625,10 @@ def test_float16_conversion_is_exact():
   np.testing.assert_array_equal(converted, every_half.astype(np.float32))  # NaNs equal too
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class FakeDevice:
-  """A device of process `process_index` (enough for a sharding's index maps)."""
-  id: int
-  process_index: int
-  platform: str = 'cpu'
-  device_kind: str = 'cpu'
-
-
 def two_process_sharding(shape, order=None):
   """The batch sharding over a mesh `shape` of 8 devices, 4 per process, laid out
   in `order` (device ids in mesh order)."""
-  devices = [FakeDevice(id=i, process_index=i // 4) for i in range(8)]
+  devices = [FakeHostDevice(id=i, process_index=i // 4) for i in range(8)]
   grid = np.array([devices[i] for i in (order or range(8))]).reshape(shape)
   mesh = Mesh(grid, sharding.DEFAULT_MESH_AXES, axis_types=(AxisType.Auto,) * 3)
   return input_pipeline.batch_sharding(mesh, ('data', 'fsdp'), 16)
