@@ -48,6 +48,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 Axes = Sequence[str | None]
@@ -257,9 +258,10 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array,
       context = jnp.where(has_key[:, 0, :, None, None], context,
                           jnp.zeros((), context.dtype))
     return context, None
-  depth = query.shape[-1]
-  scores = jnp.einsum('btnd,bsnd->bnts', query, key) / jnp.sqrt(depth).astype(query.dtype)
-  scores = scores.astype(jnp.float32)
+  # Scores, scale and softmax in float32 whatever the compute dtype, as
+  # jax.nn.dot_product_attention's XLA path computes them.
+  scale = np.float32(1.0 / np.sqrt(query.shape[-1]))
+  scores = jnp.einsum('btnd,bsnd->bnts', query, key, preferred_element_type=jnp.float32) * scale
   if mask is not None:
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   probs32 = jax.nn.softmax(scores, axis=-1)
