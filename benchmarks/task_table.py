@@ -4,7 +4,7 @@ fine-tuning from scratch and from a pretraining run, at equal steps.
   python -m benchmarks.task_table --steps=200 \
       [--tasks=vqa,gqa,snli_ve,nlvr2,refexp,retrieval,vcr] [--designs=uniter,lxmert,...] \
       [--pretrained=uniter=/tmp/exp/uniter_6k,lxmert=/tmp/exp/lxmert_6k] \
-      [--workdir=/tmp/task_table] [--size=small]
+      [--workdir=/tmp/task_table] [--size=small] [--results=FILE]
 
 Every cell is one run of the command line a user types, in a subprocess:
 `python -m vlpjax.main --config=configs/<design>.py:<size>,task=<task>` with
@@ -15,7 +15,7 @@ pretrained column, `init.source=workdir:<run>`. The cell is the task's
 without a `--pretrained` run gets the scratch column only. Runs already
 finished under `--workdir` are read, not rerun, so an interrupted table
 resumes, and cells of an earlier table at the same steps and size are kept.
-Writes benchmarks/results/task_table.json (each cell with its command, the
+Writes benchmarks/results/task_table.json or `--results` (each cell with its command, the
 init.source included, and seconds) and prints a markdown table.
 """
 from __future__ import annotations
@@ -79,13 +79,14 @@ def markdown(cells: list[dict[str, Any]], tasks: list[str], designs: list[str]) 
   return '\n'.join(lines)
 
 
-def merged_cells(cells: list[dict[str, Any]], steps: int, size: str) -> list[dict[str, Any]]:
+def merged_cells(cells: list[dict[str, Any]], steps: int, size: str,
+                 results: str = RESULTS) -> list[dict[str, Any]]:
   """`cells` and those of the results file's earlier table at the same steps and
   size (so tables of several invocations add up); a cell read back from its
   finished run (no `seconds`) keeps the earlier entry, which has them."""
-  if not os.path.exists(RESULTS):
+  if not os.path.exists(results):
     return cells
-  with open(RESULTS, encoding='utf-8') as f:
+  with open(results, encoding='utf-8') as f:
     earlier = json.load(f)
   if (earlier.get('steps'), earlier.get('size')) != (steps, size):
     return cells
@@ -107,6 +108,8 @@ def main() -> None:
   parser.add_argument('--size', default='small')
   parser.add_argument('--workdir', default='/tmp/task_table')
   parser.add_argument('--note', default='', help='recorded with the results')
+  parser.add_argument('--results', default=RESULTS,
+                      help='the results file (JSON), another one for another table')
   args = parser.parse_args()
   tasks, designs = args.tasks.split(','), args.designs.split(',')
   pretrained = dict(item.split('=', 1) for item in args.pretrained.split(',') if item)
@@ -140,16 +143,16 @@ def main() -> None:
     print(f'[{number}/{len(runs)}] {design} {task} {init}: {value:.4f}'
           f'{f" in {seconds:.0f} s" if seconds else " (done before)"}; '
           f'ETA {elapsed / number * (len(runs) - number) / 60:.0f} min', flush=True)
-  cells = merged_cells(cells, args.steps, args.size)
+  cells = merged_cells(cells, args.steps, args.size, args.results)
   table = markdown(cells, list(dict.fromkeys(c['task'] for c in cells)),
                    list(dict.fromkeys(c['design'] for c in cells)))
   print(table)
-  os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-  with open(RESULTS, 'w', encoding='utf-8') as f:
+  os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+  with open(args.results, 'w', encoding='utf-8') as f:
     json.dump(dict(machine=dict(platform=platform.platform(), cpus=os.cpu_count()),
                    steps=args.steps, size=args.size, note=args.note,
                    cells=cells, markdown=table), f, indent=1)
-  print(f'wrote {RESULTS}')
+  print(f'wrote {args.results}')
 
 
 if __name__ == '__main__':

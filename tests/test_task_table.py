@@ -29,16 +29,16 @@ def test_metric_and_markdown(tmp_path):
       '| uniter | scratch | 0.500 | - |', '| uniter | pretrained | - | 0.125 |']
 
 
-def test_tables_of_several_invocations_add_up(tmp_path, monkeypatch):
-  monkeypatch.setattr(task_table, 'RESULTS', str(tmp_path / 'task_table.json'))
+def test_tables_of_several_invocations_add_up(tmp_path):
+  results = str(tmp_path / 'task_table.json')
   first = [dict(design='uniter', task='vqa', init='scratch', value=0.5, seconds=9.0)]
-  assert task_table.merged_cells(first, 200, 'small') == first
-  with open(task_table.RESULTS, 'w', encoding='utf-8') as f:
+  assert task_table.merged_cells(first, 200, 'small', results) == first
+  with open(results, 'w', encoding='utf-8') as f:
     json.dump(dict(steps=200, size='small', cells=first), f)
   second = [dict(design='lxmert', task='vqa', init='scratch', value=0.25, seconds=3.0)]
-  assert task_table.merged_cells(second, 200, 'small') == first + second
+  assert task_table.merged_cells(second, 200, 'small', results) == first + second
   redone = [dict(first[0], value=0.75)]
-  assert task_table.merged_cells(redone, 200, 'small') == redone
+  assert task_table.merged_cells(redone, 200, 'small', results) == redone
   read_back = [dict(first[0], seconds=None)]  # reused, not rerun: the earlier entry stays
-  assert task_table.merged_cells(read_back, 200, 'small') == first
-  assert task_table.merged_cells(second, 100, 'small') == second  # another table
+  assert task_table.merged_cells(read_back, 200, 'small', results) == first
+  assert task_table.merged_cells(second, 100, 'small', results) == second  # another table
