@@ -373,6 +373,28 @@ def test_first_stage_draws_by_its_own_ratios():
       'itm': 2.0, 'mlm': 2.0, 'mrfr': 1.0, 'mrckl': 1.0}
 
 
+def test_sum_mix_first_stage_sums_only_its_tasks():
+  config = _config('lxmert', first_stage_steps=3, first_stage_ratios=(0, 1, 0, 0, 0, 0))
+  config.seed = 0
+  assert tuple(config.pretrain.tasks) == ('mlm', 'matched', 'obj', 'attr', 'feat', 'qa')
+  assert pretraining.tasks_for('lxmert', config) == [pretraining.FIRST_STAGE, pretraining.ALL]
+  assert pretraining.eval_tasks('lxmert', config) == [pretraining.ALL]
+  assert [pretraining.task_for_step('lxmert', config, s) for s in range(5)] == [
+      pretraining.FIRST_STAGE] * 3 + [pretraining.ALL] * 2
+  batch = _batch('lxmert')
+  kwargs, targets = _make_inputs('lxmert', batch, pretraining.FIRST_STAGE, config)
+  assert 'mlm_targets' not in targets and 'answer_labels' not in targets
+  rng = np.random.default_rng(0)
+  outputs = {'matched_logits': jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)}
+  total, losses = pretraining.compute_losses('lxmert', outputs, targets,
+                                             pretraining.FIRST_STAGE, config)
+  assert set(losses) == {'matched'}
+  np.testing.assert_allclose(total, losses['matched'])
+  with pytest.raises(ValueError, match='first_stage_ratios'):
+    pretraining.tasks_for('lxmert', _config('lxmert', first_stage_steps=3,
+                                            first_stage_ratios=(0, 1)))
+
+
 def test_tasks_for_and_config_errors():
   assert pretraining.tasks_for('lxmert', _config('lxmert')) == ['all']
   assert pretraining.tasks_for('uniter', _config('uniter')) == ['itm', 'mlm', 'mrfr', 'mrckl']

@@ -140,9 +140,10 @@ class _JsonlFile:
   def __init__(self, path: epath.Path, start_step: int):
     self.path = path
     self._local = paths.is_local(path)
-    self._lines = _records_until(path, start_step)
+    self._lines, dropped = _records_until(path, start_step)
     self._written = time.monotonic()
-    self._rewrite()
+    if dropped:
+      self._rewrite()
     self._file = path.open('a', encoding='utf-8') if self._local else None
 
   def append(self, line: str) -> None:
@@ -172,11 +173,11 @@ class _JsonlFile:
     self._written = time.monotonic()
 
 
-def _records_until(path: epath.Path, step: int) -> list[str]:
-  """The lines of the metrics file at `path` (if any) of steps up to `step`:
-  a resumed run repeats the later ones."""
+def _records_until(path: epath.Path, step: int) -> tuple[list[str], int]:
+  """(the lines of the metrics file at `path` (if any) of steps up to `step`,
+  how many others it held): a resumed run repeats the later ones."""
   if not path.exists():
-    return []
+    return [], 0
   lines = path.read_text(encoding='utf-8').splitlines(keepends=True)
   kept = []
   for line in lines:
@@ -188,4 +189,4 @@ def _records_until(path: epath.Path, step: int) -> list[str]:
   if len(kept) < len(lines):
     logging.info('%s: dropping %d record(s) after step %d, which this run repeats',
                  path, len(lines) - len(kept), step)
-  return kept
+  return kept, len(lines) - len(kept)

@@ -320,7 +320,7 @@ def _write_images(records: Sequence[tuple[formats.Reader, Any]], first_index: in
 
 
 _MANUAL = """Place the region-feature files in the manual dir (`--manual_dir`, default
-`<data_dir>/downloads/manual/`) or give absolute sources in the config's `sources`."""
+`<data_dir>/downloads/manual/`) or give absolute paths in the config's `sources`."""
 
 
 class LxmertTsv(ImagesTableBuilder):

@@ -111,8 +111,9 @@ def eval_tasks(design: DesignOrName, config: ml_collections.ConfigDict) -> list[
 
 
 def task_for_step(design: DesignOrName, config: ml_collections.ConfigDict, step: int) -> str:
-  """The task of train step `step` (one of `tasks_for`)."""
-  tasks_for(design, config)  # validates the mix and stages
+  """The task of train step `step` (one of `tasks_for`, which validates the
+  config once per run; this runs every step)."""
+  del design  # the config names the mix and stages
   if config.pretrain.mix == 'sum':
     return FIRST_STAGE if step < config.pretrain.first_stage_steps else ALL
   return sample_task(config.seed, step, task_ratios(config, step))
