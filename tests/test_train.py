@@ -413,3 +413,20 @@ def test_init_from_bert(fresh_state, tmp_path):
                              bert.embeddings.word_embeddings.weight.detach().numpy(), rtol=1e-6)
   assert table.sharding == state.params['backbone']['embeddings']['word_embeddings'][
       'embedding'].sharding
+
+
+def test_every_objective_is_compiled_before_step_1(data_dir, tmp_path, monkeypatch):
+  """UNITER samples one of four objectives per step: all four programs are built
+  before the first step, not when a step first samples one (here 1 step)."""
+  from configs import uniter  # pylint: disable=import-outside-toplevel
+  config = config_lib.make_config(uniter.model_config('tiny'), 'tiny')
+  config.data.update(size='tiny', data_dir=data_dir)
+  info = tables.dataset_info(config.data)
+  config.model.update(vocab_size=info['vocab_size'], num_region_classes=info['num_object_classes'])
+  config.train.update(global_batch_size=8, num_steps=SCHEDULE_STEPS, max_steps_this_run=1)
+  built = []
+  make = step_lib.make_train_step
+  monkeypatch.setattr(step_lib, 'make_train_step',
+                      lambda *args: built.append(args[-1]) or make(*args))
+  train.train_and_evaluate(config, str(tmp_path))
+  assert built == list(config.pretrain.tasks) == ['itm', 'mlm', 'mrfr', 'mrckl']
