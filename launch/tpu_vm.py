@@ -277,8 +277,10 @@ rm -f "$run_dir/pid"
             f'else setsid nohup bash "$HOME/{RUN_DIR}/run.sh" > /dev/null 2>&1 < /dev/null & fi')
 
   def status_remote(self) -> str:
-    return (f'if {self._alive_check()}; then echo running; '
-            f'else cat "$HOME/{RUN_DIR}/status" 2>/dev/null || echo absent; fi')
+    # The status file first: run.sh writes it just before removing its pid, and a
+    # new run removes it before writing one.
+    return (f'if [ -f "$HOME/{RUN_DIR}/status" ]; then cat "$HOME/{RUN_DIR}/status"; '
+            f'elif {self._alive_check()}; then echo running; else echo absent; fi')
 
   # ---- running them ----------------------------------------------------------
 
