@@ -1,5 +1,15 @@
-"""Helpers for parity tests against transformers' PyTorch classes."""
+"""Helpers for parity tests against transformers' and the authors' PyTorch code."""
+import jax.numpy as jnp
+import numpy as np
 import torch
+
+
+def unpadded_logits(logits, vocab_size: int) -> np.ndarray:
+  """MLM logits [..., V'] over the padded word table -> [..., vocab_size], the
+  references' vocabulary, after checking that the padding ids' are masked."""
+  logits = np.asarray(logits)
+  assert (logits[..., vocab_size:] == jnp.finfo(logits.dtype).min).all()
+  return logits[..., :vocab_size]
 
 
 def perturb_(model: torch.nn.Module) -> torch.nn.Module:

@@ -54,13 +54,14 @@ def random_params(cfg, pretraining=False, seed=0):
 
 
 def text_shapes(cfg, params):
-  """BertConfig fields read off the design's text params."""
+  """BertConfig fields read off the design's text params (the vocabulary: the
+  config's; the word table has padding rows past it)."""
   paths = importlib.import_module(f'vlpjax.models.{cfg.name}').bert_text_paths(cfg)
   p = flat(params)
   embeddings, layer = paths['embeddings'], paths['layers'][0]
-  vocab_size, hidden_size = p[f'{embeddings}/word_embeddings/embedding'].shape
   return paths, dict(
-      vocab_size=vocab_size, hidden_size=hidden_size,
+      vocab_size=cfg.vocab_size,
+      hidden_size=p[f'{embeddings}/word_embeddings/embedding'].shape[1],
       max_position_embeddings=p[f'{embeddings}/position_embeddings/embedding'].shape[0],
       type_vocab_size=p[f'{embeddings}/token_type_embeddings/embedding'].shape[0],
       num_attention_heads=p[f'{layer}/attention/query/kernel'].shape[1],
@@ -208,3 +209,10 @@ def test_shapes_that_do_not_fit_are_errors(tmp_path):
   with pytest.raises(sd.CheckpointMismatchError,
                      match=r'embeddings\.word_embeddings\.weight: checkpoint shape \(240, 32\)'):
     hf.import_bert(cfg, tmp_path / 'narrow', params)
+  # A vocabulary one word longer fits the same padded table, but is not this
+  # config's: an error, not a silent load into the padding rows.
+  save_random_bert(tmp_path / 'longer', **dict(shapes, vocab_size=shapes['vocab_size'] + 1))
+  with pytest.raises(sd.CheckpointMismatchError,
+                     match=r'checkpoint shape \(121, 64\) does not fit .*\(128, 64\) \(a '
+                           r'vocabulary of 120, config\.model\.vocab_size, padded\)'):
+    hf.import_bert(cfg, tmp_path / 'longer', params)

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlpjax.models import layers
+from vlpjax.models import heads, layers
+from vlpjax.objectives import common
 
 
 def _inputs(batch=2, length=5, width=32):
@@ -121,3 +122,34 @@ def test_every_param_has_logical_axes():
 def test_unknown_attention_impl_is_an_error():
   with pytest.raises(ValueError, match='attention_impl'):
     layers.resolve_attention_impl('flash', jnp.float32)
+
+
+@pytest.mark.parametrize('vocab_size, rows', [(1, 128), (128, 128), (129, 256), (30522, 30592),
+                                              (28996, 29056)])
+def test_word_tables_are_padded_to_a_multiple_of_128(vocab_size, rows):
+  assert layers.padded_vocab_size(vocab_size) == rows
+
+
+def test_mlm_head_masks_the_padding_ids():
+  """Padding ids get the lowest logit: the loss over the padded table equals the
+  loss over the vocabulary, and no gradient reaches the padding rows."""
+  vocab_size, hidden = 100, 16
+  rows = layers.padded_vocab_size(vocab_size)
+  head = heads.MaskedLMHead(vocab_size)
+  states = jax.random.normal(jax.random.key(0), (2, 5, hidden))
+  positions = jnp.array([[0, 2, 4], [1, 3, 3]])
+  table = jax.random.normal(jax.random.key(1), (rows, hidden))
+  params = head.init(jax.random.key(2), states, positions, table)
+  targets = jnp.array([[3, 99, 0], [50, 7, 98]])
+
+  def loss(table, keep):
+    logits = head.apply(params, states, positions, table)[..., :keep]
+    return common.cross_entropy(logits, targets).mean()
+
+  logits = head.apply(params, states, positions, table)
+  assert logits.shape == (2, 3, rows)
+  np.testing.assert_array_equal(logits[..., vocab_size:], jnp.finfo(jnp.float32).min)
+  np.testing.assert_allclose(loss(table, rows), loss(table, vocab_size), rtol=1e-6)
+  gradient = jax.grad(loss)(table, rows)
+  np.testing.assert_array_equal(gradient[vocab_size:], 0.0)
+  assert np.abs(gradient[:vocab_size]).max() > 0

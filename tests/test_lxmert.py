@@ -12,10 +12,11 @@ import torch
 import transformers
 
 from configs import lxmert as lxmert_config
-from hf_reference import perturb_
+from hf_reference import perturb_, unpadded_logits
 from vlpjax.checkpoints import hf
 from vlpjax.checkpoints import state_dict as sd
 from vlpjax.models import get_model
+from vlpjax.models import layers
 
 TOL = 1e-4
 B, T, R, P = 2, 7, 5, 3
@@ -113,6 +114,10 @@ def count(params):
 
 
 def max_diffs(ours, reference):
+  """Max |diff| per output of `reference`; MLM logits over its vocabulary."""
+  ours = dict(ours)
+  if 'mlm_logits' in reference:
+    ours['mlm_logits'] = unpadded_logits(ours['mlm_logits'], reference['mlm_logits'].shape[-1])
   return {k: float(np.abs(np.asarray(ours[k], np.float32) - np.asarray(reference[k])).max())
           for k in reference}
 
@@ -130,9 +135,13 @@ def reference(imported):
 
 
 def test_base_parameter_counts():
-  params = shapes_of(lxmert_config.model_config('base'), True)
-  assert count(params['backbone']) == 207_936_768  # HF LxmertModel
-  assert count(params) == 228_051_752  # LxmertForPreTraining, tied weights once
+  config = lxmert_config.model_config('base')
+  params = shapes_of(config, True)
+  # HF's counts, plus the word table's padding rows (and the MLM bias's).
+  padding = layers.padded_vocab_size(config.vocab_size) - config.vocab_size
+  assert count(params['backbone']) == 207_936_768 + padding * config.hidden_size  # LxmertModel
+  assert count(params) == (  # LxmertForPreTraining, tied weights once
+      228_051_752 + padding * (config.hidden_size + 1))
 
 
 def test_every_param_has_logical_axes_and_backbone_nests():
@@ -209,6 +218,9 @@ def test_bf16_compute_with_fp32_params_stays_close(imported, reference):
   cfg.dtype = 'bfloat16'
   out = run(cfg, imported)
   assert out['text'].dtype == jnp.bfloat16
+  vocabulary = lambda x: unpadded_logits(x, cfg.vocab_size)
+  out['mlm_logits'], reference = vocabulary(out['mlm_logits']), dict(
+      reference, mlm_logits=vocabulary(reference['mlm_logits']))
   for key in ('text', 'vision', 'pooled', 'mlm_logits', 'qa_logits', 'feat_pred'):
     scale = float(jnp.abs(reference[key]).max())
     error = float(jnp.abs(out[key].astype(jnp.float32) - reference[key]).max())

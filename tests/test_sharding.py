@@ -183,7 +183,8 @@ def test_param_shardings_follow_rules_and_fit_shapes():
   """fsdp 4 x tensor 2: Megatron/ZeRO placement; a dim the axes don't divide stays whole."""
   config = tiny_config('visualbert')
   config.mesh.shape = (1, 4, 2)
-  config.model.vocab_size = 121   # odd: cannot split over tensor=2
+  config.model.vocab_size = 121   # odd, but its table is padded to 128 rows
+  config.model.intermediate_size = 63   # odd: cannot split over tensor=2
   mesh = sharding.make_mesh(config)
   rules = sharding.logical_axis_rules(config)
   model = get_model(config.model)
@@ -197,9 +198,11 @@ def test_param_shardings_follow_rules_and_fit_shapes():
   query = [k for k in flat if k.endswith("['attention']['query']['kernel']")][0]
   assert flat[query] == P('fsdp', 'tensor', None)          # [embed, heads, kv]
   ffn_in = [k for k in flat if k.endswith("['ffn']['intermediate']['kernel']")][0]
-  assert flat[ffn_in] == P('fsdp', 'tensor')               # [embed, mlp]
+  assert flat[ffn_in] == P('fsdp', None)                   # [embed, mlp 63] kept whole
   word = [k for k in flat if k.endswith("['word_embeddings']['embedding']")][0]
-  assert flat[word] == P(None, 'fsdp')                     # vocab 121 kept whole
+  assert flat[word] == P('tensor', 'fsdp')                 # [vocab 128, embed]
+  assert abstract.params['backbone']['embeddings']['word_embeddings']['embedding'].shape[0] == 128
+  assert flat["['mlm_head']['bias']"] == P('tensor')
   # Adam moments are placed like their params; the step is replicated.
   mu = shardings.opt_state[1][0].mu
   assert jax.tree.map(lambda s: s.spec, mu) == jax.tree.map(lambda s: s.spec, shardings.params)

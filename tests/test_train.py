@@ -409,7 +409,7 @@ def test_init_from_bert(fresh_state, tmp_path):
   bert.save_pretrained(tmp_path / 'bert')
   new = state_lib.init_from(f'bert:{tmp_path}/bert', config.model, state, abstract)
   table = new.params['backbone']['embeddings']['word_embeddings']['embedding']
-  np.testing.assert_allclose(np.asarray(table),
+  np.testing.assert_allclose(np.asarray(table)[:config.model.vocab_size],
                              bert.embeddings.word_embeddings.weight.detach().numpy(), rtol=1e-6)
   assert table.sharding == state.params['backbone']['embeddings']['word_embeddings'][
       'embedding'].sharding

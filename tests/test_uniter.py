@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 import torch
 
+from hf_reference import unpadded_logits
 from configs import uniter as uniter_config
 from vlpjax.checkpoints import original
 from vlpjax.checkpoints import state_dict as sd
 from vlpjax.models import get_model
+from vlpjax.models import layers
 from vlpjax.models import uniter
 from vlpjax.objectives import pretraining
 
@@ -76,8 +78,12 @@ def _count(tree):
 def test_parameter_counts(size, backbone, pretraining):
   backbone_params = _init_shapes(size, False)
   pretraining_params = _init_shapes(size, True)
-  assert _count(backbone_params) == backbone
-  assert _count(pretraining_params) == pretraining  # tied weights counted once
+  # The published counts, plus the word table's padding rows (and the MLM bias's).
+  config = uniter_config.model_config(size)
+  padding = layers.padded_vocab_size(config.vocab_size) - config.vocab_size
+  assert _count(backbone_params) == backbone + padding * config.hidden_size
+  assert _count(pretraining_params) == (  # tied weights counted once
+      pretraining + padding * (config.hidden_size + 1))
   assert (jax.tree_util.tree_structure(pretraining_params['backbone']) ==
           jax.tree_util.tree_structure(backbone_params))
 
@@ -110,7 +116,9 @@ def test_rules_cover_the_published_checkpoint(size, keys_file):
   flat = flax.traverse_util.flatten_dict(target, sep='/')
   assert sorted(r.path for r in rules) == sorted(flat)
   for rule in rules:
-    assert np.prod(shapes[rule.torch_key]) == np.prod(flat[rule.path].shape), rule
+    rows = (flat[rule.path].shape if rule.vocab_rows is None else
+            (rule.vocab_rows,) + flat[rule.path].shape[1:])  # the padded vocabulary's
+    assert np.prod(shapes[rule.torch_key]) == np.prod(rows), rule
   # Shapes written back by export are those of the checkpoint.
   zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), target)
   exported = original.export_uniter(config, zeros)
@@ -189,7 +197,7 @@ def test_parity_with_original(case, fixture, params):
   check('pooled_output', plain['pooled'], 'pooled_output')
   check('itm_logits', plain['itm_logits'], 'itm_logits')
   check('mlm_sequence_output', sequence(mlm), 'mlm_sequence_output', lambda x: x[real])
-  mlm_logits = np.asarray(mlm['mlm_logits'])[mlm_index]
+  mlm_logits = unpadded_logits(mlm['mlm_logits'], config.vocab_size)[mlm_index]
   check('mlm_logits', mlm_logits, 'mlm_logits')
   check('mrm_sequence_output', sequence(mrm), 'mrm_sequence_output', lambda x: x[real])
   mrm_index = tuple(get('mrm_positions').T)

@@ -26,6 +26,7 @@ from vlpjax.data import formats, vlp_world
 from vlpjax.data import world as world_lib
 from vlpjax.data.tokenizer import BertTokenizer
 from vlpjax.evaluators import common
+from vlpjax.models import layers
 from vlpjax.tasks import TASKS, get_task, vcr
 
 pytestmark = pytest.mark.usefixtures('compile_cache')
@@ -321,9 +322,10 @@ def test_world_examples_refer_to_the_gt_regions(data_config):
     # Region k is object k: every object of the scene, in object order.
     assert mask.sum() == image['num_boxes'] == len(json.loads(row['objects']))
     np.testing.assert_array_equal(feats[:mask.sum()], image['features'])
-  # UNITER's references are region tokens past the model's vocabulary.
+  # UNITER's references are region tokens past the model's (padded) word table.
+  rows_of_table = layers.padded_vocab_size(config.model.vocab_size)
   references = set(batch['input_ids'][batch['input_ids'] >= config.model.vocab_size].tolist())
-  assert references and references <= set(config.model.vocab_size + np.arange(7))
+  assert references and references <= set(rows_of_table + np.arange(7))
   train = vcr.open_examples(config, 'train', evaluation=False)
   assert len(train) == 2 * len(world_lib.make_world(vlp_world.WORLD_SIZES['tiny']).vcr['train'])
   batch = train.examples(np.arange(4))  # rows 0, 0, 1, 1 at stages Q->A, QA->R
@@ -371,7 +373,8 @@ def test_heads_and_extra_rows(design):
   params = nn.meta.unbox(params)
   embeddings = params['backbone']['embeddings']
   # The backbone keeps its tables (pretrained checkpoints load as they are).
-  assert embeddings['word_embeddings']['embedding'].shape[0] == config.model.vocab_size
+  assert embeddings['word_embeddings']['embedding'].shape[0] == layers.padded_vocab_size(
+      config.model.vocab_size)
   assert embeddings['token_type_embeddings']['embedding'].shape[0] == 2
   if design == 'uniter':
     assert params[vcr.EXTRA_WORDS_NAME].shape == (vcr.NUM_REGION_TOKENS, config.model.hidden_size)

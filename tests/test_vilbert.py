@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 import torch
 
+from hf_reference import unpadded_logits
 from configs import vilbert as vilbert_config
 from vlpjax.checkpoints import original
 from vlpjax.checkpoints import state_dict as sd
 from vlpjax.models import get_model
+from vlpjax.models import layers
 from vlpjax.models import vilbert
 from vlpjax.objectives import pretraining
 
@@ -77,8 +79,12 @@ def _count(tree):
 def test_parameter_counts():
   backbone = _init_shapes('base', False)
   pretraining = _init_shapes('base', True)
-  assert _count(backbone) == 235_705_856  # the original's 246,726,656 less q_dense
-  assert _count(pretraining) == 239_023_229
+  # The published counts, plus the word table's padding rows (and the MLM bias's).
+  config = vilbert_config.model_config('base')
+  padding = layers.padded_vocab_size(config.vocab_size) - config.vocab_size
+  assert _count(backbone) == (  # the original's 246,726,656 less q_dense
+      235_705_856 + padding * config.hidden_size)
+  assert _count(pretraining) == 239_023_229 + padding * (config.hidden_size + 1)
   assert (jax.tree_util.tree_structure(pretraining['backbone']) ==
           jax.tree_util.tree_structure(backbone))
 
@@ -130,7 +136,9 @@ def test_rules_cover_the_published_checkpoint():
   flat = flax.traverse_util.flatten_dict(target, sep='/')
   assert sorted(r.path for r in rules) == sorted(flat)
   for rule in rules:
-    assert np.prod(shapes[rule.torch_key]) == np.prod(flat[rule.path].shape), rule
+    rows = (flat[rule.path].shape if rule.vocab_rows is None else
+            (rule.vocab_rows,) + flat[rule.path].shape[1:])  # the padded vocabulary's
+    assert np.prod(shapes[rule.torch_key]) == np.prod(rows), rule
   zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), target)
   exported = original.export_vilbert(config, zeros)
   assert {k: v.shape for k, v in exported.items()} == {
@@ -183,7 +191,8 @@ def test_parity_with_original(case, fixture, params):
   check('sequence_output_v', outputs['vision'], real_image)
   check('pooled_output_t', outputs['text_pooled'])
   check('pooled_output_v', outputs['image_pooled'])
-  check('prediction_scores_t', outputs['mlm_logits'], real_text)
+  check('prediction_scores_t', unpadded_logits(outputs['mlm_logits'], config.vocab_size),
+        real_text)
   check('prediction_scores_v', outputs['region_logits'], real_image)
   check('seq_relationship_score', outputs['alignment_logits'])
 

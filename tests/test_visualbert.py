@@ -12,10 +12,11 @@ import torch
 import transformers
 
 from configs import visualbert as visualbert_config
-from hf_reference import perturb_
+from hf_reference import perturb_, unpadded_logits
 from vlpjax.checkpoints import hf
 from vlpjax.checkpoints import state_dict as sd
 from vlpjax.models import get_model
+from vlpjax.models import layers
 from vlpjax.models import visualbert
 
 TOL = 1e-4
@@ -113,6 +114,10 @@ def count(params):
 
 
 def max_diffs(ours, reference):
+  """Max |diff| per output of `reference`; MLM logits over its vocabulary."""
+  ours = dict(ours)
+  if 'mlm_logits' in reference:
+    ours['mlm_logits'] = unpadded_logits(ours['mlm_logits'], reference['mlm_logits'].shape[-1])
   return {k: float(np.abs(np.asarray(ours[k], np.float32) - np.asarray(reference[k])).max())
           for k in reference}
 
@@ -135,8 +140,11 @@ def reference(imported):
 
 @pytest.mark.parametrize('size,expected', [('base', 111_450_624), ('base_vcr', 110_270_976)])
 def test_base_parameter_counts(size, expected):
-  # As HF VisualBertModel counts them (2048-d and 512-d region features).
-  assert count(shapes_of(visualbert_config.model_config(size), False)) == expected
+  # As HF VisualBertModel counts them (2048-d and 512-d region features), plus
+  # the word table's padding rows.
+  config = visualbert_config.model_config(size)
+  padding = layers.padded_vocab_size(config.vocab_size) - config.vocab_size
+  assert count(shapes_of(config, False)) == expected + padding * config.hidden_size
 
 
 def test_every_param_has_logical_axes_and_backbone_nests():
@@ -211,6 +219,9 @@ def test_bf16_compute_with_fp32_params_stays_close(imported, reference):
   cfg.dtype = 'bfloat16'
   out = run(cfg, imported)
   assert out['text'].dtype == jnp.bfloat16
+  vocabulary = lambda x: unpadded_logits(x, cfg.vocab_size)
+  out['mlm_logits'], reference = vocabulary(out['mlm_logits']), dict(
+      reference, mlm_logits=vocabulary(reference['mlm_logits']))
   for key in ('text', 'vision', 'pooled', 'mlm_logits', 'sentence_image_logits'):
     scale = float(jnp.abs(reference[key]).max())
     error = float(jnp.abs(out[key].astype(jnp.float32) - reference[key]).max())

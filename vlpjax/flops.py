@@ -58,7 +58,8 @@ def cross_attention(queries: int, q_width: int, keys: int, k_width: int,
 
 
 def mlm_head(predictions: int, hidden: int, vocab: int) -> float:
-  """The MLM transform and the tied decoder at the gathered positions."""
+  """The MLM transform and the tied decoder (`vocab` rows: the padded table) at
+  the gathered positions."""
   return dense(predictions, hidden, hidden) + dense(predictions, hidden, vocab)
 
 

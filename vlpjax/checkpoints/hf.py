@@ -71,22 +71,25 @@ def transformer_layer_rules(prefix: str, path: str) -> list[Rule]:
           ffn_rules(f'{prefix}.intermediate', f'{prefix}.output', f'{path}/ffn'))
 
 
-def text_embedding_rules(prefix: str, path: str) -> list[Rule]:
+def text_embedding_rules(prefix: str, path: str, vocab_size: int) -> list[Rule]:
   """BERT embeddings (word, position, token type, LayerNorm) <-> the same-named
-  submodules of `layers.TextEmbeddings` (or VisualBERT's embeddings) at `path`."""
-  return (sd.embedding_rules(f'{prefix}.word_embeddings', f'{path}/word_embeddings') +
+  submodules of `layers.TextEmbeddings` (or VisualBERT's embeddings) at `path`;
+  the word table holds `vocab_size` rows in the checkpoint (padded here)."""
+  return (sd.embedding_rules(f'{prefix}.word_embeddings', f'{path}/word_embeddings',
+                             vocab_size) +
           sd.embedding_rules(f'{prefix}.position_embeddings', f'{path}/position_embeddings') +
           sd.embedding_rules(f'{prefix}.token_type_embeddings',
                              f'{path}/token_type_embeddings') +
           sd.layer_norm_rules(f'{prefix}.LayerNorm', f'{path}/norm'))
 
 
-def bert_rules(text_paths: dict[str, Any], *, torch_prefix: str = '', path_prefix: str = '',
-               with_pooler: bool = True) -> list[Rule]:
+def bert_rules(text_paths: dict[str, Any], vocab_size: int, *, torch_prefix: str = '',
+               path_prefix: str = '', with_pooler: bool = True) -> list[Rule]:
   """HF `BertModel` keys (`embeddings.*`, `encoder.layer.i.*`, `pooler.dense.*`)
-  <-> the text part named by a design's `bert_text_paths`."""
+  <-> the text part named by a design's `bert_text_paths`, for a vocabulary of
+  `vocab_size` (config.model.vocab_size)."""
   rules = text_embedding_rules(f'{torch_prefix}embeddings',
-                               f'{path_prefix}{text_paths["embeddings"]}')
+                               f'{path_prefix}{text_paths["embeddings"]}', vocab_size)
   for i, layer_path in enumerate(text_paths['layers']):
     rules += transformer_layer_rules(f'{torch_prefix}encoder.layer.{i}',
                                      f'{path_prefix}{layer_path}')
@@ -101,9 +104,9 @@ def _prefixes(backbone_prefix: str, pretraining: bool) -> tuple[str, str]:
   return (backbone_prefix, 'backbone/') if pretraining else ('', '')
 
 
-def _mlm_head_rules(path: str) -> list[Rule]:
+def _mlm_head_rules(path: str, vocab_size: int) -> list[Rule]:
   """HF `cls.predictions` (less the tied decoder) <-> `heads.MaskedLMHead`."""
-  return ([Rule('cls.predictions.bias', f'{path}/bias')] +
+  return ([Rule('cls.predictions.bias', f'{path}/bias', vocab_rows=vocab_size)] +
           sd.linear_rules('cls.predictions.transform.dense', f'{path}/transform/dense') +
           sd.layer_norm_rules('cls.predictions.transform.LayerNorm', f'{path}/transform/norm'))
 
@@ -112,8 +115,8 @@ def lxmert_rules(model_config: ml_collections.ConfigDict, pretraining: bool) -> 
   """Rules for HF `LxmertForPreTraining` (pretraining) or `LxmertModel` keys,
   less the tied `cls.predictions.decoder.weight`."""
   key, path = _prefixes(LXMERT_PREFIX, pretraining)
-  rules = bert_rules(lxmert.bert_text_paths(model_config), torch_prefix=key,
-                     path_prefix=path)
+  rules = bert_rules(lxmert.bert_text_paths(model_config), model_config.vocab_size,
+                     torch_prefix=key, path_prefix=path)
   visual, regions = f'{key}encoder.visn_fc', f'{path}region_embeddings'
   rules += (sd.linear_rules(f'{visual}.visn_fc', f'{regions}/feature_projection') +
             sd.layer_norm_rules(f'{visual}.visn_layer_norm', f'{regions}/feature_norm') +
@@ -133,7 +136,7 @@ def lxmert_rules(model_config: ml_collections.ConfigDict, pretraining: bool) -> 
       rules += ffn_rules(f'{torch_layer}.{torch_stream}_inter',
                          f'{torch_layer}.{torch_stream}_output', f'{layer}/{stream}_ffn')
   if pretraining:
-    rules += _mlm_head_rules('mlm_head')
+    rules += _mlm_head_rules('mlm_head', model_config.vocab_size)
     rules += sd.linear_rules('cls.seq_relationship', 'matched_head')
     rules += sd.linear_rules('obj_predict_head.transform.dense', 'object_head/transform/dense')
     rules += sd.layer_norm_rules('obj_predict_head.transform.LayerNorm',
@@ -150,8 +153,8 @@ def visualbert_rules(model_config: ml_collections.ConfigDict, pretraining: bool)
   """Rules for HF `VisualBertForPreTraining` (pretraining) or `VisualBertModel`
   keys, less the tied `cls.predictions.decoder.{weight,bias}`."""
   key, path = _prefixes(VISUALBERT_PREFIX, pretraining)
-  rules = bert_rules(visualbert.bert_text_paths(model_config), torch_prefix=key,
-                     path_prefix=path)
+  rules = bert_rules(visualbert.bert_text_paths(model_config), model_config.vocab_size,
+                     torch_prefix=key, path_prefix=path)
   embeddings = f'{key}embeddings'
   rules += sd.linear_rules(f'{embeddings}.visual_projection',
                            f'{path}embeddings/feature_projection')
@@ -159,7 +162,7 @@ def visualbert_rules(model_config: ml_collections.ConfigDict, pretraining: bool)
                            ('visual_token_type_embeddings', 'region_token_type_embeddings')):
     rules.append(Rule(f'{embeddings}.{torch_name}.weight', f'{path}embeddings/{name}'))
   if pretraining:
-    rules += _mlm_head_rules('mlm_head')
+    rules += _mlm_head_rules('mlm_head', model_config.vocab_size)
     rules += sd.linear_rules('cls.seq_relationship', 'sentence_image_head')
   return rules
 
@@ -304,7 +307,7 @@ def import_bert(model_config: ml_collections.ConfigDict, bert_dir: str | os.Path
     logging.warning('%s: leaving out the BERT pretraining heads: %s', source, heads)
     state_dict = {k[len('bert.'):]: v for k, v in state_dict.items() if k.startswith('bert.')}
   path_prefix = 'backbone/' if _is_pretraining(params) else ''
-  rules = bert_rules(text_paths, path_prefix=path_prefix)
+  rules = bert_rules(text_paths, model_config.vocab_size, path_prefix=path_prefix)
   wanted = {r.torch_key for r in rules}
   left_out = sorted(k for k in state_dict
                     if k not in wanted and not re.fullmatch(POSITION_IDS_BUFFER, k))

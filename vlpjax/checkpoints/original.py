@@ -18,6 +18,7 @@ BERT-shaped parts reuse the rule helpers of `vlpjax.checkpoints.hf`.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable, Mapping
 
@@ -41,15 +42,16 @@ VILBERT_SKIP = (r'.*\.biOutput\.q_dense[12]\.(weight|bias)',)
 
 
 def _with_prefix(rules: list[Rule], torch_prefix: str, path_prefix: str) -> list[Rule]:
-  return [Rule(torch_prefix + r.torch_key, f'{path_prefix}/{r.path}', r.transform)
-          for r in rules]
+  return [dataclasses.replace(r, torch_key=torch_prefix + r.torch_key,
+                              path=f'{path_prefix}/{r.path}') for r in rules]
 
 
 def uniter_rules(model_config, pretraining: bool) -> list[Rule]:
   """Rules for `UniterForPretraining` (pretraining=True, backbone keys under
   `uniter.`) or a bare `UniterModel` state dict (False), tied copies excluded."""
   backbone = [
-      *hf.bert_rules(uniter.bert_text_paths(model_config)),  # embeddings, layers, pooler
+      # embeddings, layers, pooler
+      *hf.bert_rules(uniter.bert_text_paths(model_config), model_config.vocab_size),
       *sd.linear_rules('img_embeddings.img_linear', 'region_embeddings/feature_projection'),
       *sd.layer_norm_rules('img_embeddings.img_layer_norm', 'region_embeddings/feature_norm'),
       *sd.linear_rules('img_embeddings.pos_linear', 'region_embeddings/location_projection'),
@@ -61,7 +63,7 @@ def uniter_rules(model_config, pretraining: bool) -> list[Rule]:
     return backbone
   return [
       *_with_prefix(backbone, UNITER_PREFIX, 'backbone'),
-      Rule('cls.predictions.bias', 'mlm/bias'),
+      Rule('cls.predictions.bias', 'mlm/bias', vocab_rows=model_config.vocab_size),
       *sd.linear_rules('cls.predictions.transform.dense', 'mlm/transform/dense'),
       *sd.layer_norm_rules('cls.predictions.transform.LayerNorm', 'mlm/transform/norm'),
       *sd.linear_rules('itm_output', 'itm'),
@@ -80,7 +82,8 @@ def vilbert_rules(model_config, pretraining: bool) -> list[Rule]:
   excluded."""
   backbone = [
       # Text embeddings and layers (the ReLU text pooler is not BERT's).
-      *hf.bert_rules(vilbert.bert_text_paths(model_config), with_pooler=False),
+      *hf.bert_rules(vilbert.bert_text_paths(model_config), model_config.vocab_size,
+                     with_pooler=False),
       *sd.linear_rules('v_embeddings.image_embeddings', 'region_embeddings/feature_projection'),
       *sd.linear_rules('v_embeddings.image_location_embeddings',
                        'region_embeddings/location_projection'),
@@ -96,7 +99,7 @@ def vilbert_rules(model_config, pretraining: bool) -> list[Rule]:
     return backbone
   return [
       *_with_prefix(backbone, VILBERT_PREFIX, 'backbone'),
-      Rule('cls.predictions.bias', 'mlm/bias'),
+      Rule('cls.predictions.bias', 'mlm/bias', vocab_rows=model_config.vocab_size),
       *sd.linear_rules('cls.predictions.transform.dense', 'mlm/transform/dense'),
       *sd.layer_norm_rules('cls.predictions.transform.LayerNorm', 'mlm/transform/norm'),
       *sd.linear_rules('cls.bi_seq_relationship', 'alignment'),

@@ -70,10 +70,16 @@ def reshape(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  """One PyTorch key <-> one param, `path` being '/'-joined flax names."""
+  """One PyTorch key <-> one param, `path` being '/'-joined flax names.
+
+  `vocab_rows`: set for a word table or MLM bias, the checkpoint's vocabulary
+  size: the param has more rows (`layers.padded_vocab_size`), zero on import
+  and cut off on export.
+  """
   torch_key: str
   path: str
   transform: Transform = identity
+  vocab_rows: int | None = None
 
   def to_torch(self, value: np.ndarray, torch_shape: tuple[int, ...]) -> np.ndarray:
     if self.transform is linear:
@@ -92,8 +98,10 @@ def layer_norm_rules(torch_prefix: str, path: str) -> list[Rule]:
           Rule(f'{torch_prefix}.bias', f'{path}/bias')]
 
 
-def embedding_rules(torch_prefix: str, path: str) -> list[Rule]:
-  return [Rule(f'{torch_prefix}.weight', f'{path}/embedding')]
+def embedding_rules(torch_prefix: str, path: str, vocab_rows: int | None = None
+                    ) -> list[Rule]:
+  """A torch `nn.Embedding`; `vocab_rows` for a padded word table (`Rule`)."""
+  return [Rule(f'{torch_prefix}.weight', f'{path}/embedding', vocab_rows=vocab_rows)]
 
 
 def read_state_dict(path: str | os.PathLike) -> StateDict:
@@ -229,9 +237,14 @@ def import_params(state_dict: StateDict, rules: Iterable[Rule], target: Params, 
     array = np.asarray(state_dict[rule.torch_key])
     shape = shapes[rule.path]
     if not _fits(rule, array.shape, shape):
+      vocabulary = ('' if rule.vocab_rows is None else
+                    f' (a vocabulary of {rule.vocab_rows}, config.model.vocab_size, padded)')
       problems.append(f'{rule.torch_key}: checkpoint shape {array.shape} does not fit '
-                      f'{rule.path} of shape {shape}')
+                      f'{rule.path} of shape {shape}{vocabulary}')
       continue
+    if rule.vocab_rows is not None:
+      padding = np.zeros((shape[0] - rule.vocab_rows,) + shape[1:], array.dtype)
+      array = np.concatenate([array, padding])
     flat[rule.path] = rule.transform(array, shape).astype(np.float32)
   if problems:
     raise CheckpointMismatchError(f'{source} does not fit the model config:\n  ' +
@@ -252,6 +265,8 @@ def export_state_dict(params: Params, rules: Iterable[Rule],
   out = {}
   for rule in rules:
     value = np.asarray(flat[rule.path], dtype=np.float32)
+    if rule.vocab_rows is not None:
+      value = value[:rule.vocab_rows]
     if torch_shapes and rule.torch_key in torch_shapes:
       shape = tuple(torch_shapes[rule.torch_key])
     elif rule.transform is linear:
@@ -279,7 +294,11 @@ def _linear_torch_shape(path: str, shape: tuple[int, ...]) -> tuple[int, int]:
 def _fits(rule: Rule, torch_shape: tuple[int, ...], shape: tuple[int, ...]) -> bool:
   """Whether a checkpoint array fits a param: the exact torch shape for Linear
   kernels and untransformed params (equal sizes alone would let a [V, H] table
-  load into a [2V, H/2] one), equal sizes for explicit reshapes."""
+  load into a [2V, H/2] one), equal sizes for explicit reshapes; a padded
+  vocabulary param has `vocab_rows` rows in the checkpoint and at least as many."""
+  if rule.vocab_rows is not None:
+    return (tuple(torch_shape) == (rule.vocab_rows,) + tuple(shape[1:])
+            and shape[0] >= rule.vocab_rows)
   if rule.transform is identity:
     return tuple(torch_shape) == tuple(shape)
   if rule.transform is linear:

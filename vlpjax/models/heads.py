@@ -36,21 +36,28 @@ class PredictionTransform(nn.Module):
 class MaskedLMHead(nn.Module):
   """MLM logits at gathered positions only, decoder tied to the word table.
 
-  Submodules: transform (PredictionTransform); param `bias` [V].
+  The table has `layers.padded_vocab_size(vocab_size)` rows V'; the logits of
+  the padding ids (vocab_size .. V' - 1) are the dtype's lowest value, so no loss
+  or prediction sees them.
+
+  Submodules: transform (PredictionTransform); param `bias` [V'].
   """
+  vocab_size: int
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, hidden: jax.Array, positions: jax.Array, word_table: jax.Array
                ) -> jax.Array:
-    """hidden: [B, T, H]; positions: [B, P]; word_table: [V, H] -> logits [B, P, V]."""
+    """hidden: [B, T, H]; positions: [B, P]; word_table: [V', H] -> logits [B, P, V']."""
     h = gather_positions(hidden, positions)
     h = PredictionTransform(word_table.shape[1], dtype=self.dtype,
                             param_dtype=self.param_dtype, name='transform')(h)
     bias = self.param('bias', layers.zeros_init(('vocab',)), (word_table.shape[0],),
                       self.param_dtype)
     logits = jnp.einsum('bph,vh->bpv', h, word_table.astype(self.dtype)) + bias
+    word = jnp.arange(word_table.shape[0]) < self.vocab_size
+    logits = jnp.where(word, logits, jnp.finfo(logits.dtype).min)
     return layers.constrain(logits, ('batch', 'length', 'vocab'))
 
 

@@ -99,6 +99,18 @@ def Dense(features: int, axes: tuple[str, str] = ('embed', 'mlp'), *,  # pylint:
                   name=name)
 
 
+# Word tables have a multiple of this many rows, so that any `tensor` axis up to
+# 128 divides them (30,522 does not divide by 4 or 8, and an undivided table would
+# stay replicated). The padding ids never occur in the input, and the MLM head
+# masks their logits.
+VOCAB_ROW_MULTIPLE = 128
+
+
+def padded_vocab_size(vocab_size: int) -> int:
+  """Rows of the word table for a vocabulary of `vocab_size` ids."""
+  return -(-vocab_size // VOCAB_ROW_MULTIPLE) * VOCAB_ROW_MULTIPLE
+
+
 class Embed(nn.Module):
   """Embedding table [num, features] with logical axes `axes`.
 
@@ -381,7 +393,8 @@ class TextEmbeddings(nn.Module):
   """BERT text embeddings: word + position + token type, then LN and dropout.
 
   Submodules: word_embeddings, position_embeddings, token_type_embeddings, norm.
-  Returns (embeddings [B, T, E], word table [V, E] for tied heads).
+  Returns (embeddings [B, T, E], word table [V', E] for tied heads), V' being
+  `padded_vocab_size(vocab_size)`.
   """
   vocab_size: int
   hidden_size: int
@@ -397,10 +410,10 @@ class TextEmbeddings(nn.Module):
                extra_word_embeddings: jax.Array | None = None,
                extra_token_type_embeddings: jax.Array | None = None
                ) -> tuple[jax.Array, jax.Array]:
-    """input_ids: [B, T] -> ([B, T, E], [V, E]).
+    """input_ids: [B, T] -> ([B, T, E], [V', E]).
 
     extra_word_embeddings [K, E], extra_token_type_embeddings [K', E]: rows past
-    the word and token type tables that input_ids (ids V .. V + K - 1) and
+    the word and token type tables that input_ids (ids V' .. V' + K - 1) and
     token_type_ids may index (`Embed`'s extra_rows); the returned table is the
     word table alone.
     """
@@ -409,7 +422,8 @@ class TextEmbeddings(nn.Module):
       position_ids = jnp.arange(input_ids.shape[1])[None, :]
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
-    words, table = embed(self.vocab_size, self.hidden_size, name='word_embeddings')(
+    words, table = embed(padded_vocab_size(self.vocab_size), self.hidden_size,
+                         name='word_embeddings')(
         input_ids, extra_word_embeddings)
     positions, _ = embed(self.max_position_embeddings, self.hidden_size,
                          ('positions', 'embed'), name='position_embeddings')(position_ids)

@@ -278,8 +278,8 @@ class LxmertForPreTraining(Lxmert):
     outputs = Lxmert(**layers.backbone_fields(self, Lxmert), name='backbone')(
         input_ids, text_mask, region_feats, region_loc, region_mask, token_type_ids,
         deterministic, return_attention, attention_mask=attention_mask)
-    outputs['mlm_logits'] = heads.MaskedLMHead(dtype=dtype, param_dtype=param_dtype,
-                                               name='mlm_head')(
+    outputs['mlm_logits'] = heads.MaskedLMHead(
+        self.vocab_size, dtype=dtype, param_dtype=param_dtype, name='mlm_head')(
         outputs['text'], mlm_positions, outputs['word_embeddings'])
     outputs['matched_logits'] = layers.Dense(
         2, ('embed', None), dtype=dtype, param_dtype=param_dtype,
@@ -318,7 +318,7 @@ def forward_flops(model: ml_collections.ConfigDict, text_len: int, regions: int,
   return (flops.dense(r, model.feature_dim, h) + flops.dense(r, model.visual_pos_dim, h)
           + model.num_language_layers * flops.bert_layer(t, h, ffn)
           + model.num_relation_layers * flops.bert_layer(r, h, ffn)
-          + model.num_cross_layers * cross + flops.mlm_head(mlm_predictions, h, model.vocab_size)
+          + model.num_cross_layers * cross + flops.mlm_head(mlm_predictions, h, layers.padded_vocab_size(model.vocab_size))
           + flops.pooler_and_matching(h) + region_heads + qa)
 
 

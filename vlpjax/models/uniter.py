@@ -205,7 +205,7 @@ class UniterPreTraining(UniterFields):
   def setup(self):
     self.backbone = Uniter(**layers.backbone_fields(self, UniterFields))
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    self.mlm = heads.MaskedLMHead(dtype=dtype, param_dtype=param_dtype)
+    self.mlm = heads.MaskedLMHead(self.vocab_size, dtype=dtype, param_dtype=param_dtype)
     self.itm = layers.Dense(2, ('embed', None), dtype=dtype, param_dtype=param_dtype)
     self.mrfr_transform = heads.PredictionTransform(self.hidden_size, dtype=dtype,
                                                     param_dtype=param_dtype)
@@ -265,7 +265,7 @@ def forward_flops(model: ml_collections.ConfigDict, text_len: int, regions: int,
                   + flops.dense(r, h, model.num_region_classes))
   return (flops.dense(r, model.feature_dim, h) + flops.dense(r, LOC_DIM, h)
           + model.num_layers * flops.bert_layer(text_len + r, h, model.intermediate_size)
-          + flops.mlm_head(mlm_predictions, h, model.vocab_size)
+          + flops.mlm_head(mlm_predictions, h, layers.padded_vocab_size(model.vocab_size))
           + flops.pooler_and_matching(h) + region_heads)
 
 

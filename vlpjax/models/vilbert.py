@@ -276,7 +276,7 @@ class VilbertPreTraining(VilbertFields):
   def setup(self):
     self.backbone = Vilbert(**layers.backbone_fields(self, VilbertFields))
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    self.mlm = heads.MaskedLMHead(dtype=dtype, param_dtype=param_dtype)
+    self.mlm = heads.MaskedLMHead(self.vocab_size, dtype=dtype, param_dtype=param_dtype)
     self.pooled_dropout = nn.Dropout(self.dropout_rate)
     self.alignment = layers.Dense(2, ('embed', None), dtype=dtype, param_dtype=param_dtype)
     self.region_head = heads.ClassifierHead(self.num_region_classes, self.v_hidden_size,
@@ -343,7 +343,7 @@ def forward_flops(model: ml_collections.ConfigDict, text_len: int, regions: int,
           + model.num_layers * flops.bert_layer(t, h, ffn)
           + model.v_num_layers * flops.bert_layer(r, hv, model.v_intermediate_size)
           + len(model.v_biattention_id) * co_layer
-          + flops.mlm_head(mlm_predictions, h, model.vocab_size) + region_heads + poolers)
+          + flops.mlm_head(mlm_predictions, h, layers.padded_vocab_size(model.vocab_size)) + region_heads + poolers)
 
 
 DESIGN = design.Design(

@@ -60,10 +60,11 @@ class VisualBertEmbeddings(nn.Module):
                region_feats: jax.Array, visual_token_type_ids: jax.Array,
                deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
     """input_ids, token_type_ids: [B, T]; region_feats: [B, R, F];
-    visual_token_type_ids: [B, R] -> ([B, T+R, H], word table [V, H])."""
+    visual_token_type_ids: [B, R] -> ([B, T+R, H], word table [V', H], V' the
+    padded vocabulary)."""
     embed = functools.partial(layers.Embed, dtype=self.dtype, param_dtype=self.param_dtype)
     position_ids = jnp.arange(input_ids.shape[1])[None, :]
-    words, word_table = embed(self.vocab_size, self.hidden_size,
+    words, word_table = embed(layers.padded_vocab_size(self.vocab_size), self.hidden_size,
                               name='word_embeddings')(input_ids)
     positions, position_table = embed(
         self.max_position_embeddings, self.hidden_size, ('positions', 'embed'),
@@ -201,8 +202,8 @@ class VisualBertForPreTraining(VisualBert):
         input_ids, text_mask, region_feats, region_loc, region_mask, token_type_ids,
         deterministic, return_attention, visual_token_type_ids=visual_token_type_ids,
         attention_mask=attention_mask)
-    outputs['mlm_logits'] = heads.MaskedLMHead(dtype=dtype, param_dtype=param_dtype,
-                                               name='mlm_head')(
+    outputs['mlm_logits'] = heads.MaskedLMHead(
+        self.vocab_size, dtype=dtype, param_dtype=param_dtype, name='mlm_head')(
         outputs['text'], mlm_positions, outputs['word_embeddings'])
     outputs['sentence_image_logits'] = layers.Dense(
         2, ('embed', None), dtype=dtype, param_dtype=param_dtype,
@@ -261,7 +262,7 @@ def forward_flops(model: ml_collections.ConfigDict, text_len: int, regions: int,
   h = model.hidden_size
   return (flops.dense(regions, model.feature_dim, h)
           + model.num_layers * flops.bert_layer(text_len + regions, h, model.intermediate_size)
-          + flops.mlm_head(mlm_predictions, h, model.vocab_size) + flops.pooler_and_matching(h))
+          + flops.mlm_head(mlm_predictions, h, layers.padded_vocab_size(model.vocab_size)) + flops.pooler_and_matching(h))
 
 
 DESIGN = design.Design(

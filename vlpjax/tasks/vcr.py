@@ -26,8 +26,9 @@ References (`REFERENCES`, `config.vcr.references`):
                    they are a function of the index), any other object its
                    class name; several indices are joined with 'and' (r2c
                    writes them one after the other).
-  'region_tokens'  UNITER: each index k becomes the token `vocab_size + k`,
-                   one token per index; the word table grows by
+  'region_tokens'  UNITER: each index k becomes the token V' + k (V' the
+                   word table's rows, `layers.padded_vocab_size`), one token
+                   per index; the word table grows by
                    NUM_REGION_TOKENS (81, UNITER's `init_word_embedding`).
                    The new rows are the model's param EXTRA_WORDS_NAME [81, H],
                    passed as the backbone's `extra_word_embeddings` (UNITER's
@@ -304,7 +305,7 @@ class TextEncoder:
     tokenizer: max_len = T.
     references: REFERENCE_KINDS.
     layout: the design's `Layout`.
-    region_token_base: the model's vocab_size (region token k is this + k).
+    region_token_base: the word table's rows (region token k is this + k).
   """
   tokenizer: BertTokenizer
   references: str
@@ -404,7 +405,7 @@ def make_encoder(model_config: ml_collections.ConfigDict, tokenizer: BertTokeniz
   """The design's TextEncoder (references None: the design's)."""
   design = model_config.name
   return TextEncoder(tokenizer, resolve_references(design, references), LAYOUTS[design],
-                     model_config.vocab_size)
+                     layers.padded_vocab_size(model_config.vocab_size))
 
 
 # ----------------------------------------------------------------------------
