@@ -1,0 +1,8 @@
+"""The bottom-up-attention region detector (Faster R-CNN, ResNet-101 C4) in Flax.
+
+`model`: the modules, box ops, selection and preprocessing; `weights`: import of
+HF's `unc-nlp/frcnn-vg-finetuned` state dict.
+"""
+from vlpjax.detector.model import DetectorConfig, FasterRCNN, preprocess
+
+__all__ = ['DetectorConfig', 'FasterRCNN', 'preprocess']

@@ -1,0 +1,148 @@
+"""HF `unc-nlp/frcnn-vg-finetuned` weights -> `FasterRCNN` params, strictly.
+
+The checkpoint is the `state_dict()` of the port's `GeneralizedRCNN`
+(`pytorch_model.bin`, read with `torch.load(weights_only=True)`, or the same
+keys as safetensors / npz). Every key must map to a param of the config's
+shape and every param must be filled (`state_dict.import_params`); two kinds
+of buffer are not params:
+
+* `*.num_batches_tracked` of every batch norm: a training counter, ignored.
+* `proposal_generator.anchor_generator.cell_anchors.0` [A, 4]: the anchors the
+  port derives from its config; required, and it must equal
+  `model.cell_anchors(config)` (a checkpoint of other anchor sizes is an error,
+  not a silent mismatch).
+
+Key layout (torch -> flax):
+
+  backbone.stem.conv1.*                  backbone/stem/*
+  backbone.res{2,3,4}.{i}.{conv1..3,shortcut}.*
+                                         backbone/res{s}_{i}/{...}/*
+  proposal_generator.rpn_head.{conv,objectness_logits,anchor_deltas}.*
+                                         rpn_head/{...}/*
+  roi_heads.res5.{i}.*                   res5/block_{i}/*
+  roi_heads.box_predictor.{cls_score,bbox_pred,cls_embedding,fc_attr,attr_score}.*
+                                         box_predictor/{...}/*
+
+with conv `weight` [O, I, kh, kw] -> `kernel` [kh, kw, I, O], Linear weight
+[out, in] -> kernel [in, out], norm weight/bias/running_mean/running_var ->
+scale/bias/mean/var, Embedding weight -> embedding.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlpjax.checkpoints import state_dict as sd
+from vlpjax.checkpoints.state_dict import CheckpointMismatchError, Rule
+from vlpjax.detector import model as detector_model
+
+Params = Any
+
+CELL_ANCHORS_KEY = 'proposal_generator.anchor_generator.cell_anchors.0'
+BATCH_COUNTER_KEYS = r'.*\.num_batches_tracked'
+_NORM_LEAVES = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
+                'var': 'running_var'}
+
+
+def conv_kernel(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """torch Conv2d weight [O, I, kh, kw] -> flax kernel [kh, kw, I, O] (`shape`)."""
+  del shape
+  return np.transpose(x, (2, 3, 1, 0))
+
+
+def _torch_module(path: list[str]) -> list[str]:
+  """Flax module names -> torch module names (see the module docstring)."""
+  head, rest = path[0], path[1:]
+  if head == 'backbone':
+    if rest[0] == 'stem':
+      return ['backbone', 'stem', 'conv1'] + rest[1:]
+    stage, index = rest[0].split('_')
+    return ['backbone', stage, index] + rest[1:]
+  if head == 'rpn_head':
+    return ['proposal_generator', 'rpn_head'] + rest
+  if head == 'res5':
+    return ['roi_heads', 'res5', rest[0].removeprefix('block_')] + rest[1:]
+  if head == 'box_predictor':
+    return ['roi_heads', 'box_predictor'] + rest
+  raise ValueError(f'no torch module for flax path {"/".join(path)}')
+
+
+def rules(target: Params) -> list[Rule]:
+  """One Rule per param of `target` (params or their `jax.eval_shape` structs)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(target), sep='/')
+  out = []
+  for path, value in sorted(flat.items()):
+    *modules, leaf = path.split('/')
+    torch_prefix = '.'.join(_torch_module(modules))
+    if modules[-1] == 'norm':
+      out.append(Rule(f'{torch_prefix}.{_NORM_LEAVES[leaf]}', path))
+    elif leaf == 'kernel':
+      transform = conv_kernel if len(value.shape) == 4 else sd.linear
+      out.append(Rule(f'{torch_prefix}.weight', path, transform))
+    elif leaf == 'embedding':
+      out.append(Rule(f'{torch_prefix}.weight', path))
+    else:
+      out.append(Rule(f'{torch_prefix}.{leaf}', path))
+  return out
+
+
+def param_shapes(config: detector_model.DetectorConfig) -> Params:
+  """The params' shapes (`jax.ShapeDtypeStruct`s) for `config`, without computing."""
+  detector = detector_model.FasterRCNN(config)
+  size = 2 * detector_model.FEATURE_STRIDE
+  images = jnp.zeros((1, size, size, 3), jnp.float32)
+  sizes = jnp.full((1, 2), size, jnp.int32)
+  scales = jnp.ones((1, 2), jnp.float32)
+  variables = jax.eval_shape(detector.init, jax.random.key(0), images, sizes, scales)
+  return variables['params']
+
+
+def import_hf_frcnn(source: str | os.PathLike | Mapping[str, np.ndarray],
+                    config: detector_model.DetectorConfig) -> Params:
+  """Params of `FasterRCNN(config)` from an HF frcnn checkpoint (a weight file,
+  a `save_pretrained` directory, or a loaded state dict).
+
+  Raises:
+    CheckpointMismatchError naming every missing, unexpected or misshapen key
+    (conv weights are checked in torch's [O, I, kh, kw]), and a cell-anchor
+    buffer that is absent or differs from the config's anchors.
+  """
+  if isinstance(source, Mapping):
+    state_dict, name = {k: np.asarray(v) for k, v in source.items()}, 'state dict'
+  else:
+    state_dict, name = sd.read_state_dict(source), os.fspath(source)
+  target = param_shapes(config)
+  all_rules = rules(target)
+  shapes = {path: tuple(v.shape) for path, v in
+            flax.traverse_util.flatten_dict(flax.core.unfreeze(target), sep='/').items()}
+  problems = []
+  for rule in all_rules:
+    if rule.transform is conv_kernel and rule.torch_key in state_dict:
+      kh, kw, fan_in, fan_out = shapes[rule.path]
+      found = tuple(state_dict[rule.torch_key].shape)
+      if found != (fan_out, fan_in, kh, kw):
+        problems.append(f'{rule.torch_key}: checkpoint shape {found} does not fit '
+                        f'{rule.path}, which needs {(fan_out, fan_in, kh, kw)}')
+  expected_anchors = detector_model.cell_anchors(config)
+  anchors = state_dict.pop(CELL_ANCHORS_KEY, None)
+  if anchors is None:
+    problems.append(f'missing keys (1): {[CELL_ANCHORS_KEY]}')
+  elif anchors.shape != expected_anchors.shape or not np.allclose(
+      anchors, expected_anchors, atol=1e-3):
+    problems.append(f'{CELL_ANCHORS_KEY}: the checkpoint\'s anchors {anchors.tolist()} are '
+                    f'not the config\'s {expected_anchors.tolist()} (anchor_sizes '
+                    f'{config.anchor_sizes}, anchor_ratios {config.anchor_ratios})')
+  try:
+    params = sd.import_params(state_dict, all_rules, target, skip=[BATCH_COUNTER_KEYS],
+                              source=name)
+  except CheckpointMismatchError as error:
+    problems.append(str(error))
+  if problems:
+    raise CheckpointMismatchError(f'{name} does not fit the detector config:\n  ' +
+                                  '\n  '.join(problems))
+  return params
