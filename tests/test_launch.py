@@ -253,6 +253,27 @@ def test_tpu_worker_scripts_run_the_exact_command(tmp_path, outcome, stub):
   assert len(logs) == 1 and logs[0].read_text().strip().endswith(outcome)
 
 
+
+def test_tpu_status_is_the_status_file_once_written(tmp_path):
+  """run.sh writes `status` just before it removes its pid: in between, the run
+  has ended, and status says how, not `running`."""
+  home = tmp_path / 'home'
+  run_dir = home / tpu_vm.RUN_DIR
+  run_dir.mkdir(parents=True)
+  launcher = tpu_vm.Launcher(tpu_vm.parse_args(tpu_args()))
+  status = lambda: _remote(launcher.status_remote(), home, dict(os.environ)).stdout.strip()
+  assert status() == 'absent'
+  alive = subprocess.Popen(['sleep', '30'])
+  try:
+    (run_dir / 'pid').write_text(str(alive.pid))
+    assert status() == 'running'
+    (run_dir / 'status').write_text('preempted\n')
+    assert status() == 'preempted'
+  finally:
+    alive.kill()
+    alive.wait()
+
+
 class ScriptedLauncher(tpu_vm.Launcher):
   """Answers describe and status from scripts instead of running gcloud."""
 

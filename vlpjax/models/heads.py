@@ -56,8 +56,9 @@ class MaskedLMHead(nn.Module):
     bias = self.param('bias', layers.zeros_init(('vocab',)), (word_table.shape[0],),
                       self.param_dtype)
     logits = jnp.einsum('bph,vh->bpv', h, word_table.astype(self.dtype)) + bias
-    word = jnp.arange(word_table.shape[0]) < self.vocab_size
-    logits = jnp.where(word, logits, jnp.finfo(logits.dtype).min)
+    if self.vocab_size < word_table.shape[0]:
+      word = jnp.arange(word_table.shape[0]) < self.vocab_size
+      logits = jnp.where(word, logits, jnp.finfo(logits.dtype).min)
     return layers.constrain(logits, ('batch', 'length', 'vocab'))
 
 
