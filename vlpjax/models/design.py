@@ -90,6 +90,8 @@ class Design:
     matching_head: param name (beside 'backbone') of the pretraining module's
       2-way image-text matching head, whose `matched_label` column scores a
       matched pair (retrieval starts its score head from it).
+    mlm_head: param name (beside 'backbone') of the pretraining module's MLM
+      head (captioning starts its LM head from it).
     pairing: how a mismatched pair is made (PAIRINGS).
     max_text_len: the original's text length (word pieces incl. [CLS]/[SEP]).
     world_text_len: the text length on the embedded world (its sentences are short).
@@ -130,6 +132,7 @@ class Design:
   fill_leading_slots: Callable[..., None] | None = None
   after_bert_import: Callable[[Any, ml_collections.ConfigDict], Any] | None = None
   matching_head: str | None = None
+  mlm_head: str = 'mlm'
   pair_image_token_types: tuple[int, int] | None = None
   world_pretrain: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 

@@ -38,6 +38,19 @@ The backbone contract shared by the four designs (their `MODEL.__call__`):
   `i` counts the attention layers of that stream from 0 in the order they run
   (LXMERT's text self-attentions: its text layers, then those inside the
   cross layers).
+* Decoding (captioning). `decoding=Decoding(...)` makes a backbone keep keys
+  and values in flax's 'cache' collection (apply with `mutable=['cache']`).
+  Prefill (`Decoding.prefill()`): the call runs as usual over [text (T slots);
+  regions] and every attention that text queries read stores the keys/values of
+  its whole key sequence. Step (`Decoding.step_at(index)`): `input_ids` [B, Q]
+  are new tokens at text positions index .. index+Q-1; `text_mask` [B, T] and
+  `region_mask` still mark the cached layout's keys, `attention_mask` [B, Q,
+  T+R] (required) holds the new tokens' rows of the full mask. Text
+  self-attentions write the new keys/values into their slots and attend over the
+  cache; text-to-region attentions read the cached region keys/values; nothing
+  on the region side runs (a decoding mask keeps regions independent of the
+  text, so their states are final after the prefill). Outputs of a step:
+  'text' [B, Q, H] and 'word_embeddings'.
 """
 from __future__ import annotations
 
@@ -45,6 +58,7 @@ import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
+from flax import struct
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -195,13 +209,53 @@ def attention_key(stream: str, index: int) -> str:
   return f'{stream}/layer_{index}'
 
 
+@struct.dataclass
+class Decoding:
+  """How a backbone call uses the KV cache (module docstring, "Decoding").
+
+  Attributes:
+    index: int32 scalar, the text position of the first new token (step only).
+    step: False for the prefill, True for a step over cached keys/values.
+  """
+  index: jax.Array
+  step: bool = struct.field(pytree_node=False, default=False)
+
+  @classmethod
+  def prefill(cls) -> 'Decoding':
+    return cls(jnp.zeros((), jnp.int32), step=False)
+
+  @classmethod
+  def step_at(cls, index: jax.Array | int) -> 'Decoding':
+    return cls(jnp.asarray(index, jnp.int32), step=True)
+
+  def position_ids(self, num_new: int) -> jax.Array:
+    """[1, Q] text position ids of the step's new tokens."""
+    return self.index + jnp.arange(num_new, dtype=jnp.int32)[None, :]
+
+
+def is_step(decoding: Decoding | None) -> bool:
+  """Whether a call is a decoding step (its region side is skipped)."""
+  return decoding is not None and decoding.step
+
+
 def check_attention_mask(attention_mask: jax.Array | None, batch: int, num_text: int,
-                         num_regions: int) -> jax.Array | None:
+                         num_regions: int, decoding: Decoding | None = None
+                         ) -> jax.Array | None:
   """Checks a full attention mask [B, T+R, T+R] (a leading 1 broadcasts over the
-  batch) and returns it as bool (None stays None)."""
+  batch; a decoding step's is [B, Q, T+R], its queries the new tokens) and
+  returns it as bool (None stays None; a step requires one)."""
+  length = num_text + num_regions
+  if is_step(decoding):
+    if attention_mask is None:
+      raise ValueError('a decoding step needs attention_mask [B, Q, T+R]: the new tokens\' '
+                       'rows of the full mask, which keep them off later (stale) cache slots')
+    if attention_mask.ndim != 3 or attention_mask.shape[0] not in (1, batch) or \
+        attention_mask.shape[2] != length:
+      raise ValueError(f'a decoding step\'s attention_mask must be [B, Q, T+R] with '
+                       f'T+R = {length} (the cached layout), got {tuple(attention_mask.shape)}')
+    return attention_mask.astype(bool)
   if attention_mask is None:
     return None
-  length = num_text + num_regions
   shape = tuple(attention_mask.shape)
   if len(shape) != 3 or shape[1:] != (length, length) or shape[0] not in (1, batch):
     raise ValueError(f'attention_mask must be [B, T+R, T+R] = [{batch}, {length}, {length}] '
@@ -213,7 +267,8 @@ def attention_mask_blocks(attention_mask: jax.Array | None, num_text: int
                           ) -> dict[str, jax.Array | None]:
   """The blocks of a full mask [B, T+R, T+R] that two-stream designs use, keyed
   by stream: 'text' [:T, :T], 'vision' [T:, T:], 'text_to_vision' [:T, T:],
-  'vision_to_text' [T:, :T]. All None for None."""
+  'vision_to_text' [T:, :T]. All None for None. (A decoding step's mask [B, Q,
+  T+R] gives 'text' [B, Q, T] and 'text_to_vision' [B, Q, R].)"""
   t = num_text
   if attention_mask is None:
     return dict(text=None, vision=None, text_to_vision=None, vision_to_text=None)
@@ -313,17 +368,48 @@ class Attention(nn.Module):
     return HeadsDense(self.num_heads, self.hidden // self.num_heads, dtype=self.dtype,
                       param_dtype=self.param_dtype, name=name)(x)
 
+  def cached_keys_values(self, context: jax.Array | None, decoding: Decoding
+                         ) -> tuple[jax.Array, jax.Array]:
+    """Keys and values [B, S, N, D] through the 'cache' collection: stored
+    whole by the prefill; in a step, read back (`context` None: a stream
+    computed once) or updated with the new positions' (`context` [B, Q, C], the
+    new tokens) at `decoding.index`."""
+    if not decoding.step:
+      key, value = self.project(context, 'key'), self.project(context, 'value')
+      self.variable('cache', 'cached_key', lambda: key).value = key
+      self.variable('cache', 'cached_value', lambda: value).value = value
+      return key, value
+    if not self.has_variable('cache', 'cached_key'):
+      raise ValueError(f'{self.path}: a decoding step found no cached keys; run the '
+                       'prefill (Decoding.prefill()) with mutable=["cache"] first')
+    cached_key = self.variable('cache', 'cached_key')
+    cached_value = self.variable('cache', 'cached_value')
+    if context is not None:
+      for cached, new in ((cached_key, self.project(context, 'key')),
+                          (cached_value, self.project(context, 'value'))):
+        cached.value = jax.lax.dynamic_update_slice_in_dim(
+            cached.value, new.astype(cached.value.dtype), decoding.index, axis=1)
+    return cached_key.value, cached_value.value
+
   @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array, context_mask: jax.Array | None,
-               deterministic: bool = True, return_probs: bool = False,
-               attention_mask: jax.Array | None = None
-               ) -> tuple[jax.Array, jax.Array | None]:
+  def __call__(self, x: jax.Array, context: jax.Array | None,
+               context_mask: jax.Array | None, deterministic: bool = True,
+               return_probs: bool = False, attention_mask: jax.Array | None = None,
+               decoding: Decoding | None = None) -> tuple[jax.Array, jax.Array | None]:
     """x: [B, T, E]; context: [B, S, C]; context_mask: [B, S]; attention_mask:
     [B, T, S] or None (see `attend`) -> ([B, T, out], probs [B, N, T, S] float32
-    or None)."""
+    or None).
+
+    decoding: the KV cache (`Decoding`; module docstring). In a step, `context`
+    is the new tokens [B, Q, C] (self-attention: written into the cached keys)
+    or None (the cached keys of a stream that is not recomputed); S, the
+    masks' key length, is then the cached one.
+    """
     query = self.project(x, 'query')
-    key = self.project(context, 'key')
-    value = self.project(context, 'value')
+    if decoding is None:
+      key, value = self.project(context, 'key'), self.project(context, 'value')
+    else:
+      key, value = self.cached_keys_values(context, decoding)
     dropout_rng = None
     if self.attention_dropout_rate > 0.0 and not deterministic:
       dropout_rng = self.make_rng('dropout')
@@ -373,17 +459,18 @@ class TransformerLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool = True,
-               return_probs: bool = False, attention_mask: jax.Array | None = None
-               ) -> tuple[jax.Array, jax.Array | None]:
+               return_probs: bool = False, attention_mask: jax.Array | None = None,
+               decoding: Decoding | None = None) -> tuple[jax.Array, jax.Array | None]:
     """x: [B, T, E]; mask: [B, T] key mask; attention_mask: [B, T, T] or None
     (ANDed with `mask`, see `attend`) -> ([B, T, E], probs [B, N, T, T] float32
-    or None)."""
+    or None). decoding: the KV cache (`Attention`); in a step x is [B, Q, E] and
+    the masks' keys are the cached T."""
     x, probs = Attention(
         self.num_heads, x.shape[-1], dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate,
         attention_impl=self.attention_impl, dtype=self.dtype,
         param_dtype=self.param_dtype, name='attention')(
-            x, x, mask, deterministic, return_probs, attention_mask)
+            x, x, mask, deterministic, return_probs, attention_mask, decoding)
     x = FeedForward(self.intermediate_size, self.dropout_rate, dtype=self.dtype,
                     param_dtype=self.param_dtype, name='ffn')(x, deterministic)
     return constrain(x, ('batch', 'length', 'embed')), probs

@@ -79,10 +79,13 @@ class CrossLayer(nn.Module):
   def __call__(self, streams: tuple[jax.Array, jax.Array],
                masks: tuple[jax.Array, jax.Array], deterministic: bool = True,
                return_probs: bool = False,
-               attention_masks: dict[str, jax.Array | None] | None = None
+               attention_masks: dict[str, jax.Array | None] | None = None,
+               decoding: layers.Decoding | None = None
                ) -> tuple[tuple[jax.Array, jax.Array], dict[str, jax.Array] | None]:
     """streams: (text [B, T, H], vision [B, R, H]); masks: ([B, T], [B, R]) key
     masks; attention_masks: `layers.attention_mask_blocks` of a full mask (or None).
+    decoding: the KV cache (`layers.Decoding`) of the text side's attentions;
+    a step takes (new tokens [B, Q, H], None) and returns (text, None).
 
     Returns ((text, vision), probs) with probs (if asked) keyed by stream:
     'text_to_vision' [B, N, T, R], 'vision_to_text' [B, N, R, T], 'text'
@@ -98,16 +101,20 @@ class CrossLayer(nn.Module):
     ffn = functools.partial(layers.FeedForward, self.intermediate_size, self.dropout_rate,
                             dtype=self.dtype, param_dtype=self.param_dtype)
     cross = attention(name='cross_attention')
-    # Both directions read the streams as they entered the layer.
+    # Both directions read the streams as they entered the layer. In a decoding
+    # step the regions' keys are cached and the vision side is final.
     new_text, text_to_vision = cross(text, vision, vision_mask, deterministic, return_probs,
-                                     blocks.get('text_to_vision'))
+                                     blocks.get('text_to_vision'), decoding)
+    new_text, text_self = attention(name='text_self_attention')(
+        new_text, new_text, text_mask, deterministic, return_probs, blocks.get('text'),
+        decoding)
+    new_text = ffn(name='text_ffn')(new_text, deterministic)
+    if layers.is_step(decoding):
+      return (layers.constrain(new_text, TEXT_AXES), None), None
     new_vision, vision_to_text = cross(vision, text, text_mask, deterministic, return_probs,
                                        blocks.get('vision_to_text'))
-    new_text, text_self = attention(name='text_self_attention')(
-        new_text, new_text, text_mask, deterministic, return_probs, blocks.get('text'))
     new_vision, vision_self = attention(name='vision_self_attention')(
         new_vision, new_vision, vision_mask, deterministic, return_probs, blocks.get('vision'))
-    new_text = ffn(name='text_ffn')(new_text, deterministic)
     new_vision = ffn(name='vision_ffn')(new_vision, deterministic)
     probs = None
     if return_probs:
@@ -161,7 +168,8 @@ class Lxmert(nn.Module):
                region_loc: jax.Array, region_mask: jax.Array,
                token_type_ids: jax.Array | None = None, deterministic: bool = True,
                return_attention: bool = False,
-               attention_mask: jax.Array | None = None) -> dict[str, Any]:
+               attention_mask: jax.Array | None = None,
+               decoding: layers.Decoding | None = None) -> dict[str, Any]:
     """Runs both streams and the cross layers.
 
     Args:
@@ -174,6 +182,10 @@ class Lxmert(nn.Module):
         text self-attention, [T:, T:] in the vision layers and the
         cross layers' vision self-attention, [:T, T:] / [T:, :T] in the
         cross-attention's text->vision / vision->text directions.
+      decoding: the KV cache for captioning (`layers.Decoding`): the prefill
+        caches the text self-attentions' and the text->vision keys/values; a
+        step runs the text side of the layers on the new tokens only (the
+        vision stream is final) and returns 'text' and 'word_embeddings'.
 
     Returns:
       dict with 'text' [B, T, H], 'vision' [B, R, H], 'pooled' [B, H],
@@ -185,9 +197,10 @@ class Lxmert(nn.Module):
       'vision_to_text/layer_k' [B, N, R, T] (cross layer k).
     """
     self.check_inputs(input_ids, region_feats, region_loc)
-    num_text = input_ids.shape[1]
+    num_text = text_mask.shape[1]  # the cached layout's text slots in a decoding step
+    step = layers.is_step(decoding)
     attention_mask = layers.check_attention_mask(attention_mask, input_ids.shape[0], num_text,
-                                                 region_feats.shape[1])
+                                                 region_feats.shape[1], decoding)
     blocks = layers.attention_mask_blocks(attention_mask, num_text)
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
     common = dict(dropout_rate=self.dropout_rate,
@@ -196,23 +209,30 @@ class Lxmert(nn.Module):
     text, word_table = layers.TextEmbeddings(
         self.vocab_size, self.hidden_size, self.max_position_embeddings,
         self.type_vocab_size, self.dropout_rate, dtype=dtype, param_dtype=param_dtype,
-        name='embeddings')(input_ids, token_type_ids, deterministic=deterministic)
-    vision = RegionEmbeddings(self.hidden_size, self.dropout_rate, dtype=dtype,
-                              param_dtype=param_dtype, name='region_embeddings')(
-        region_feats, region_loc, deterministic)
+        name='embeddings')(
+            input_ids, token_type_ids,
+            decoding.position_ids(input_ids.shape[1]) if decoding is not None else None,
+            deterministic)
 
     attention = {}
-    single_layer = layers.maybe_remat(layers.TransformerLayer, self.remat)
+    # The cache is written inside the layers: no remat around them when decoding.
+    remat = self.remat and decoding is None
+    single_layer = layers.maybe_remat(layers.TransformerLayer, remat)
     for i in range(self.num_language_layers):
       text, attention[layers.attention_key('text', i)] = single_layer(
           self.num_heads, self.intermediate_size, **common, name=f'text_layer_{i}')(
-              text, text_mask, deterministic, return_attention, blocks['text'])
-    for i in range(self.num_relation_layers):
-      vision, attention[layers.attention_key('vision', i)] = single_layer(
-          self.num_heads, self.intermediate_size, **common, name=f'vision_layer_{i}')(
-              vision, region_mask, deterministic, return_attention, blocks['vision'])
-      vision = layers.constrain(vision, VISION_AXES)
-    cross_layer = layers.maybe_remat(CrossLayer, self.remat)
+              text, text_mask, deterministic, return_attention, blocks['text'], decoding)
+    vision = None  # a decoding step leaves the (final) vision stream out
+    if not step:
+      vision = RegionEmbeddings(self.hidden_size, self.dropout_rate, dtype=dtype,
+                                param_dtype=param_dtype, name='region_embeddings')(
+          region_feats, region_loc, deterministic)
+      for i in range(self.num_relation_layers):
+        vision, attention[layers.attention_key('vision', i)] = single_layer(
+            self.num_heads, self.intermediate_size, **common, name=f'vision_layer_{i}')(
+                vision, region_mask, deterministic, return_attention, blocks['vision'])
+        vision = layers.constrain(vision, VISION_AXES)
+    cross_layer = layers.maybe_remat(CrossLayer, remat)
     # Self-attentions inside cross layer k are layer num_*_layers + k of their stream.
     offsets = dict(text=self.num_language_layers, vision=self.num_relation_layers,
                    text_to_vision=0, vision_to_text=0)
@@ -220,9 +240,11 @@ class Lxmert(nn.Module):
       (text, vision), probs = cross_layer(
           self.num_heads, self.intermediate_size, **common, name=f'cross_layer_{k}')(
               (text, vision), (text_mask, region_mask), deterministic, return_attention,
-              blocks)
+              blocks, decoding)
       for stream, value in (probs or {}).items():
         attention[layers.attention_key(stream, offsets[stream] + k)] = value
+    if step:
+      return dict(text=text, word_embeddings=word_table)
 
     outputs = dict(
         text=text, vision=vision, word_embeddings=word_table,
@@ -325,6 +347,7 @@ def forward_flops(model: ml_collections.ConfigDict, text_len: int, regions: int,
 DESIGN = design.Design(
     name='lxmert', model=Lxmert, pretraining=LxmertForPreTraining,
     location_features=lambda corners: corners, loc_dim=4,
+    mlm_head='mlm_head',
     matching_head='matched_head',
     matched_label=1, pairing=design.REPLACE_CAPTION, max_text_len=20, world_text_len=20,
     recipe=design.PretrainingRecipe(

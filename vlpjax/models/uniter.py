@@ -104,6 +104,23 @@ class Uniter(UniterFields):
   layer_{i} (TransformerLayer), pooler (tanh on [CLS]).
   """
 
+  def encode(self, x: jax.Array, mask: jax.Array, deterministic: bool, return_attention: bool,
+             attention_mask: jax.Array | None, decoding: layers.Decoding | None
+             ) -> tuple[jax.Array, dict[str, jax.Array | None]]:
+    """The layers over the joint sequence x [B, S, H] (a decoding step's: the
+    new tokens), mask [B, S'] the keys -> ([B, S, H], {'joint/layer_i': probs})."""
+    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+    # The cache is written inside the layers: no remat around them when decoding.
+    layer_cls = layers.maybe_remat(layers.TransformerLayer, self.remat and decoding is None)
+    attention = {}
+    for i in range(self.num_layers):
+      x, attention[layers.attention_key('joint', i)] = layer_cls(
+          self.num_heads, self.intermediate_size, self.dropout_rate,
+          self.attention_dropout_rate, self.attention_impl, dtype=dtype,
+          param_dtype=param_dtype, name=f'layer_{i}')(
+              x, mask, deterministic, return_attention, attention_mask, decoding)
+    return x, attention
+
   @nn.compact
   def __call__(self, input_ids: jax.Array, text_mask: jax.Array, region_feats: jax.Array,
                region_loc: jax.Array, region_mask: jax.Array,
@@ -112,7 +129,8 @@ class Uniter(UniterFields):
                attention_mask: jax.Array | None = None,
                visual_token_type_ids: jax.Array | None = None,
                extra_token_type_embeddings: jax.Array | None = None,
-               extra_word_embeddings: jax.Array | None = None) -> dict[str, jax.Array]:
+               extra_word_embeddings: jax.Array | None = None,
+               decoding: layers.Decoding | None = None) -> dict[str, jax.Array]:
     """Encodes text and regions jointly.
 
     Args:
@@ -141,6 +159,9 @@ class Uniter(UniterFields):
       extra_word_embeddings: [K, H] or None, rows vocab_size .. vocab_size + K - 1
         of the word table for `input_ids`: a task's new tokens (VCR's region
         references, the original's `init_word_embedding`), held by the task.
+      decoding: the KV cache for captioning (`layers.Decoding`): the prefill
+        caches every layer's keys/values over [text; regions]; a step embeds
+        only the new tokens and returns 'text' and 'word_embeddings'.
 
     Returns:
       dict with 'text' [B, T, H], 'vision' [B, R, H], 'pooled' [B, H],
@@ -155,8 +176,17 @@ class Uniter(UniterFields):
         self.vocab_size, self.hidden_size, self.max_position_embeddings,
         self.type_vocab_size, self.dropout_rate, dtype=dtype, param_dtype=param_dtype,
         name='embeddings')
-    text, word_table = text_embeddings(input_ids, token_type_ids, None, deterministic,
+    position_ids = decoding.position_ids(input_ids.shape[1]) if decoding is not None else None
+    text, word_table = text_embeddings(input_ids, token_type_ids, position_ids, deterministic,
                                        extra_word_embeddings, extra_token_type_embeddings)
+    num_text = text_mask.shape[1]  # the cached layout's text slots in a decoding step
+    attention_mask = layers.check_attention_mask(attention_mask, input_ids.shape[0], num_text,
+                                                 region_feats.shape[1], decoding)
+    mask = jnp.concatenate([text_mask, region_mask], axis=1)
+    if layers.is_step(decoding):  # the regions' keys and values are in the cache
+      return dict(text=self.encode(text, mask, deterministic, False, attention_mask,
+                                   decoding)[0],
+                  word_embeddings=word_table)
     # The region type embedding is a row of the text's token type table (shared).
     type_table = nn.meta.unbox(
         text_embeddings.variables['params']['token_type_embeddings']['embedding'])
@@ -169,19 +199,8 @@ class Uniter(UniterFields):
                                param_dtype=param_dtype, name='region_embeddings')(
                                    region_feats, region_loc, region_types,
                                    masked_regions, deterministic)
-    num_text = input_ids.shape[1]
-    attention_mask = layers.check_attention_mask(attention_mask, input_ids.shape[0], num_text,
-                                                 region_feats.shape[1])
-    x = jnp.concatenate([text, regions], axis=1)
-    mask = jnp.concatenate([text_mask, region_mask], axis=1)
-    layer_cls = layers.maybe_remat(layers.TransformerLayer, self.remat)
-    attention = {}
-    for i in range(self.num_layers):
-      x, probs = layer_cls(self.num_heads, self.intermediate_size, self.dropout_rate,
-                           self.attention_dropout_rate, self.attention_impl, dtype=dtype,
-                           param_dtype=param_dtype, name=f'layer_{i}')(
-                               x, mask, deterministic, return_attention, attention_mask)
-      attention[layers.attention_key('joint', i)] = probs
+    x, attention = self.encode(jnp.concatenate([text, regions], axis=1), mask, deterministic,
+                               return_attention, attention_mask, decoding)
     outputs = dict(
         text=x[:, :num_text],
         vision=layers.constrain(x[:, num_text:], ('batch', 'regions', 'embed')),

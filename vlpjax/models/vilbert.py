@@ -90,11 +90,14 @@ class CoAttentionLayer(nn.Module):
   def __call__(self, streams: tuple[jax.Array, jax.Array],
                masks: tuple[jax.Array, jax.Array], deterministic: bool = True,
                return_probs: bool = False,
-               attention_masks: dict[str, jax.Array | None] | None = None
+               attention_masks: dict[str, jax.Array | None] | None = None,
+               decoding: layers.Decoding | None = None
                ) -> tuple[tuple[jax.Array, jax.Array], dict[str, jax.Array | None]]:
     """streams: (text [B, T, Ht], vision [B, R, Hv]); masks: ([B, T], [B, R]) key
     masks; attention_masks: `layers.attention_mask_blocks` of a full mask (this
     block reads 'text_to_vision' [B, T, R] and 'vision_to_text' [B, R, T]) or None.
+    decoding: the KV cache (`layers.Decoding`) of the text->vision attention; a
+    step takes (new tokens [B, Q, Ht], None) and returns (text, None).
 
     Returns ((text [B, T, Ht], vision [B, R, Hv]), {'text_to_vision':
     [B, N, T, R] or None, 'vision_to_text': [B, N, R, T] or None}).
@@ -109,10 +112,13 @@ class CoAttentionLayer(nn.Module):
     ffn = functools.partial(layers.FeedForward, dropout_rate=self.dropout_rate,
                             dtype=self.dtype, param_dtype=self.param_dtype)
     new_text, text_to_vision = attention(name='text_to_vision_attention')(
-        text, vision, vision_mask, deterministic, return_probs, blocks.get('text_to_vision'))
+        text, vision, vision_mask, deterministic, return_probs, blocks.get('text_to_vision'),
+        decoding)
+    new_text = ffn(self.intermediate_size, name='text_ffn')(new_text, deterministic)
+    if layers.is_step(decoding):  # the regions' keys are cached, the vision side final
+      return (layers.constrain(new_text, ('batch', 'length', 'embed')), None), {}
     new_vision, vision_to_text = attention(name='vision_to_text_attention')(
         vision, text, text_mask, deterministic, return_probs, blocks.get('vision_to_text'))
-    new_text = ffn(self.intermediate_size, name='text_ffn')(new_text, deterministic)
     new_vision = ffn(self.v_intermediate_size, name='vision_ffn')(new_vision, deterministic)
     return ((layers.constrain(new_text, ('batch', 'length', 'embed')),
              layers.constrain(new_vision, ('batch', 'regions', 'embed'))),
@@ -183,7 +189,8 @@ class Vilbert(VilbertFields):
                region_loc: jax.Array, region_mask: jax.Array,
                token_type_ids: jax.Array | None = None, deterministic: bool = True,
                return_attention: bool = False,
-               attention_mask: jax.Array | None = None) -> dict[str, jax.Array]:
+               attention_mask: jax.Array | None = None,
+               decoding: layers.Decoding | None = None) -> dict[str, jax.Array]:
     """Encodes the two streams.
 
     Args:
@@ -199,6 +206,10 @@ class Vilbert(VilbertFields):
         [IMG] token), ANDed with the key masks: [:T, :T] in the text layers,
         [T:, T:] in the vision layers, [:T, T:] / [T:, :T] in the Co-TRMs'
         text_to_vision / vision_to_text attention.
+      decoding: the KV cache for captioning (`layers.Decoding`): the prefill
+        caches the text layers' and the Co-TRMs' text->vision keys/values; a
+        step runs the text side on the new tokens only (the vision stream is
+        final) and returns 'text' and 'word_embeddings'.
 
     Returns:
       dict with 'text' [B, T, Ht], 'vision' [B, R, Hv], 'pooled' [B, bi]
@@ -213,23 +224,31 @@ class Vilbert(VilbertFields):
       raise ValueError(f'ViLBERT feature_dim is {self.feature_dim} but region_feats has '
                        f'shape {region_feats.shape}')
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    num_text = input_ids.shape[1]
+    num_text = text_mask.shape[1]  # the cached layout's text slots in a decoding step
+    step = layers.is_step(decoding)
     attention_mask = layers.check_attention_mask(attention_mask, input_ids.shape[0], num_text,
-                                                 region_feats.shape[1])
+                                                 region_feats.shape[1], decoding)
     blocks = layers.attention_mask_blocks(attention_mask, num_text)
     text, word_table = layers.TextEmbeddings(
         self.vocab_size, self.hidden_size, self.max_position_embeddings,
         self.type_vocab_size, self.dropout_rate, dtype=dtype, param_dtype=param_dtype,
-        name='embeddings')(input_ids, token_type_ids, None, deterministic)
-    vision = RegionEmbeddings(self.v_hidden_size, self.dropout_rate, dtype=dtype,
-                              param_dtype=param_dtype, name='region_embeddings')(
-                                  region_feats, region_loc, deterministic)
+        name='embeddings')(
+            input_ids, token_type_ids,
+            decoding.position_ids(input_ids.shape[1]) if decoding is not None else None,
+            deterministic)
+    vision = None  # a decoding step leaves the (final) vision stream out
+    if not step:
+      vision = RegionEmbeddings(self.v_hidden_size, self.dropout_rate, dtype=dtype,
+                                param_dtype=param_dtype, name='region_embeddings')(
+                                    region_feats, region_loc, deterministic)
 
     common = dict(dropout_rate=self.dropout_rate,
                   attention_dropout_rate=self.attention_dropout_rate,
                   attention_impl=self.attention_impl, dtype=dtype, param_dtype=param_dtype)
-    transformer = layers.maybe_remat(layers.TransformerLayer, self.remat)
-    co_layer = layers.maybe_remat(CoAttentionLayer, self.remat)
+    # The cache is written inside the layers: no remat around them when decoding.
+    remat = self.remat and decoding is None
+    transformer = layers.maybe_remat(layers.TransformerLayer, remat)
+    co_layer = layers.maybe_remat(CoAttentionLayer, remat)
     attention = {}
     for kind, i in layer_schedule(self.num_layers, self.v_num_layers, self.v_biattention_id,
                                   self.t_biattention_id):
@@ -238,20 +257,22 @@ class Vilbert(VilbertFields):
       if kind == 'text':
         text, attention[layers.attention_key('text', i)] = transformer(
             self.num_heads, self.intermediate_size, **common, name=name)(
-                text, text_mask, deterministic, return_attention, blocks['text'])
-      elif kind == 'vision':
+                text, text_mask, deterministic, return_attention, blocks['text'], decoding)
+      elif kind == 'vision' and not step:
         vision, attention[layers.attention_key('vision', i)] = transformer(
             self.v_num_heads, self.v_intermediate_size, **common, name=name)(
                 vision, region_mask, deterministic, return_attention, blocks['vision'])
         vision = layers.constrain(vision, ('batch', 'regions', 'embed'))
-      else:
+      elif kind == 'co':
         (text, vision), probs = co_layer(
             self.bi_hidden_size, self.bi_num_heads, self.intermediate_size,
             self.v_intermediate_size, **common, name=name)(
                 (text, vision), (text_mask, region_mask), deterministic, return_attention,
-                blocks)
+                blocks, decoding)
         for stream, value in probs.items():
           attention[layers.attention_key(stream, i)] = value
+    if step:
+      return dict(text=text, word_embeddings=word_table)
 
     pooler = functools.partial(layers.Pooler, self.bi_hidden_size, nn.relu, dtype=dtype,
                                param_dtype=param_dtype)

@@ -57,13 +57,16 @@ class VisualBertEmbeddings(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array,
-               region_feats: jax.Array, visual_token_type_ids: jax.Array,
-               deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+               region_feats: jax.Array | None, visual_token_type_ids: jax.Array,
+               deterministic: bool = True, position_ids: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array]:
     """input_ids, token_type_ids: [B, T]; region_feats: [B, R, F];
     visual_token_type_ids: [B, R] -> ([B, T+R, H], word table [V', H], V' the
-    padded vocabulary)."""
+    padded vocabulary). region_feats None: the text alone, [B, T, H] (a
+    decoding step, `position_ids` [1, T] its tokens' positions)."""
     embed = functools.partial(layers.Embed, dtype=self.dtype, param_dtype=self.param_dtype)
-    position_ids = jnp.arange(input_ids.shape[1])[None, :]
+    if position_ids is None:
+      position_ids = jnp.arange(input_ids.shape[1])[None, :]
     words, word_table = embed(layers.padded_vocab_size(self.vocab_size), self.hidden_size,
                               name='word_embeddings')(input_ids)
     positions, position_table = embed(
@@ -71,6 +74,10 @@ class VisualBertEmbeddings(nn.Module):
         name='position_embeddings')(position_ids)
     types, type_table = embed(self.type_vocab_size, self.hidden_size, ('types', 'embed'),
                               name='token_type_embeddings')(token_type_ids)
+    norm = layers.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='norm')
+    if region_feats is None:
+      x = norm(words + positions + types)
+      return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic), word_table
     region_positions = self.region_table('region_position_embeddings', position_table,
                                          ('positions', 'embed'))
     region_types = self.region_table('region_token_type_embeddings', type_table,
@@ -80,8 +87,7 @@ class VisualBertEmbeddings(nn.Module):
     # Every region has visual position id 0 (HF without image_text_alignment).
     regions = (regions + region_positions[0]
                + jnp.take(region_types, visual_token_type_ids, axis=0))
-    x = jnp.concatenate([words + positions + types, regions], axis=1)
-    x = layers.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='norm')(x)
+    x = norm(jnp.concatenate([words + positions + types, regions], axis=1))
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     return x, word_table
 
@@ -122,7 +128,8 @@ class VisualBert(nn.Module):
                token_type_ids: jax.Array | None = None, deterministic: bool = True,
                return_attention: bool = False,
                visual_token_type_ids: jax.Array | None = None,
-               attention_mask: jax.Array | None = None) -> dict[str, Any]:
+               attention_mask: jax.Array | None = None,
+               decoding: layers.Decoding | None = None) -> dict[str, Any]:
     """Runs the joint stack.
 
     Args:
@@ -134,6 +141,9 @@ class VisualBert(nn.Module):
       attention_mask: [B, T+R, T+R] or None, 1 where a query of [text; regions]
         may attend to a key of [text; regions] (the joint sequence's own order),
         ANDed with text_mask/region_mask in every layer (see `layers`).
+      decoding: the KV cache for captioning (`layers.Decoding`): the prefill
+        caches every layer's keys/values over [text; regions]; a step embeds
+        only the new tokens and returns 'text' and 'word_embeddings'.
 
     Returns:
       dict with 'text' [B, T, H], 'vision' [B, R, H] (the region part of the
@@ -145,27 +155,34 @@ class VisualBert(nn.Module):
     layers.check_inputs(input_ids, region_feats, feature_dim=self.feature_dim,
                         max_position_embeddings=self.max_position_embeddings)
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    num_text = input_ids.shape[1]
+    num_text = text_mask.shape[1]  # the cached layout's text slots in a decoding step
+    step = layers.is_step(decoding)
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     if visual_token_type_ids is None:
       visual_token_type_ids = jnp.full(region_mask.shape, self.visual_token_type, jnp.int32)
+    # A step embeds the new tokens only: the regions' keys and values are in the cache.
     x, word_table = VisualBertEmbeddings(
         self.vocab_size, self.hidden_size, self.max_position_embeddings,
         self.type_vocab_size, self.special_visual_initialize, self.dropout_rate,
         dtype=dtype, param_dtype=param_dtype, name='embeddings')(
-            input_ids, token_type_ids, region_feats, visual_token_type_ids, deterministic)
+            input_ids, token_type_ids, None if step else region_feats, visual_token_type_ids,
+            deterministic,
+            decoding.position_ids(input_ids.shape[1]) if decoding is not None else None)
     attention_mask = layers.check_attention_mask(attention_mask, input_ids.shape[0], num_text,
-                                                 region_feats.shape[1])
+                                                 region_feats.shape[1], decoding)
     mask = jnp.concatenate([text_mask, region_mask], axis=1)
-    layer_cls = layers.maybe_remat(layers.TransformerLayer, self.remat)
+    # The cache is written inside the layers: no remat around them when decoding.
+    layer_cls = layers.maybe_remat(layers.TransformerLayer, self.remat and decoding is None)
     attention = {}
     for i in range(self.num_layers):
       x, attention[layers.attention_key('joint', i)] = layer_cls(
           self.num_heads, self.intermediate_size, self.dropout_rate,
           self.attention_dropout_rate, self.attention_impl, dtype=dtype,
           param_dtype=param_dtype, name=f'layer_{i}')(
-              x, mask, deterministic, return_attention, attention_mask)
+              x, mask, deterministic, return_attention and not step, attention_mask, decoding)
+    if step:
+      return dict(text=x, word_embeddings=word_table)
     outputs = dict(
         text=layers.constrain(x[:, :num_text], TEXT_AXES),
         vision=layers.constrain(x[:, num_text:], VISION_AXES),
@@ -270,6 +287,7 @@ DESIGN = design.Design(
     location_features=lambda corners: corners, loc_dim=4,
     # Two sentences per input (`[CLS] a [SEP] b [SEP]`): the original's 128 word
     # pieces; the embedded world's sentences fit 40.
+    mlm_head='mlm_head',
     matching_head='sentence_image_head',
     matched_label=1, pairing=design.SECOND_CAPTION, max_text_len=128, world_text_len=40,
     recipe=design.PretrainingRecipe(

@@ -26,7 +26,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-TASKS = ('pretrain', 'vqa', 'gqa', 'snli_ve', 'refexp', 'retrieval', 'nlvr2', 'vcr')
+TASKS = ('pretrain', 'vqa', 'gqa', 'snli_ve', 'refexp', 'retrieval', 'nlvr2', 'vcr', 'caption')
 
 
 def get_task(name: str) -> ModuleType:
