@@ -15,6 +15,8 @@ import tensorflow_datasets as tfds
 import task_testing as tt
 from test_finetune import tiny_config
 import vlpjax
+from vlpjax import caption as caption_cli
+from vlpjax.evaluators import caption_metrics
 from vlpjax.models import layers
 from vlpjax.tasks import caption
 
@@ -215,4 +217,15 @@ def test_finetune_captions_every_image_once_and_loads(data_config, tmp_path):
   rows, image = tt.rows_of_first_image(data_config.data_dir, 'tiny_captions')
   assert model.caption([tt.image_inputs(image)]) == [results[0]['caption']]
   assert rows[0]['image_index'] == images.image_index[0]
+  # `python -m vlpjax.caption` on a table of images: every image once, as `load` captions it.
+  source = tfds.data_source('vlp_world/tiny_images', data_dir=data_config.data_dir)['train']
+  path = caption_cli.caption_table(workdir, 'vlp_world/tiny_images',
+                                   data_dir=data_config.data_dir, num_images=3, batch_size=2)
+  written = caption_metrics.read_results(path)
+  ids = [caption_cli.results_image_id(source[i]['image_id']) for i in range(3)]
+  assert list(written) == ids
+  assert list(written.values()) == model.caption([tt.image_inputs(source[i]) for i in range(3)])
+  with pytest.raises(ValueError, match='not --split'):
+    caption_cli.caption_table(workdir, 'vlp_world/tiny_images', data_dir=data_config.data_dir,
+                              split='nope')
 

@@ -12,9 +12,6 @@ in [0, 1], CIDEr (CIDEr-D, x10) about 0..10.
   the Python stand-in for PTBTokenizer used where there is no Java.
 * `write_results`, `read_results`: COCO's results file
   `[{"image_id": ..., "caption": ...}]`.
-* `cider_d_scorer` (`CiderDScorer`): per-caption CIDEr-D against a fixed
-  reference corpus, with document frequencies from the whole corpus: the
-  self-critical sequence training (SCST) reward.
 
 Java: PTBTokenizer, METEOR and SPICE run in Java. Without `java` on PATH
 captions are tokenised by `python_ptb_tokenize` and METEOR and SPICE are left
@@ -25,10 +22,8 @@ raises if they are missing.
 """
 from __future__ import annotations
 
-import collections
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -223,8 +218,7 @@ def tokenize_captions(captions: Mapping[ImageId, Sequence[str]], tokenizer: str 
   """Each image's captions tokenised as the COCO evaluation does.
 
   Args:
-    captions: image id -> its captions (e.g. the training references that
-      `cider_d_scorer` takes).
+    captions: image id -> its captions.
     tokenizer: 'ptb' (Stanford PTBTokenizer; needs Java), 'python'
       (`python_ptb_tokenize`) or 'auto' (PTB when Java is found, else Python,
       with one warning per process).
@@ -474,122 +468,3 @@ def read_results(path: str | os.PathLike) -> dict[ImageId, str]:
   records = json.loads(paths.path(path).read_text())
   return {record['image_id']: record['caption'] for record in records}
 
-
-# ----------------------------------------------------------------------------
-# CIDEr-D reward (self-critical sequence training)
-# ----------------------------------------------------------------------------
-
-def _ngram_counts(tokens: Sequence[str], max_n: int) -> collections.Counter:
-  return collections.Counter(tuple(tokens[i:i + n]) for n in range(1, max_n + 1)
-                             for i in range(len(tokens) - n + 1))
-
-
-class CiderDScorer:
-  """CIDEr-D of candidate captions against a fixed, tokenised reference corpus.
-
-  pycocoevalcap's `Cider` takes its document frequencies from the references
-  of each call, so scoring a training batch alone would make every n-gram
-  look rare. Here the statistics come once from the whole corpus (e.g. all
-  training references), as the SCST reward needs; the formula is
-  pycocoevalcap's (`cider_scorer.py`) exactly, so scoring every corpus image
-  once equals `Cider().compute_score` on the corpus:
-
-  * n-grams n = 1..4, tf-idf weights tf * (log N - log max(1, df)), with N the
-    corpus' images and df the images whose references hold the n-gram;
-  * per n, the cosine of the candidate's and a reference's vectors with the
-    candidate's weights clipped at the reference's, times the length penalty
-    exp(-delta^2 / (2 sigma^2)), sigma 6 (delta is the difference of the
-    captions' bigram counts, pycocoevalcap's length);
-  * mean over n, mean over the image's references, x10.
-
-  Captions are already tokenised: lower-case tokens separated by spaces (see
-  `tokenize_captions`).
-  """
-
-  def __init__(self, references: Mapping[ImageId, Sequence[str]], *, n: int = 4,
-               sigma: float = 6.0):
-    if not references:
-      raise ValueError('references is empty: CIDEr-D needs a reference corpus')
-    if n < 1:
-      raise ValueError(f'n must be >= 1, got {n}')
-    self._n = n
-    self._sigma = float(sigma)
-    counts = {}
-    for image_id, refs in references.items():
-      refs = _caption_list(refs, image_id, 'references')
-      if not refs:
-        raise ValueError(f'image {image_id!r} has an empty list of references')
-      counts[image_id] = [_ngram_counts(r.split(), n) for r in refs]
-    self._document_frequency = collections.Counter(
-        ngram for image_counts in counts.values()
-        for ngram in set().union(*image_counts))
-    self._log_num_images = math.log(len(references))
-    self._reference_vectors = {image_id: [self._vector(c) for c in image_counts]
-                               for image_id, image_counts in counts.items()}
-
-  @property
-  def num_images(self) -> int:
-    """N: images in the reference corpus."""
-    return len(self._reference_vectors)
-
-  def document_frequency(self, ngram: Sequence[str]) -> int:
-    """Images whose references hold `ngram` (a tuple of tokens)."""
-    return self._document_frequency.get(tuple(ngram), 0)
-
-  def _vector(self, counts: collections.Counter
-              ) -> tuple[list[dict[tuple[str, ...], float]], np.ndarray, int]:
-    """tf-idf weights per n-gram order, their norms, and the bigram count."""
-    weights = [{} for _ in range(self._n)]
-    for ngram, term_frequency in counts.items():
-      log_df = math.log(max(1.0, self._document_frequency.get(ngram, 0)))
-      weights[len(ngram) - 1][ngram] = term_frequency * (self._log_num_images - log_df)
-    norms = np.array([math.sqrt(sum(w * w for w in order.values())) for order in weights])
-    # pycocoevalcap's "length" counts bigrams (its `n == 1` is the 2-gram order).
-    bigrams = sum(c for ngram, c in counts.items() if len(ngram) == 2)
-    return weights, norms, bigrams
-
-  def _similarity(self, candidate, reference) -> float:
-    (cand_weights, cand_norms, cand_length), (ref_weights, ref_norms, ref_length) = (
-        candidate, reference)
-    penalty = math.exp(-float(cand_length - ref_length) ** 2 / (2 * self._sigma ** 2))
-    total = 0.0
-    for order in range(self._n):
-      ref_order = ref_weights[order]
-      dot = sum(min(w, ref_order.get(g, 0.0)) * ref_order.get(g, 0.0)
-                for g, w in cand_weights[order].items())
-      if cand_norms[order] != 0 and ref_norms[order] != 0:
-        dot /= cand_norms[order] * ref_norms[order]
-      total += dot * penalty
-    return total / self._n
-
-  def __call__(self, image_ids: Sequence[ImageId], candidates: Sequence[str]) -> np.ndarray:
-    """CIDEr-D of each candidate against its image's references: float64 [B].
-
-    Args:
-      image_ids: [B] the image of each candidate (an image may repeat, e.g.
-        several samples and a greedy baseline per image); each must be in the
-        corpus.
-      candidates: [B] tokenised captions.
-
-    Raises:
-      ValueError on lengths that differ, or an image not in the corpus.
-    """
-    if len(image_ids) != len(candidates):
-      raise ValueError(f'{len(image_ids)} image ids but {len(candidates)} candidates')
-    unknown = [i for i in image_ids if i not in self._reference_vectors]
-    if unknown:
-      raise ValueError(f'{len(unknown)} candidate(s) are of images not in the reference '
-                       f'corpus: {_few(unknown)}')
-    scores = np.zeros(len(candidates), dtype=np.float64)
-    for row, (image_id, candidate) in enumerate(zip(image_ids, candidates)):
-      vector = self._vector(_ngram_counts(candidate.split(), self._n))
-      refs = self._reference_vectors[image_id]
-      scores[row] = 10.0 * sum(self._similarity(vector, r) for r in refs) / len(refs)
-    return scores
-
-
-def cider_d_scorer(references: Mapping[ImageId, Sequence[str]], *, n: int = 4,
-                   sigma: float = 6.0) -> CiderDScorer:
-  """A CIDEr-D scorer over the tokenised reference corpus `references`
-  (image id -> its references); see `CiderDScorer`."""
-  return CiderDScorer(references, n=n, sigma=sigma)

@@ -62,7 +62,6 @@ import optax
 from jax.sharding import Mesh
 
 from vlpjax import decoding as decoding_lib
-from vlpjax import paths
 from vlpjax.data import examples as examples_lib
 from vlpjax.data import input_pipeline, tables
 from vlpjax.data.tokenizer import BertTokenizer, read_vocab
