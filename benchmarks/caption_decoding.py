@@ -2,13 +2,15 @@
 prefix, per design and size.
 
   python -m benchmarks.caption_decoding [--sizes=small,base] [--beams=1,5]
-      [--designs=uniter,lxmert,visualbert,vilbert] [--batch=8] [--length=20] [--repeats=2]
+      [--designs=uniter,lxmert,visualbert,vilbert] [--batch=8] [--base_batch=2]
+      [--length=20] [--repeats=2] [--base_repeats=1]
 
-Each case decodes a batch of `--batch` images (36 regions of the size's
-feature width, random) with random weights for exactly `--length` tokens (the
+Each case decodes a batch of `--batch` images (`--base_batch` at base, whose
+recomputing takes minutes on a CPU) of 36 random regions of the size's
+feature width, with random weights for exactly `--length` tokens (the
 [SEP] id is set past the vocabulary so no caption ends early: every case does
 the same work), through `vlpjax.tasks.caption.decode_batch` jitted, after one
-compiling call; the figure is the mean of `--repeats` calls. tokens/s counts
+compiling call; the figure is the mean of `--repeats` (`--base_repeats`) calls. tokens/s counts
 the batch's decoded tokens (beams not multiplied), images/s the images.
 Writes benchmarks/results/caption_decoding.json.
 """
@@ -84,20 +86,24 @@ def main() -> None:
   parser.add_argument('--designs', default=','.join(DESIGNS))
   parser.add_argument('--beams', default='1,5')
   parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--base_batch', type=int, default=2)
   parser.add_argument('--length', type=int, default=20)
   parser.add_argument('--repeats', type=int, default=2)
+  parser.add_argument('--base_repeats', type=int, default=1)
   parser.add_argument('--note', default='', help='recorded with the results')
   args = parser.parse_args()
   rows = []
   for size in args.sizes.split(','):
     for design in args.designs.split(','):
-      config, model, params, regions = setup(design, size, args.batch, args.length)
+      batch = args.base_batch if size == 'base' else args.batch
+      repeats = args.base_repeats if size == 'base' else args.repeats
+      config, model, params, regions = setup(design, size, batch, args.length)
       for beam in map(int, args.beams.split(',')):
-        cases = {kind: measure(config, model, params, regions, beam, kind, args.repeats)
+        cases = {kind: measure(config, model, params, regions, beam, kind, repeats)
                  for kind in caption.DECODINGS}
         speedup = cases['recompute']['seconds'] / cases['cache']['seconds']
         for kind, row in cases.items():
-          rows.append(dict(row, design=design, size=size, batch=args.batch,
+          rows.append(dict(row, design=design, size=size, batch=batch,
                            length=args.length, cache_speedup=speedup))
         print(f"{design:10s} {size:5s} beam {beam}: cache "
               f"{cases['cache']['tokens_per_second']:8.1f} tok/s "

@@ -229,3 +229,15 @@ def test_finetune_captions_every_image_once_and_loads(data_config, tmp_path):
     caption_cli.caption_table(workdir, 'vlp_world/tiny_images', data_dir=data_config.data_dir,
                               split='nope')
 
+
+
+def test_config_recipes_and_evaluators():
+  small = importlib.import_module('configs.lxmert').get_config('small,task=caption')
+  assert small.task == 'caption' and small.caption.beam_size == 1
+  assert small.train.num_steps == caption.WORLD_RECIPE['num_steps']
+  assert small.evals.caption_val.num_images == caption.WORLD_EVAL_IMAGES
+  assert small.evals.caption_test.log_steps == small.train.num_steps
+  base = importlib.import_module('configs.uniter').get_config('base,task=caption')
+  assert base.caption.beam_size == caption.PUBLISHED_BEAM
+  assert base.data.max_text_len == 1 + caption.PUBLISHED_MAX_LEN
+  assert base.evals.caption_test.num_images == 0 and base.evals.caption_test.type == 'caption'

@@ -65,7 +65,7 @@ from vlpjax import decoding as decoding_lib
 from vlpjax.data import examples as examples_lib
 from vlpjax.data import input_pipeline, tables
 from vlpjax.data.tokenizer import BertTokenizer, read_vocab
-from vlpjax.models import get_design, get_model, heads, layers
+from vlpjax.models import DESIGNS, get_design, get_model, heads, layers
 from vlpjax.objectives import masking
 from vlpjax.tasks import vqa
 
@@ -86,7 +86,7 @@ PUBLISHED_BEAM, PUBLISHED_MAX_LEN = 5, 20
 # not a published config of any of them.
 RECIPE = dict(global_batch_size=256, learning_rate=3e-5, warmup_fraction=0.1,
               num_steps=66_415)
-RECIPES = {name: RECIPE for name in ('lxmert', 'uniter', 'visualbert', 'vilbert')}
+RECIPES = {name: RECIPE for name in DESIGNS}
 # [CLS], the caption's 20 tokens with the [SEP].
 TEXT_LENGTHS = {name: 1 + PUBLISHED_MAX_LEN for name in RECIPES}
 # The world's captions are short and many-fold alike: more steps than VQA's.
