@@ -476,6 +476,27 @@ class TransformerLayer(nn.Module):
     return constrain(x, ('batch', 'length', 'embed')), probs
 
 
+def joint_layers(owner: nn.Module, x: jax.Array, mask: jax.Array, deterministic: bool,
+                 return_attention: bool, attention_mask: jax.Array | None,
+                 decoding: Decoding | None) -> tuple[jax.Array, dict[str, jax.Array | None]]:
+  """A single-stream design's stack, called in `owner`'s compact method (its
+  submodules `layer_{i}`, from owner's num_layers, num_heads, intermediate_size,
+  dropout_rate, attention_dropout_rate, attention_impl, dtype, param_dtype and
+  remat): x [B, S, H] (a decoding step's: the new tokens), mask [B, S'] the
+  keys -> ([B, S, H], {'joint/layer_i': probs or None}).
+  """
+  # The cache is written inside the layers: no remat around them when decoding.
+  layer_cls = maybe_remat(TransformerLayer, owner.remat and decoding is None)
+  attention = {}
+  for i in range(owner.num_layers):
+    x, attention[attention_key('joint', i)] = layer_cls(
+        owner.num_heads, owner.intermediate_size, owner.dropout_rate,
+        owner.attention_dropout_rate, owner.attention_impl, dtype=jnp.dtype(owner.dtype),
+        param_dtype=jnp.dtype(owner.param_dtype), name=f'layer_{i}')(
+            x, mask, deterministic, return_attention, attention_mask, decoding)
+  return x, attention
+
+
 class TextEmbeddings(nn.Module):
   """BERT text embeddings: word + position + token type, then LN and dropout.
 

@@ -340,7 +340,8 @@ def forward_flops(model: ml_collections.ConfigDict, text_len: int, regions: int,
   return (flops.dense(r, model.feature_dim, h) + flops.dense(r, model.visual_pos_dim, h)
           + model.num_language_layers * flops.bert_layer(t, h, ffn)
           + model.num_relation_layers * flops.bert_layer(r, h, ffn)
-          + model.num_cross_layers * cross + flops.mlm_head(mlm_predictions, h, layers.padded_vocab_size(model.vocab_size))
+          + model.num_cross_layers * cross
+          + flops.mlm_head(mlm_predictions, h, layers.padded_vocab_size(model.vocab_size))
           + flops.pooler_and_matching(h) + region_heads + qa)
 
 

@@ -104,23 +104,6 @@ class Uniter(UniterFields):
   layer_{i} (TransformerLayer), pooler (tanh on [CLS]).
   """
 
-  def encode(self, x: jax.Array, mask: jax.Array, deterministic: bool, return_attention: bool,
-             attention_mask: jax.Array | None, decoding: layers.Decoding | None
-             ) -> tuple[jax.Array, dict[str, jax.Array | None]]:
-    """The layers over the joint sequence x [B, S, H] (a decoding step's: the
-    new tokens), mask [B, S'] the keys -> ([B, S, H], {'joint/layer_i': probs})."""
-    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    # The cache is written inside the layers: no remat around them when decoding.
-    layer_cls = layers.maybe_remat(layers.TransformerLayer, self.remat and decoding is None)
-    attention = {}
-    for i in range(self.num_layers):
-      x, attention[layers.attention_key('joint', i)] = layer_cls(
-          self.num_heads, self.intermediate_size, self.dropout_rate,
-          self.attention_dropout_rate, self.attention_impl, dtype=dtype,
-          param_dtype=param_dtype, name=f'layer_{i}')(
-              x, mask, deterministic, return_attention, attention_mask, decoding)
-    return x, attention
-
   @nn.compact
   def __call__(self, input_ids: jax.Array, text_mask: jax.Array, region_feats: jax.Array,
                region_loc: jax.Array, region_mask: jax.Array,
@@ -184,8 +167,8 @@ class Uniter(UniterFields):
                                                  region_feats.shape[1], decoding)
     mask = jnp.concatenate([text_mask, region_mask], axis=1)
     if layers.is_step(decoding):  # the regions' keys and values are in the cache
-      return dict(text=self.encode(text, mask, deterministic, False, attention_mask,
-                                   decoding)[0],
+      return dict(text=layers.joint_layers(self, text, mask, deterministic, False,
+                                           attention_mask, decoding)[0],
                   word_embeddings=word_table)
     # The region type embedding is a row of the text's token type table (shared).
     type_table = nn.meta.unbox(
@@ -199,8 +182,9 @@ class Uniter(UniterFields):
                                param_dtype=param_dtype, name='region_embeddings')(
                                    region_feats, region_loc, region_types,
                                    masked_regions, deterministic)
-    x, attention = self.encode(jnp.concatenate([text, regions], axis=1), mask, deterministic,
-                               return_attention, attention_mask, decoding)
+    x, attention = layers.joint_layers(self, jnp.concatenate([text, regions], axis=1), mask,
+                                       deterministic, return_attention, attention_mask,
+                                       decoding)
     outputs = dict(
         text=x[:, :num_text],
         vision=layers.constrain(x[:, num_text:], ('batch', 'regions', 'embed')),

@@ -364,7 +364,8 @@ def forward_flops(model: ml_collections.ConfigDict, text_len: int, regions: int,
           + model.num_layers * flops.bert_layer(t, h, ffn)
           + model.v_num_layers * flops.bert_layer(r, hv, model.v_intermediate_size)
           + len(model.v_biattention_id) * co_layer
-          + flops.mlm_head(mlm_predictions, h, layers.padded_vocab_size(model.vocab_size)) + region_heads + poolers)
+          + flops.mlm_head(mlm_predictions, h, layers.padded_vocab_size(model.vocab_size))
+          + region_heads + poolers)
 
 
 DESIGN = design.Design(

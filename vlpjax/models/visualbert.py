@@ -172,15 +172,8 @@ class VisualBert(nn.Module):
     attention_mask = layers.check_attention_mask(attention_mask, input_ids.shape[0], num_text,
                                                  region_feats.shape[1], decoding)
     mask = jnp.concatenate([text_mask, region_mask], axis=1)
-    # The cache is written inside the layers: no remat around them when decoding.
-    layer_cls = layers.maybe_remat(layers.TransformerLayer, self.remat and decoding is None)
-    attention = {}
-    for i in range(self.num_layers):
-      x, attention[layers.attention_key('joint', i)] = layer_cls(
-          self.num_heads, self.intermediate_size, self.dropout_rate,
-          self.attention_dropout_rate, self.attention_impl, dtype=dtype,
-          param_dtype=param_dtype, name=f'layer_{i}')(
-              x, mask, deterministic, return_attention and not step, attention_mask, decoding)
+    x, attention = layers.joint_layers(self, x, mask, deterministic, return_attention and not step,
+                                       attention_mask, decoding)
     if step:
       return dict(text=x, word_embeddings=word_table)
     outputs = dict(
@@ -279,7 +272,8 @@ def forward_flops(model: ml_collections.ConfigDict, text_len: int, regions: int,
   h = model.hidden_size
   return (flops.dense(regions, model.feature_dim, h)
           + model.num_layers * flops.bert_layer(text_len + regions, h, model.intermediate_size)
-          + flops.mlm_head(mlm_predictions, h, layers.padded_vocab_size(model.vocab_size)) + flops.pooler_and_matching(h))
+          + flops.mlm_head(mlm_predictions, h, layers.padded_vocab_size(model.vocab_size))
+          + flops.pooler_and_matching(h))
 
 
 DESIGN = design.Design(
