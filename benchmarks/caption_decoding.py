@@ -3,7 +3,7 @@ prefix, per design and size.
 
   python -m benchmarks.caption_decoding [--sizes=small,base] [--beams=1,5]
       [--designs=uniter,lxmert,visualbert,vilbert] [--batch=8] [--base_batch=2]
-      [--length=20] [--repeats=2] [--base_repeats=1]
+      [--length=20] [--repeats=2] [--base_repeats=1] [--results=FILE]
 
 Each case decodes a batch of `--batch` images (`--base_batch` at base, whose
 recomputing takes minutes on a CPU) of 36 random regions of the size's
@@ -12,7 +12,7 @@ feature width, with random weights for exactly `--length` tokens (the
 the same work), through `vlpjax.tasks.caption.decode_batch` jitted, after one
 compiling call; the figure is the mean of `--repeats` (`--base_repeats`) calls. tokens/s counts
 the batch's decoded tokens (beams not multiplied), images/s the images.
-Writes benchmarks/results/caption_decoding.json.
+Writes benchmarks/results/caption_decoding.json or `--results`.
 """
 from __future__ import annotations
 
@@ -91,6 +91,7 @@ def main() -> None:
   parser.add_argument('--repeats', type=int, default=2)
   parser.add_argument('--base_repeats', type=int, default=1)
   parser.add_argument('--note', default='', help='recorded with the results')
+  parser.add_argument('--results', default=RESULTS, help='the results file')
   args = parser.parse_args()
   rows = []
   for size in args.sizes.split(','):
@@ -111,13 +112,13 @@ def main() -> None:
               f"{cases['recompute']['tokens_per_second']:8.1f} tok/s "
               f"{cases['recompute']['images_per_second']:6.2f} img/s | cache x{speedup:.1f}",
               flush=True)
-  os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-  with open(RESULTS, 'w', encoding='utf-8') as f:
+  os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+  with open(args.results, 'w', encoding='utf-8') as f:
     json.dump(dict(machine=dict(platform=platform.platform(), processor=platform.processor(),
                                 cpus=os.cpu_count(), devices=[str(d) for d in jax.devices()],
                                 jax=jax.__version__),
                    note=args.note, regions=REGIONS, results=rows), f, indent=2)
-  print(f'wrote {RESULTS}')
+  print(f'wrote {args.results}')
 
 
 if __name__ == '__main__':
