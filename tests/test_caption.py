@@ -224,7 +224,12 @@ def test_finetune_captions_every_image_once_and_loads(data_config, tmp_path):
   written = caption_metrics.read_results(path)
   ids = [caption_cli.results_image_id(source[i]['image_id']) for i in range(3)]
   assert list(written) == ids
-  assert list(written.values()) == model.caption([tt.image_inputs(source[i]) for i in range(3)])
+  assert list(written.values()) == model.caption([tt.image_inputs(source[i]) for i in range(3)],
+                                                 batch_size=2)
+  # One program for any number of images: the predictor pads its last batch.
+  compiled = model._decode._cache_size()  # pylint: disable=protected-access
+  assert len(model.caption([tt.image_inputs(source[0])], batch_size=2)) == 1
+  assert model._decode._cache_size() == compiled  # pylint: disable=protected-access
   with pytest.raises(ValueError, match='not --split'):
     caption_cli.caption_table(workdir, 'vlp_world/tiny_images', data_dir=data_config.data_dir,
                               split='nope')

@@ -9,8 +9,8 @@ checkpoint or --checkpoint_step). The images are split --split of the TFDS
 images table --images (`vlpjax.data.features_builder`'s contract: features,
 boxes, image_w, image_h, image_id): your own images once their region
 features are a table (`python -m vlpjax.data.features_builder`). Captions are
-decoded in batches of --batch_size (the last one padded, so one program
-compiles), with the run's beam size and length penalty unless the flags say
+decoded in batches of --batch_size (the predictor pads the last one, so one
+program compiles), with the run's beam size and length penalty unless the flags say
 otherwise, and written as COCO's results file `[{"image_id", "caption"}]`
 (ids of digits only as numbers, as COCO's evaluation expects) to --output
 (default `<workdir>/captions/<table>_<split>.json`). Progress is logged with
@@ -69,14 +69,11 @@ def caption_table(workdir: str, table: str, *, data_dir: str | None = None,
   rows, total = image_rows(table, data_dir, split, num_images)
   results, began = [], time.time()
   for start in range(0, total, batch_size):
-    # The last batch wraps around to the first rows, whose captions are dropped.
-    indices = np.arange(start, start + batch_size) % total
-    records = [rows[int(i)] for i in indices]
+    records = [rows[i] for i in range(start, min(start + batch_size, total))]
     texts = predictor.caption([(r['features'], r['boxes'], (r['image_w'], r['image_h']))
-                               for r in records])
-    real = min(batch_size, total - start)
+                               for r in records], batch_size)
     results += [dict(image_id=results_image_id(r['image_id']), caption=t)
-                for r, t in zip(records[:real], texts[:real])]
+                for r, t in zip(records, texts)]
     elapsed = time.time() - began
     logging.info('captioned %d of %d images (%.0f s), ETA %.0f s', len(results), total,
                  elapsed, elapsed / len(results) * (total - len(results)))

@@ -472,16 +472,14 @@ class CaptionEvaluator(vqa.SplitEvaluator):
   def captions(self, params: Any) -> list[str]:
     """A caption of each of the split's images, in order."""
     from vlpjax.evaluators import common  # pylint: disable=g-import-not-at-top
-    tokens, lengths, index = [], [], []
-    for batch in common.eval_batches(len(self.images), self.batch_size, self.images.examples,
-                                     self.sharding):
-      result = self._decode(params, batch)
-      gathered = multihost_utils.process_allgather(
-          (result.tokens, result.lengths, batch[common.INDEX_KEY]), tiled=True)
-      tokens.append(np.asarray(gathered[0]))
-      lengths.append(np.asarray(gathered[1]))
-      index.append(np.asarray(gathered[2]))
-    tokens, lengths, index = map(np.concatenate, (tokens, lengths, index))
+    # Decoding is dispatched batch after batch; the results are gathered once.
+    results = [(result.tokens, result.lengths, batch[common.INDEX_KEY])
+               for batch in common.eval_batches(len(self.images), self.batch_size,
+                                                self.images.examples, self.sharding)
+               for result in [self._decode(params, batch)]]
+    gathered = multihost_utils.process_allgather(results, tiled=True)
+    tokens, lengths, index = (np.concatenate([np.asarray(part[i]) for part in gathered])
+                              for i in range(3))
     real = index >= 0
     texts = caption_texts(self.tokenizer, tokens[real], lengths[real])
     ordered = [''] * len(self.images)
@@ -621,15 +619,21 @@ class CaptionPredictor:
                                                           'logits')
     self._decode = decoding_step(self.model, config, None)
 
-  def caption(self, images: Sequence[vqa.Image]) -> list[str]:
+  def caption(self, images: Sequence[vqa.Image], batch_size: int = 16) -> list[str]:
     """A caption of each image (`vqa.Image`: features [N, F], boxes [N, 4] in
-    pixels, (width, height))."""
-    if not images:
-      return []
-    parts = [vqa.image_regions(self.config, self.design, *image, 1) for image in images]
-    batch = {k: np.concatenate([p[k] for p in parts]) for k in vqa.REGION_KEYS}
-    result = self._decode(self.params, batch)
-    return caption_texts(self.tokenizer, result.tokens, result.lengths)
+    pixels, (width, height)), decoded `batch_size` at a time: the last batch
+    is padded with copies of the last image, so one program serves any count."""
+    if batch_size < 1:
+      raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    texts = []
+    for start in range(0, len(images), batch_size):
+      chunk = list(images[start:start + batch_size])
+      chunk += chunk[-1:] * (batch_size - len(chunk))
+      parts = [vqa.image_regions(self.config, self.design, *image, 1) for image in chunk]
+      batch = {k: np.concatenate([p[k] for p in parts]) for k in vqa.REGION_KEYS}
+      result = self._decode(self.params, batch)
+      texts += caption_texts(self.tokenizer, result.tokens, result.lengths)
+    return texts[:len(images)]
 
 
 def predictor(config: ml_collections.ConfigDict, workdir: str, step: int | None
