@@ -168,14 +168,21 @@ def test_lxmert_region_masking_80_10_10_from_real_regions():
   picked = region_mask.astype(bool)
   out = np.asarray(masking.lxmert_mask_regions(KEY(0), jnp.asarray(feats),
                                                jnp.asarray(region_mask), jnp.asarray(picked)))
-  real_rows = {tuple(r) for r in feats[region_mask > 0]}
+  group = masking.DONOR_GROUP
+  real_rows = [{tuple(r) for r in feats[g:g + group][region_mask[g:g + group] > 0]}
+               for g in range(0, 600, group)]
   got = out[picked]
   zero = np.all(got == 0, axis=1)
   kept = np.all(got == feats[picked], axis=1)
   swapped = ~zero & ~kept
   assert abs(zero.mean() - 0.8) < 0.02 and abs(kept.mean() - 0.1) < 0.02
   assert abs(swapped.mean() - 0.1) < 0.02
-  assert all(tuple(r) in real_rows for r in got[swapped])
+  # Donors are real regions of the example's own group of DONOR_GROUP examples.
+  example = np.nonzero(picked)[0]
+  assert all(tuple(r) in real_rows[b // group] for r, b in zip(got[swapped], example[swapped]))
+  donors_elsewhere = [tuple(r) in real_rows[(b // group + 1) % len(real_rows)]
+                      for r, b in zip(got[swapped], example[swapped])]
+  assert not any(donors_elsewhere)
   np.testing.assert_array_equal(out[~picked], feats[~picked])
 
 

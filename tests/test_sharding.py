@@ -8,6 +8,7 @@ VisualBERT runs by default; the other designs are `slow` (compiles dominate).
 import dataclasses
 import functools
 import importlib
+import re
 
 import jax
 import flax.linen as nn
@@ -133,6 +134,26 @@ def test_visualbert_sharded_step_matches_single_device(mesh_name):
 @pytest.mark.parametrize('design', ['visualbert', 'vilbert', 'lxmert', 'uniter'])
 def test_sharded_step_with_dropout_matches_single_device(design, mesh_name):
   check_matches_single_device(design, mesh_name, dropout=True)
+
+
+def test_lxmert_step_gathers_no_region_features():
+  """LXMERT's replacement features come from the rows' own device (8 per
+  device, DONOR_GROUP 8): the compiled step all-gathers no region feature."""
+  config = tiny_config('lxmert')
+  config.train.global_batch_size = 64
+  batch = synthetic.synthetic_batch(config.model, 64, TEXT_LEN, REGIONS, 0)
+  config, mesh, rules, model, tx, schedule, task, input_specs, shardings = setup(
+      config, MESHES['data8'], batch)
+  state = state_lib.init_train_state(model, tx, input_specs, config.seed, shardings)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    step = step_lib.make_train_step(config, model, tx, schedule, mesh, shardings,
+                                    pretrain_task, task)
+    global_batch = jax.device_put(batch, sharding.batch_sharding(mesh, config.mesh.data_axes))
+    hlo = step.lower(state, global_batch).compile().as_text()
+  gathers = [line for line in hlo.splitlines() if 'all-gather' in line and ' = ' in line]
+  feature_dim = config.model.feature_dim
+  assert not [g for g in gathers if re.search(rf'\[[0-9,]*,{feature_dim}\]', g.split(' = ')[1]
+                                                .split(' ')[0])], gathers
 
 
 def test_state_is_initialised_sharded_with_single_device_values():

@@ -12,20 +12,24 @@ predicted). `default_max_predictions` makes that rare.
 
 Regions: each real region is picked with probability `mask_prob`, then
   UNITER: zero-filled (and flagged, for its mask embedding); at least one.
-  LXMERT: zeroed (80%), replaced by a random real region's feature from the
-    batch (10%; the original draws from the whole dataset) or kept (10%).
+  LXMERT: zeroed (80%), replaced by a random real region's feature from its
+    group of DONOR_GROUP examples of the batch (10%; the original draws from
+    the whole dataset) or kept (10%).
   ViLBERT: zeroed (90%) or kept (10%); region 0 ([IMG]) is never picked and its
     feature is recomputed as the mean of the masked real regions, since the
     original computes it after masking.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 
+# LXMERT's replacement features come from groups of this many consecutive examples.
+DONOR_GROUP = 8
 
 class TokenMasking(NamedTuple):
   """Result of `mask_tokens`.
@@ -155,17 +159,26 @@ def lxmert_mask_regions(rng: jax.Array, region_feats: jax.Array, region_mask: ja
                         picked: jax.Array) -> jax.Array:
   """LXMERT: picked regions zeroed (80%), swapped for a random feature (10%) or kept.
 
-  The random feature is a uniformly drawn real region of any example in the
-  batch. [B, R, F], [B, R], [B, R] -> [B, R, F].
+  The random feature is a uniformly drawn real region of an example in the
+  same group of DONOR_GROUP consecutive examples (the original draws from the
+  whole dataset). Groups keep the draw on the device that holds the batch rows
+  whenever the per-device batch is a multiple of the group, where a draw from
+  the global batch would all-gather every region feature onto every device;
+  the values do not depend on the mesh. [B, R, F], [B, R], [B, R] -> [B, R, F].
   """
   batch, regions, dim = region_feats.shape
+  group = math.gcd(batch, DONOR_GROUP)
   action, source_u = jax.random.uniform(rng, (2, batch, regions))
-  # The k-th real region (k uniform) of the flattened batch: searchsorted on the
-  # running count of real regions, O(B R log(B R)) rather than a [B R, B R] draw.
-  real_count = jnp.cumsum(jnp.asarray(region_mask).reshape(-1).astype(jnp.int32))
-  k = jnp.minimum((source_u * real_count[-1]).astype(jnp.int32), real_count[-1] - 1)
-  source = jnp.searchsorted(real_count, k, side='right')
-  random_feats = region_feats.reshape(-1, dim)[source]
+  # The k-th real region (k uniform) of the group: searchsorted on the running
+  # count of real regions, O(g R log(g R)) rather than a [g R, g R] draw.
+  real_count = jnp.cumsum(jnp.asarray(region_mask).reshape(batch // group, group * regions)
+                          .astype(jnp.int32), axis=1)
+  total = real_count[:, -1:]
+  k = jnp.minimum((source_u.reshape(real_count.shape) * total).astype(jnp.int32), total - 1)
+  source = jax.vmap(functools.partial(jnp.searchsorted, side='right'))(real_count, k)
+  random_feats = jnp.take_along_axis(
+      region_feats.reshape(batch // group, group * regions, dim), source[..., None],
+      axis=1).reshape(batch, regions, dim)
   out = jnp.where((picked & (action < 0.8))[..., None], 0.0, region_feats)
   out = jnp.where((picked & (action >= 0.8) & (action < 0.9))[..., None], random_feats, out)
   return out.astype(region_feats.dtype)
