@@ -8,8 +8,8 @@ fine-tuning from scratch and from a pretraining run, at equal steps.
 
 Every cell is one run of the command line a user types, in a subprocess:
 `python -m vlpjax.main --config=configs/<design>.py:<size>,task=<task>` with
-`train.num_steps=--steps`, the test-split evaluators at the last step (the
-validation ones not at all), and, for the
+`train.num_steps=--steps`, the test-split evaluators at the last step only and
+the validation ones not at all (`log_steps`, `at_first_step`, `at_last_step`), and, for the
 pretrained column, `init.source=workdir:<run>`. The cell is the task's
 `HEADLINE_METRIC` of its `<task>_test` evaluator (`vlpjax.tasks`). A design
 without a `--pretrained` run gets the scratch column only. Runs already
@@ -46,8 +46,11 @@ def command(design: str, task: str, size: str, steps: int, workdir: str,
   config = importlib.import_module(f'configs.{design}').get_config(f'{size},task={task}')
   args = [sys.executable, '-m', 'vlpjax.main', f'--config=configs/{design}.py:{size},task={task}',
           f'--workdir={workdir}', f'--config.train.num_steps={steps}']
-  args += [f'--config.evals.{name}.log_steps={steps if e.split == "test" else steps + 1}'
-           for name, e in config.evals.items()]
+  for name, entry in config.evals.items():
+    test = entry.split == 'test'
+    args += [f'--config.evals.{name}.log_steps={steps if test else steps + 1}',
+             f'--config.evals.{name}.at_first_step=False',
+             f'--config.evals.{name}.at_last_step={test}']
   if pretrained:
     args.append(f'--config.init.source=workdir:{pretrained}')
   return args

@@ -176,6 +176,10 @@ def test_should_run():
   runs = [s for s in range(1, 26) if common.should_run(s, 1, 25, log_steps=10)]
   assert runs == [1, 10, 20, 25]
   assert common.should_run(7, 7, 25, 10)  # a resumed run reports at its first step
+  quiet = dict(at_first_step=False, at_last_step=False)
+  assert [s for s in range(1, 26) if common.should_run(s, 1, 25, 10, **quiet)] == [10, 20]
+  assert common.schedule(ml_collections.ConfigDict(dict(log_steps=3, at_last_step=False))) == (
+      dict(log_steps=3, at_first_step=True, at_last_step=False))
   with pytest.raises(ValueError, match='log_steps'):
     common.should_run(1, 1, 2, 0)
 

@@ -73,6 +73,7 @@ def finetuned(data_dir, pretrained, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('uniter_vqa'))
   config = vqa_config('uniter', data_dir)
   config.init.source = f'workdir:{pretrained}'
+  config.evals.vqa_test.at_first_step = False
   return workdir, config, train.train_and_evaluate(config, workdir)
 
 
@@ -120,6 +121,8 @@ def test_finetune_scores_every_question_once(data_dir, finetuned):
   val = [r for r in records if 'vqa_val/count' in r]
   # Every 2 steps, and at the first (1) and last (4) step.
   assert [r['step'] for r in val] == [1, 2, 4]
+  # vqa_test (log_steps 4) with at_first_step=False: at the last step only.
+  assert [r['step'] for r in records if 'vqa_test/count' in r] == [4]
   for split, name in (('validation', 'vqa_val'), ('test', 'vqa_test')):
     questions = split_questions(data_dir, split)
     assert len(questions) % EVAL_BATCH  # the last batch is padded

@@ -10,6 +10,11 @@ def test_command_runs_only_the_test_evaluators_at_the_last_step():
   assert '--config.train.num_steps=50' in args and '--config.init.source=workdir:/pre' in args
   evals = {a.split('.')[2]: int(a.rsplit('=', 1)[1]) for a in args if '.log_steps=' in a}
   assert evals == {'refexp_test': 50, 'refexp_test_gt': 50, 'refexp_val': 51, 'refexp_val_gt': 51}
+  # Nothing runs at the first step; only the test evaluators at the last.
+  flags = {a.split('.')[2]: a.rsplit('=', 1)[1] for a in args if '.at_last_step=' in a}
+  assert flags == {'refexp_test': 'True', 'refexp_test_gt': 'True', 'refexp_val': 'False',
+                   'refexp_val_gt': 'False'}
+  assert len([a for a in args if a.endswith('.at_first_step=False')]) == 4
   assert not [a for a in task_table.command('lxmert', 'vcr', 'small', 5, '/w', None)
               if a.startswith('--config.init')]
 

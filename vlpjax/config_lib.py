@@ -171,6 +171,10 @@ def make_config(model: ml_collections.ConfigDict, size: str = '', task: str = 'p
   if task != 'pretrain':
     from vlpjax.tasks import get_task  # pylint: disable=g-import-not-at-top
     get_task(task).configure(config, size)
+  # Every evaluator's schedule fields, so that a flag can turn them off.
+  for entry in (config.get('evals') or {}).values():
+    for field in ('at_first_step', 'at_last_step'):
+      entry[field] = entry.get(field, True)
   return config
 
 

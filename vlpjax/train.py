@@ -112,7 +112,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Stops at `train.num_steps`, after `train.max_steps_this_run` steps of this run,
   or at a preemption (SIGTERM); each time with a checkpoint of the final step.
   The task's evaluators (`config.evals`) run every `log_steps`, at the run's
-  first step and at its last.
+  first step and at its last (unless an entry's `at_first_step` /
+  `at_last_step` is False).
 
   Raises:
     ValueError: a config that cannot work (before anything is compiled).
@@ -215,13 +216,15 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, task: ModuleType,
       if logs(step):
         writer.write(step, host_metrics)
 
+  schedules = {e.name: evaluators.schedule(config.evals[e.name]) for e in evals}
   try:
     with checkpointing.PreemptionWatcher() as preemption:
       for step in range(start + 1, last + 1):
         objective = task.objective_for_step(config, objectives, step - 1)
         state, step_metrics = compiled[objective](state, next(iterator))
         unchecked.append((step, step_metrics))
-        due = [e for e in evals if evaluators.should_run(step, start + 1, last, e.log_steps)]
+        due = [e for e in evals if evaluators.should_run(step, start + 1, last,
+                                                          **schedules[e.name])]
         preempted = preemption.reached(step)
         if preempted or due or step == last or checkpointer.should_save(step):
           check(through=step)

@@ -344,12 +344,22 @@ class Evaluator(Protocol):
     ...
 
 
-def should_run(step: int, first_step: int, last_step: int, log_steps: int) -> bool:
+def should_run(step: int, first_step: int, last_step: int, log_steps: int, *,
+               at_first_step: bool = True, at_last_step: bool = True) -> bool:
   """True every `log_steps` steps, and at `first_step` (the first step this run
   executes, so a resumed run reports at once) and `last_step` (so a run always
-  ends with an evaluation)."""
+  ends with an evaluation) unless `at_first_step` / `at_last_step` say not."""
   _check_positive_int('log_steps', log_steps)
-  return step in (first_step, last_step) or step % log_steps == 0
+  return ((at_first_step and step == first_step) or (at_last_step and step == last_step)
+          or step % log_steps == 0)
+
+
+def schedule(eval_config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`should_run`'s keywords from an eval entry: log_steps and the optional
+  `at_first_step` / `at_last_step` (default True)."""
+  return dict(log_steps=eval_config.log_steps,
+              at_first_step=eval_config.get('at_first_step', True),
+              at_last_step=eval_config.get('at_last_step', True))
 
 
 _REQUIRED_FIELDS = ('type', 'split', 'batch_size', 'log_steps')
@@ -365,7 +375,8 @@ def evaluator_configs(config_evals: Mapping[str, Any] | ml_collections.ConfigDic
   """The entries of `config.evals` as (name, ConfigDict), after checking them.
 
   Every entry needs `type` and `split` (non-empty strings), `batch_size` and
-  `log_steps` (positive ints); other fields belong to the evaluator. The order
+  `log_steps` (positive ints); `at_first_step` and `at_last_step` (bools,
+  default True) are optional; other fields belong to the evaluator. The order
   is the mapping's (a ConfigDict's is sorted by name), the same on every
   process.
 
@@ -394,6 +405,9 @@ def evaluator_configs(config_evals: Mapping[str, Any] | ml_collections.ConfigDic
         raise ValueError(f'{where}.{field} must be a non-empty string, got {entry[field]!r}')
     for field in ('batch_size', 'log_steps'):
       _check_positive_int(f'{where}.{field}', entry[field])
+    for field in ('at_first_step', 'at_last_step'):
+      if not isinstance(entry.get(field, True), bool):
+        raise ValueError(f'{where}.{field} must be True or False, got {entry[field]!r}')
     entries.append((name, entry))
   return entries
 
