@@ -91,7 +91,7 @@ def measure(design: str, size: str, blocks: int, image_block: int, caption_block
   count = math.ceil(NUM_IMAGES / image_block) * math.ceil(NUM_CAPTIONS / caption_block)
   pair_flops = flops.forward_flops(config.model, config.data.max_text_len,
                                    get_design(design).leading_slots + regions, 0)
-  peak = flops.PEAK_FLOPS[CHIP]
+  peak = flops.PEAK_FLOPS[CHIP]['bfloat16']
   return dict(
       design=design, size=size, image_block=image_block, caption_block=caption_block,
       text_len=config.data.max_text_len, regions=regions, blocks_measured=blocks,

@@ -34,4 +34,11 @@ def test_mfu_and_peaks():
   assert flops.peak_flops('cpu') is None
   assert flops.peak_flops('TPU v5 lite') == 197e12
   assert flops.mfu(1e12, 1.0, 'NVIDIA H100 80GB HBM3', 2) == pytest.approx(1e12 / (2 * 989e12))
+  # An fp32 run is measured against the fp32 (TF32) peak, not the bf16 one.
+  assert flops.mfu(1e12, 1.0, 'NVIDIA H100 80GB HBM3', 1, 'float32') == pytest.approx(
+      1e12 / 494e12)
+  assert flops.peak_flops('TPU v4', 'float32') == flops.peak_flops('TPU v4')
+  assert flops.peak_flops('NVIDIA A100-SXM4-40GB', 'float16') == 312e12
+  with pytest.raises(ValueError, match='int8'):
+    flops.peak_flops('TPU v4', 'int8')
   assert flops.mfu(1e12, 1.0, 'cpu', 1) is None

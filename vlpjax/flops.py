@@ -10,27 +10,38 @@ from __future__ import annotations
 
 import ml_collections
 
-# Dense bf16 peak FLOP/s per chip, by `jax.Device.device_kind` prefix.
+
+def _peaks(half: float, single: float) -> dict[str, float]:
+  """Peaks by compute dtype: 16-bit `half`, float32 `single`."""
+  return dict(bfloat16=half, float16=half, float32=single)
+
+
+# Dense peak FLOP/s per chip, by `jax.Device.device_kind` prefix and compute
+# dtype. float32 is what XLA's default matmul precision gives it: one bf16 pass
+# on TPU (the bf16 peak), TF32 tensor cores on NVIDIA (half the bf16 rate).
 PEAK_FLOPS = {
-    'TPU v4': 275e12,
-    'TPU v5 lite': 197e12,
-    'TPU v5e': 197e12,
-    'TPU v5p': 459e12,
-    'TPU v5': 459e12,
-    'TPU v6 lite': 918e12,
-    'TPU v6e': 918e12,
-    'NVIDIA H200': 989e12,
-    'NVIDIA H100': 989e12,
-    'NVIDIA A100': 312e12,
-    'NVIDIA L4': 121e12,
+    'TPU v4': _peaks(275e12, 275e12),
+    'TPU v5 lite': _peaks(197e12, 197e12),
+    'TPU v5e': _peaks(197e12, 197e12),
+    'TPU v5p': _peaks(459e12, 459e12),
+    'TPU v5': _peaks(459e12, 459e12),
+    'TPU v6 lite': _peaks(918e12, 918e12),
+    'TPU v6e': _peaks(918e12, 918e12),
+    'NVIDIA H200': _peaks(989e12, 494e12),
+    'NVIDIA H100': _peaks(989e12, 494e12),
+    'NVIDIA A100': _peaks(312e12, 156e12),
+    'NVIDIA L4': _peaks(121e12, 60e12),
 }
 
 
-def peak_flops(device_kind: str) -> float | None:
-  """Peak bf16 FLOP/s of one device, or None where unknown (e.g. CPU)."""
-  for prefix, peak in PEAK_FLOPS.items():
+def peak_flops(device_kind: str, dtype: str = 'bfloat16') -> float | None:
+  """Peak FLOP/s of one device in compute dtype `dtype` (`config_lib.DTYPES`),
+  or None where unknown (e.g. CPU)."""
+  for prefix, peaks in PEAK_FLOPS.items():
     if device_kind.startswith(prefix):
-      return peak
+      if dtype not in peaks:
+        raise ValueError(f'no peak FLOP/s for dtype {dtype!r} (have {sorted(peaks)})')
+      return peaks[dtype]
   return None
 
 
@@ -89,9 +100,10 @@ def model_flops_per_example(model: ml_collections.ConfigDict, text_len: int,
 
 
 def mfu(flops_per_step: float, seconds_per_step: float, device_kind: str,
-        num_devices: int) -> float | None:
-  """Model FLOPs utilisation: achieved / (peak per device x devices); None on CPU."""
-  peak = peak_flops(device_kind)
+        num_devices: int, dtype: str = 'bfloat16') -> float | None:
+  """Model FLOPs utilisation: achieved / (the `dtype` peak per device x
+  devices); None on CPU."""
+  peak = peak_flops(device_kind, dtype)
   if peak is None or seconds_per_step <= 0:
     return None
   return flops_per_step / seconds_per_step / (peak * num_devices)

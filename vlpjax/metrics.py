@@ -48,7 +48,8 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str, *, start_step: int, total_steps: int,
-               examples_per_step: int, flops_per_step: float | None = None):
+               examples_per_step: int, flops_per_step: float | None = None,
+               compute_dtype: str = 'bfloat16'):
     """
     Args:
       start_step: the step the run (re)starts from; records of later steps are
@@ -57,10 +58,12 @@ class MetricWriter:
       examples_per_step: global batch size.
       flops_per_step: model FLOPs of one step (`vlpjax.flops`); on devices with
         a known peak the line shows MFU.
+      compute_dtype: the model's compute dtype, whose peak MFU divides by.
     """
     self.total_steps = total_steps
     self.examples_per_step = examples_per_step
     self.flops_per_step = flops_per_step
+    self.compute_dtype = compute_dtype
     self._writes = jax.process_index() == 0
     self._last_step = start_step
     self._last_time = time.perf_counter()
@@ -85,7 +88,7 @@ class MetricWriter:
       record['eta_seconds'] = seconds_per_step * (self.total_steps - step)
       mfu = self.flops_per_step and flops.mfu(
           self.flops_per_step, seconds_per_step, jax.devices()[0].device_kind,
-          jax.device_count())
+          jax.device_count(), self.compute_dtype)
       if mfu:
         record['mfu'] = mfu
     self._last_step, self._last_time = step, now

@@ -183,10 +183,10 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, task: ModuleType,
   if train.max_steps_this_run > 0:
     last = min(last, start + train.max_steps_this_run)
   # FLOPs only serve MFU, which needs the device's peak (none on CPU).
-  mfu_known = flops.peak_flops(jax.devices()[0].device_kind) is not None
+  mfu_known = flops.peak_flops(jax.devices()[0].device_kind, config.model.dtype) is not None
   writer = metrics_lib.MetricWriter(
       workdir, start_step=start, total_steps=train.num_steps,
-      examples_per_step=train.global_batch_size,
+      examples_per_step=train.global_batch_size, compute_dtype=config.model.dtype,
       flops_per_step=(train.global_batch_size * task.flops_per_example(config, input_specs)
                       if mfu_known else None))
   # Every objective's program before step 1 (UNITER samples one of four per
