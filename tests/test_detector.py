@@ -5,7 +5,9 @@ detector's state dict and what the port computed with it on two images;
 arrays the port keeps NCHW are transposed to NHWC here.
 """
 import json
+import os
 import pathlib
+import pickle
 
 import flax
 import jax
@@ -351,6 +353,61 @@ def test_import_reads_a_torch_bin(tmp_path):
   kernel = imported['backbone']['res4_0']['conv2']['kernel']
   np.testing.assert_array_equal(
       kernel, state_dict()['backbone.res4.0.conv2.weight'].transpose(2, 3, 1, 0))
+
+
+def write_pickle(path, value, protocol=2):
+  with open(path, 'wb') as f:
+    pickle.dump(value, f, protocol=protocol)
+  return path
+
+
+@pytest.mark.parametrize('protocol', [2, pickle.HIGHEST_PROTOCOL])
+def test_import_reads_a_detectron2_pkl(tmp_path, protocol):
+  """detectron2's model-zoo layout, without the anchor buffer (optional there)."""
+  model = {k: v for k, v in state_dict().items() if k != weights.CELL_ANCHORS_KEY}
+  path = write_pickle(tmp_path / 'faster_rcnn_from_caffe_attr.pkl',
+                      {'model': model, '__author__': 'test', 'matching_heuristics': False},
+                      protocol)
+  imported = weights.import_detectron2(path, HF_TINY)
+  jax.tree.map(np.testing.assert_array_equal, imported, weights.import_hf_frcnn(WEIGHTS, HF_TINY))
+  model.pop('backbone.res4.7.conv2.weight')
+  write_pickle(path, {'model': model, '__author__': 'test'})
+  with pytest.raises(CheckpointMismatchError, match=r'backbone\.res4\.7\.conv2\.weight'):
+    weights.import_detectron2(path, HF_TINY)
+
+
+class RunsCode:
+  """A pickle that would call os.system when loaded."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return os.system, (f'touch {self.marker}',)
+
+
+def test_detectron2_pkl_runs_no_code(tmp_path):
+  marker = tmp_path / 'ran'
+  model = dict(state_dict(), extra=RunsCode(marker))
+  path = write_pickle(tmp_path / 'evil.pkl', {'model': model, '__author__': 'x'})
+  with pytest.raises(ValueError, match=r'evil\.pkl.*asks for (posix|os)\.system'):
+    weights.import_detectron2(path, HF_TINY)
+  assert not marker.exists()
+  objects = write_pickle(tmp_path / 'objects.pkl',
+                         {'model': {'a.weight': np.array([RunsCode(marker)], dtype=object)}})
+  with pytest.raises(ValueError, match='asks for'):
+    weights.import_detectron2(objects, HF_TINY)
+  numbers_as_objects = write_pickle(tmp_path / 'object_dtype.pkl',
+                                    {'model': {'a.weight': np.array([1, 2], dtype=object)}})
+  with pytest.raises(ValueError, match='array of Python objects'):
+    weights.import_detectron2(numbers_as_objects, HF_TINY)
+  assert not marker.exists()
+
+
+def test_caffe2_blob_names_are_refused(tmp_path):
+  path = write_pickle(tmp_path / 'blobs.pkl', {'res2_0_branch2a_w': np.zeros((4, 8, 1, 1))})
+  with pytest.raises(ValueError, match='Caffe2/Detectron1 blob names'):
+    weights.import_detectron2(path, HF_TINY)
 
 
 def test_every_key_of_the_checkpoint_has_a_rule():

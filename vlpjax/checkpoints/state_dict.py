@@ -6,8 +6,10 @@ skip) and that every array has the shape the model expects; anything else is an
 error naming the keys and shapes, never a partial load. Exporting runs the
 rules backwards, so a round trip is exact.
 
-Reading never runs pickled code: safetensors, or `torch.load(weights_only=True)`
-for `.bin`/`.pt` files (torch is imported only then). Paths are local or gs://
+Reading never runs pickled code: safetensors, `torch.load(weights_only=True)`
+for `.bin`/`.pt` files (torch is imported only then), and detectron2's `.pkl`
+files (`{'model': {name: array}, ...}`) through `formats.ArrayUnpickler`, which
+admits numpy arrays and plain data only. Paths are local or gs://
 (etils.epath).
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ import flax
 import numpy as np
 
 from vlpjax import paths
+from vlpjax.data import formats
 
 Params = Any
 StateDict = dict[str, np.ndarray]
@@ -105,7 +108,7 @@ def embedding_rules(torch_prefix: str, path: str, vocab_rows: int | None = None
 
 
 def read_state_dict(path: str | os.PathLike) -> StateDict:
-  """Reads weights from a file (.safetensors, .bin, .pt, .pth, .npz) or from a
+  """Reads weights from a file (.safetensors, .bin, .pt, .pth, .npz, .pkl) or from a
   transformers checkpoint directory (model.safetensors or pytorch_model.bin).
 
   A pickled training checkpoint's state dict nested under one of NESTING_KEYS,
@@ -127,7 +130,7 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     raise FileNotFoundError(f'{os.fspath(given)}: not found ({path})')
   if path.suffix not in _LOADERS:
     raise ValueError(f'{path}: unknown weight file type (want .safetensors, .bin, .pt, '
-                     '.pth, .npz)')
+                     '.pth, .npz, .pkl)')
   try:
     loaded = _LOADERS[path.suffix](path)
   except Exception as error:  # pylint: disable=broad-except
@@ -157,8 +160,13 @@ def _load_torch(path: epath.Path) -> Any:
     return torch.load(f, map_location='cpu', weights_only=True)
 
 
+def _load_pickle(path: epath.Path) -> Any:
+  with path.open('rb') as f:
+    return formats.ArrayUnpickler(f, os.fspath(path)).load()
+
+
 _LOADERS = {'.safetensors': _load_safetensors, '.npz': _load_npz, '.bin': _load_torch,
-            '.pt': _load_torch, '.pth': _load_torch}
+            '.pt': _load_torch, '.pth': _load_torch, '.pkl': _load_pickle}
 
 
 def _is_array(value: Any) -> bool:

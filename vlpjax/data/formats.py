@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import collections
 import dataclasses
 import io
@@ -91,6 +92,57 @@ class PlainUnpickler(pickle.Unpickler):
   def find_class(self, module: str, name: str) -> Any:
     raise FormatError(self.path, f'the pickle asks for {module}.{name}; only plain data '
                       '(lists, dicts, strings, numbers) is read', kind='pickled class')
+
+
+try:
+  from numpy._core import multiarray as _multiarray, numeric as _numeric  # numpy >= 2
+except ImportError:  # pragma: no cover (numpy 1)
+  from numpy.core import multiarray as _multiarray, numeric as _numeric
+# What a pickle of numpy arrays names (protocol 5: `_frombuffer`), under numpy
+# 1's and numpy 2's module paths.
+_ARRAY_CLASSES = {(f'{package}.{module}', name): value
+                  for package in ('numpy.core', 'numpy._core')
+                  for module, name, value in (
+                      ('multiarray', '_reconstruct', _multiarray._reconstruct),
+                      ('multiarray', 'scalar', _multiarray.scalar),
+                      ('numeric', '_frombuffer', _numeric._frombuffer))}
+_ARRAY_CLASSES.update({('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype,
+                       # How Python 3 writes bytes in pickle protocol 2: text -> bytes.
+                       ('_codecs', 'encode'): codecs.encode})
+
+
+class ArrayUnpickler(PlainUnpickler):
+  """`PlainUnpickler` that also admits numpy arrays of plain dtypes (what
+  detectron2's `.pkl` weight files hold): the array constructors are the only
+  names a pickle may ask for, and an array of Python objects is refused, so
+  loading runs no code from the file. Byte strings decode as latin-1, as
+  detectron2 reads Python 2 pickles (an array's raw data must stay bytes)."""
+
+  def __init__(self, file: Any, path: str):
+    pickle.Unpickler.__init__(self, file, encoding='latin1')  # pylint: disable=non-parent-init-called
+    self.path = path
+
+  def find_class(self, module: str, name: str) -> Any:
+    if (module, name) in _ARRAY_CLASSES:
+      return _ARRAY_CLASSES[(module, name)]
+    raise FormatError(self.path, f'the pickle asks for {module}.{name}; only plain data and '
+                      'numpy arrays are read', kind='pickled class')
+
+  def load(self) -> Any:
+    loaded = super().load()
+    _check_no_object_arrays(loaded, self.path)
+    return loaded
+
+
+def _check_no_object_arrays(value: Any, path: str) -> None:
+  if isinstance(value, np.ndarray) and value.dtype.hasobject:
+    raise FormatError(path, 'the pickle holds an array of Python objects; only arrays of '
+                      'numbers are read', kind='pickled class')
+  if isinstance(value, Mapping):
+    value = list(value.values())
+  if isinstance(value, (list, tuple)):
+    for item in value:
+      _check_no_object_arrays(item, path)
 
 
 def pickle_refusal(what: str) -> PickleRefusedError:

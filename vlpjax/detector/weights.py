@@ -1,14 +1,25 @@
-"""HF `unc-nlp/frcnn-vg-finetuned` weights -> `FasterRCNN` params, strictly.
+"""Detector weights -> `FasterRCNN` params, strictly.
 
-The checkpoint is the `state_dict()` of the port's `GeneralizedRCNN`
-(`pytorch_model.bin`, read with `torch.load(weights_only=True)`, or the same
-keys as safetensors / npz). Every key must map to a param of the config's
+Two sources, with the same key names:
+
+* HF `unc-nlp/frcnn-vg-finetuned` (`import_hf_frcnn`): the `state_dict()` of
+  the port's `GeneralizedRCNN` (`pytorch_model.bin`, read with
+  `torch.load(weights_only=True)`, or the same keys as safetensors / npz).
+* detectron2's `.pkl` of the converted Caffe weights (airsplay/py-bottom-up-attention's
+  `faster_rcnn_from_caffe_attr.pkl`, MILVLG/bottom-up-attention.pytorch;
+  `import_detectron2`): `{'model': {name: numpy array}, '__author__': ...}`,
+  read by `formats.ArrayUnpickler` (numpy arrays and plain data only, never
+  code). Caffe2 blob names (`res2_0_branch2a_w`), which detectron2 maps by
+  name heuristics, are refused with that explanation.
+
+Every key must map to a param of the config's
 shape and every param must be filled (`state_dict.import_params`); two kinds
 of buffer are not params:
 
 * `*.num_batches_tracked` of every batch norm: a training counter, ignored.
 * `proposal_generator.anchor_generator.cell_anchors.0` [A, 4]: the anchors the
-  port derives from its config; required, and it must equal
+  port derives from its config; required in HF's checkpoint (optional in a
+  detectron2 file, which may leave the buffer out), and it must equal
   `model.cell_anchors(config)` (a checkpoint of other anchor sizes is an error,
   not a silent mismatch).
 
@@ -112,10 +123,39 @@ def import_hf_frcnn(source: str | os.PathLike | Mapping[str, np.ndarray],
     (conv weights are checked in torch's [O, I, kh, kw]), and a cell-anchor
     buffer that is absent or differs from the config's anchors.
   """
+  return _import(*_read(source), config, anchors_required=True)
+
+
+def import_detectron2(source: str | os.PathLike | Mapping[str, np.ndarray],
+                      config: detector_model.DetectorConfig) -> Params:
+  """Params of `FasterRCNN(config)` from a detectron2 `.pkl` of the converted
+  Caffe weights (or its loaded state dict), as `import_hf_frcnn` but with the
+  cell-anchor buffer optional (checked when present).
+
+  Raises:
+    ValueError: a Caffe2/Detectron1 blob file (names without dots), or a pickle
+      that asks for anything but numpy arrays.
+    CheckpointMismatchError: as `import_hf_frcnn`.
+  """
+  state_dict, name = _read(source)
+  blob_names = [k for k in state_dict if '.' not in k]
+  if blob_names:
+    raise ValueError(f'{name} holds Caffe2/Detectron1 blob names (e.g. {blob_names[:3]}), '
+                     'which detectron2 matches to its modules by name heuristics; convert it '
+                     'to detectron2 names first (detectron2 DetectionCheckpointer, then '
+                     'torch.save(model.state_dict()))')
+  return _import(state_dict, name, config, anchors_required=False)
+
+
+def _read(source: str | os.PathLike | Mapping[str, np.ndarray]
+          ) -> tuple[dict[str, np.ndarray], str]:
   if isinstance(source, Mapping):
-    state_dict, name = {k: np.asarray(v) for k, v in source.items()}, 'state dict'
-  else:
-    state_dict, name = sd.read_state_dict(source), os.fspath(source)
+    return {k: np.asarray(v) for k, v in source.items()}, 'state dict'
+  return sd.read_state_dict(source), os.fspath(source)
+
+
+def _import(state_dict: dict[str, np.ndarray], name: str,
+            config: detector_model.DetectorConfig, anchors_required: bool) -> Params:
   target = param_shapes(config)
   all_rules = rules(target)
   shapes = {path: tuple(v.shape) for path, v in
@@ -131,7 +171,8 @@ def import_hf_frcnn(source: str | os.PathLike | Mapping[str, np.ndarray],
   expected_anchors = detector_model.cell_anchors(config)
   anchors = state_dict.pop(CELL_ANCHORS_KEY, None)
   if anchors is None:
-    problems.append(f'missing keys (1): {[CELL_ANCHORS_KEY]}')
+    if anchors_required:
+      problems.append(f'missing keys (1): {[CELL_ANCHORS_KEY]}')
   elif anchors.shape != expected_anchors.shape or not np.allclose(
       anchors, expected_anchors, atol=1e-3):
     problems.append(f'{CELL_ANCHORS_KEY}: the checkpoint\'s anchors {anchors.tolist()} are '
