@@ -8,6 +8,8 @@ import json
 import os
 import pathlib
 import pickle
+import subprocess
+import sys
 
 import flax
 import jax
@@ -408,6 +410,28 @@ def test_caffe2_blob_names_are_refused(tmp_path):
   path = write_pickle(tmp_path / 'blobs.pkl', {'res2_0_branch2a_w': np.zeros((4, 8, 1, 1))})
   with pytest.raises(ValueError, match='Caffe2/Detectron1 blob names'):
     weights.import_detectron2(path, HF_TINY)
+
+
+def test_convert_writes_detector_params(tmp_path):
+  from vlpjax import checkpointing, convert  # pylint: disable=import-outside-toplevel
+  model = {k: v for k, v in state_dict().items() if k != weights.CELL_ANCHORS_KEY}
+  path = write_pickle(tmp_path / 'tiny.pkl', {'model': model, '__author__': 'test'})
+  convert.import_detector('butd-detectron2', str(path), str(tmp_path / 'out'), HF_TINY)
+  expected = weights.import_hf_frcnn(WEIGHTS, HF_TINY)
+  restored = checkpointing.restore_params(str(tmp_path / 'out'),
+                                          jax.tree.map(np.asarray, expected))
+  jax.tree.map(np.testing.assert_array_equal, restored, expected)
+  # The command line imports into the published config: the tiny file does not fit it.
+  command = [sys.executable, '-m', 'vlpjax.convert', '--from=butd-detectron2',
+             f'--src={path}', f'--out={tmp_path}/published']
+  result = subprocess.run(command, capture_output=True, text=True, check=False,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert result.returncode != 0 and 'does not fit the detector config' in result.stderr
+  assert 'backbone.res2.0.conv1.weight: checkpoint shape (4, 8, 1, 1)' in result.stderr
+  result = subprocess.run(command + ['--config=configs/uniter.py:tiny'], capture_output=True,
+                          text=True, check=False, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                          cwd=pathlib.Path(__file__).parent.parent)
+  assert result.returncode != 0 and 'give --src and --out only' in result.stderr
 
 
 def test_every_key_of_the_checkpoint_has_a_rule():

@@ -221,7 +221,8 @@ def flags_parser(config_flag: flags.FlagHolder) -> Callable[[list[str]], list[st
         raise
       sys.exit(f'FATAL Flags parsing error: {problem}')
     try:
-      check_fields(config_flag.value)
+      if config_flag.value is not None:  # commands where the config is optional
+        check_fields(config_flag.value)
     except ValueError as error:
       sys.exit(f'FATAL Flags parsing error: {error}')
     return remaining

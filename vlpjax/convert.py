@@ -11,6 +11,13 @@ Sources (`--from`): hf-lxmert, hf-visualbert (transformers `save_pretrained`
 directories or weight files), bert (a transformers BERT into the text side of any
 design; the other params are freshly initialised from `config.seed`), uniter
 (ChenRocks/UNITER `.pt`), vilbert (vilbert-multi-task `.bin`).
+The region detector's weights (`vlpjax.detector`, its published config, no
+`--config`): hf-frcnn (HF `unc-nlp/frcnn-vg-finetuned`), butd-detectron2
+(detectron2's `.pkl` of the converted Caffe weights, read without running code):
+
+  python -m vlpjax.convert --from=butd-detectron2 --src=faster_rcnn_from_caffe_attr.pkl \
+      --out=/tmp/butd_detector
+
 `--target=backbone` writes the backbone's params only: use it for backbone-only
 checkpoints (HF `LxmertModel`, a bare `UniterModel`), or to keep only the
 backbone of a pretraining checkpoint (its heads are left out, logged).
@@ -45,6 +52,8 @@ from vlpjax import config_lib
 from vlpjax.checkpoints import hf
 from vlpjax.checkpoints import original
 from vlpjax.checkpoints import state_dict as sd
+from vlpjax.detector import model as detector_model
+from vlpjax.detector import weights as detector_weights
 from vlpjax.models import get_design, get_model
 
 Params = Any
@@ -56,12 +65,15 @@ IMPORTERS = {'hf-lxmert': hf.import_hf, 'hf-visualbert': hf.import_hf,
              'uniter': original.import_uniter, 'vilbert': original.import_vilbert}
 EXPORTERS = {'lxmert': hf.export_hf, 'visualbert': hf.export_hf,
              'uniter': original.export_uniter, 'vilbert': original.export_vilbert}
+# --from -> the importer of the region detector's params (`vlpjax.detector`).
+DETECTOR_IMPORTERS = {'hf-frcnn': detector_weights.import_hf_frcnn,
+                      'butd-detectron2': detector_weights.import_detectron2}
 TARGETS = ('pretraining', 'backbone')
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'A design config, e.g. configs/uniter.py:base; its model section '
     'must match the checkpoint.', lock_config=True)
-_FROM = flags.DEFINE_enum('from', None, list(SOURCES),
+_FROM = flags.DEFINE_enum('from', None, list(SOURCES) + list(DETECTOR_IMPORTERS),
                           'Kind of checkpoint to import (not with --to=torch).')
 _SRC = flags.DEFINE_string('src', None, 'Checkpoint to read: a weight file or directory '
                            '(import), or an orbax params directory (--to=torch).')
@@ -159,9 +171,28 @@ def export_to_torch(model_config: ml_collections.ConfigDict, src: str, out: str)
   return str(written)
 
 
+def import_detector(source: str, src: str, out: str,
+                    config: detector_model.DetectorConfig | None = None) -> None:
+  """Writes the detector params read from `src` (kind `source`, a key of
+  DETECTOR_IMPORTERS) for `config` (None: the published one) to `out`."""
+  new_output(out)   # before the read of --src
+  params = DETECTOR_IMPORTERS[source](src, config or detector_model.DetectorConfig())
+  save_params(params, out)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _FROM.value in DETECTOR_IMPORTERS:
+    if _CONFIG.value is not None or _TO.value != 'orbax' or _TARGET.present:
+      raise app.UsageError(f'--from={_FROM.value} imports the detector (its published '
+                           'config): give --src and --out only')
+    for holder in (_SRC, _OUT):
+      if holder.value is None:
+        raise app.UsageError(f'--{holder.name} is required')
+    import_detector(_FROM.value, _SRC.value, _OUT.value)
+    logging.info('wrote the detector params of %s to %s', _SRC.value, _OUT.value)
+    return
   for holder in (_CONFIG, _SRC, _OUT):
     if holder.value is None:
       raise app.UsageError(f'--{holder.name} is required')
