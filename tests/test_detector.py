@@ -19,6 +19,7 @@ import pytest
 
 from vlpjax.checkpoints.state_dict import CheckpointMismatchError
 from vlpjax.detector import model as detector_model
+from vlpjax.detector import extractor
 from vlpjax.detector import weights
 
 DATA = pathlib.Path(__file__).parent / 'data' / 'frcnn'
@@ -464,6 +465,30 @@ def test_detector_jits_once_for_any_image_sizes(params):
   # The second image's smaller size clips its proposals, so the boxes differ.
   assert not np.array_equal(np.asarray(first['regions']['boxes']),
                             np.asarray(second['regions']['boxes']))
+
+
+def test_extractor_gives_the_ports_regions_of_one_image(params):
+  """The fixture's port ran both raw images as one batch padded to 128 x 128: the
+  extractor, padding an RGB image to that size, gives image 0's regions."""
+  bgr = STAGES['raw_image_0']
+  rgb = bgr[..., ::-1].astype(np.uint8)
+  assert np.array_equal(rgb[..., ::-1], bgr)  # the fixture's pixels are whole numbers
+  extract = extractor.RegionExtractor(params, HF_TINY, padded_size=(128, 128))
+  regions = extract(rgb)
+  count = int(STAGES['num_detections'][0])
+  assert len(regions['boxes']) == count
+  assert regions['image_size'] == (bgr.shape[1], bgr.shape[0])
+  np.testing.assert_array_equal(regions['classes'], STAGES['det_classes'][0][:count])
+  for ours, theirs in [('boxes', 'det_boxes'), ('scores', 'det_scores'),
+                       ('features', 'det_features')]:
+    assert_close(regions[ours], STAGES[theirs][0][:count], ours)
+  # One program serves every size; unpadded, each resized shape has its own.
+  extract(np.zeros((50, 70, 3), np.uint8))
+  assert extract._detect._cache_size() == 1  # pylint: disable=protected-access
+  unpadded = extractor.RegionExtractor(params, HF_TINY)
+  assert unpadded(rgb)['image_size'] == regions['image_size']
+  with pytest.raises(ValueError, match=r'RGB \[H, W, 3\], got shape \(4, 4\)'):
+    extract(np.zeros((4, 4)))
 
 
 def test_published_config_shapes():
