@@ -422,6 +422,16 @@ def test_convert_writes_detector_params(tmp_path):
   restored = checkpointing.restore_params(str(tmp_path / 'out'),
                                           jax.tree.map(np.asarray, expected))
   jax.tree.map(np.testing.assert_array_equal, restored, expected)
+  # The config is saved with the params, and what reads them builds it.
+  assert weights.read_config(tmp_path / 'out') == HF_TINY
+  assert extractor.RegionExtractor.from_orbax(str(tmp_path / 'out')).config == HF_TINY
+  config_file = tmp_path / 'out' / weights.CONFIG_FILE
+  config_file.write_text(json.dumps(dict(json.loads(config_file.read_text()), res6=True)))
+  with pytest.raises(ValueError, match=r"detector_config\.json: unknown detector config "
+                     r"fields \['res6'\]"):
+    weights.read_config(tmp_path / 'out')
+  config_file.unlink()
+  assert weights.read_config(tmp_path / 'out') == detector_model.DetectorConfig()
   # The command line imports into the published config: the tiny file does not fit it.
   command = [sys.executable, '-m', 'vlpjax.convert', '--from=butd-detectron2',
              f'--src={path}', f'--out={tmp_path}/published']

@@ -1,16 +1,27 @@
-"""`python -m vlpjax.extract`: image files -> region features -> an images table."""
+"""`python -m vlpjax.extract`: image files -> region features -> an images table
+that trains, and pixels -> regions -> a fine-tuned model's answer."""
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 from PIL import Image
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from vlpjax import extract
-from vlpjax.data import formats
+import vlpjax
+from configs import uniter
+from vlpjax import convert, extract, train
+from vlpjax.data import annotations_builder, formats, tables, vlp_world, world
 from vlpjax.detector import extractor, weights
+from vlpjax.tasks import vqa
 
+import real_format_fixtures as fx
 import test_detector as detector_tests
+
+REPO = pathlib.Path(__file__).parent.parent
 
 
 @pytest.fixture(scope='module')
@@ -76,3 +87,119 @@ def test_inputs_are_checked(tmp_path):
     extract.parse_boxes('50-10')
   with pytest.raises(ValueError, match='N or MIN-MAX'):
     extract.parse_boxes('many')
+
+
+def random_pixels(seed, *shapes):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(0, 256, shape + (3,)).astype(np.uint8) for shape in shapes]
+
+
+def test_a_batch_is_its_images_padded_to_their_bucket(tiny_extractor):
+  images = random_pixels(1, (60, 80), (90, 50), (64, 64))
+  config = tiny_extractor.config  # short side 96, long side <= 128
+  assert [extractor.bucket_size(config, *i.shape[:2]) for i in images] == [(128, 128)] * 3
+  assert extractor.bucket_size(config, 40, 200) == (64, 128)  # (26, 128) resized
+  assert tiny_extractor.batch_multiple == 8  # the 8 CPU devices: 3 images + 5 fillers
+  alone = extractor.RegionExtractor(tiny_extractor.params, config, padded_size=(128, 128))
+  for image, regions in zip(images, tiny_extractor.batch(images)):
+    expected = alone(image)
+    assert regions['image_size'] == expected['image_size'] == image.shape[1::-1]
+    assert regions.keys() == expected.keys()
+    for key in ('classes', 'attributes'):
+      np.testing.assert_array_equal(regions[key], expected[key])
+    for key in ('boxes', 'features', 'scores', 'attribute_scores', 'class_probs'):
+      np.testing.assert_allclose(regions[key], expected[key], rtol=1e-4, atol=1e-4, err_msg=key)
+
+
+def test_batches_group_files_by_bucket(tmp_path):
+  shapes = {'wide1': (40, 200), 'square1': (60, 80), 'wide2': (40, 190), 'square2': (64, 64),
+            'square3': (90, 50)}
+  for name, image in zip(shapes, random_pixels(2, *shapes.values())):
+    Image.fromarray(image).save(tmp_path / f'{name}.png')
+  (tmp_path / 'broken.png').write_bytes(b'not an image')
+  files = extract.image_files(str(tmp_path))
+  config = detector_tests.HF_TINY
+  names = lambda batch: [extract.image_id(f) for f in batch]
+  assert [(names(b), size) for b, size in extract.batches(files, config, 2)] == [
+      (['wide1', 'wide2'], (64, 128)), (['square1', 'square2'], (128, 128)),
+      (['square3'], (128, 128)), (['broken'], None)]
+  assert [names(b) for b, size in extract.batches(files, config, 1)] == [
+      [extract.image_id(f)] for f in files]
+  with pytest.raises(formats.FormatError, match=r'broken\.png: not a readable image'):
+    extract.image_shape(str(tmp_path / 'broken.png'))
+  assert extract.image_shape(str(tmp_path / 'wide1.png')) == (40, 200)
+
+
+def world_vqa_files(root, scenes, world_config, coco_split):
+  """VQA v2 question and annotation files of the world's questions about `scenes`
+  (each scene the COCO image of id index + 1)."""
+  questions = [(scene.index * 100 + k, scene.index + 1, q['question'], q['answers'])
+               for scene in scenes for k, q in enumerate(world.questions(scene, world_config))]
+  fx.write_vqa(str(root), coco_split, questions)
+  return questions
+
+
+def test_rendered_world_images_extract_train_and_answer(tmp_path):
+  """The world's rendered pixels -> `python -m vlpjax.extract` (a tiny random
+  detector, batched) -> an images table and a VQA table built on it -> a VQA
+  fine-tuning run -> `vlpjax.load(run).answer` on regions extracted from pixels."""
+  world_config = vlp_world.WORLD_SIZES['tiny']
+  scenes = [world.make_scene(world_config, i) for i in range(12)]
+  train_scenes, val_scenes = scenes[:8], scenes[8:]
+  photos = tmp_path / 'photos'
+  photos.mkdir()
+  for scene in scenes:
+    split = 'train2014' if scene in train_scenes else 'val2014'
+    Image.fromarray(world.render(scene, world_config.seed)).save(
+        photos / f'COCO_{split}_{scene.index + 1:012d}.png')
+  (photos / 'COCO_val2014_000000000099.jpg').write_bytes(b'\xff\xd8 truncated')
+  detector = tmp_path / 'detector'
+  convert.import_detector('hf-frcnn', str(detector_tests.WEIGHTS), str(detector),
+                          detector_tests.HF_TINY)
+  data_dir = tmp_path / 'data'
+  command = [sys.executable, '-m', 'vlpjax.extract', f'--images={photos}', '--name=world',
+             f'--data_dir={data_dir}', f'--weights={detector}', '--batch_size=4',
+             '--on_error=skip']
+  result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'ETA' in result.stderr and 'region_npy/world' in result.stderr
+  report = json.loads((data_dir / 'extracted' / 'world' / extract.REPORT_FILE).read_text())
+  assert (report['extracted'], report['skipped']) == (12, 1)
+  assert report['skipped_images'][0]['where'].endswith('COCO_val2014_000000000099.jpg')
+
+  world_vqa_files(tmp_path, train_scenes, world_config, 'train2014')
+  val_questions = world_vqa_files(tmp_path, val_scenes, world_config, 'val2014')
+  annotations_builder.main(['vqa_v2', '--config', 'world', '--images', 'region_npy/world',
+                            '--data_dir', str(data_dir), '--manual_dir', str(tmp_path),
+                            '--min_answer_count', '1'])
+  words = sorted({w for scene in scenes for q in world.questions(scene, world_config)
+                  for w in q['question'].lower().replace('?', ' ?').split()})
+  vocab = tmp_path / 'vocab.txt'
+  vocab.write_text('\n'.join(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + words) + '\n')
+
+  config = uniter.get_config('tiny,task=vqa')
+  config.data.update(name='world_pixels', data_dir=str(data_dir), vocab_file=str(vocab),
+                     lowercase=True, images_dataset='region_npy/world',
+                     vqa_dataset='vqa_v2/world')
+  info = tables.dataset_info(config.data)
+  assert info['feature_dim'] == detector_tests.HF_TINY.res5_channels and info['num_images'] == 12
+  config.model.update(vocab_size=info['vocab_size'], feature_dim=info['feature_dim'])
+  config.train.update(global_batch_size=8, num_steps=2)
+  config.evals = {'vqa_val': dict(config.evals.vqa_val, batch_size=8, log_steps=2,
+                                  at_first_step=False)}
+  workdir = str(tmp_path / 'run')
+  final = train.train_and_evaluate(config, workdir)
+  assert np.isfinite(final[vqa.resolve_loss(vqa.resolve_head('uniter'))])
+
+  model = vlpjax.load(workdir)
+  regions_of = extractor.RegionExtractor.from_orbax(str(detector))
+  with open(os.path.join(workdir, 'predictions', 'vqa_val_step2.json'), encoding='utf-8') as f:
+    evaluated = {p['question_id']: p['answer'] for p in json.load(f)}
+  assert len(evaluated) == len(val_questions)
+  scene = val_scenes[0]
+  regions = regions_of.batch([world.render(scene, world_config.seed)])[0]
+  asked = [q for q in val_questions if q[1] == scene.index + 1]
+  answers = model.answer([q[2] for q in asked], regions['features'], regions['boxes'],
+                         regions['image_size'])
+  assert answers == [evaluated[q[0]] for q in asked]

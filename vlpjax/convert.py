@@ -174,10 +174,13 @@ def export_to_torch(model_config: ml_collections.ConfigDict, src: str, out: str)
 def import_detector(source: str, src: str, out: str,
                     config: detector_model.DetectorConfig | None = None) -> None:
   """Writes the detector params read from `src` (kind `source`, a key of
-  DETECTOR_IMPORTERS) for `config` (None: the published one) to `out`."""
+  DETECTOR_IMPORTERS) for `config` (None: the published one) to `out`, with
+  the config beside them (`detector_weights.save_config`)."""
   new_output(out)   # before the read of --src
-  params = DETECTOR_IMPORTERS[source](src, config or detector_model.DetectorConfig())
+  config = config or detector_model.DetectorConfig()
+  params = DETECTOR_IMPORTERS[source](src, config)
   save_params(params, out)
+  detector_weights.save_config(config, out)
 
 
 def main(argv: list[str]) -> None:

@@ -1,12 +1,16 @@
 r"""Region features for your own images: image files -> an images table.
 
   python -m vlpjax.extract --images='photos/*.jpg' --name=mine --data_dir=$DATA \
-      --weights=/tmp/butd_detector [--boxes=10-100|36] [--on_error=skip]
+      --weights=/tmp/butd_detector [--boxes=10-100|36] [--batch_size=8] [--on_error=skip]
 
 --images is a folder (its image files) or a glob. Each image is read with
-Pillow and run through the detector (`vlpjax.detector.extractor`, one image at
-its own size; --weights: the params `vlpjax.convert --from=butd-detectron2|hf-frcnn`
-wrote). Its regions go to `<image id>.npz` (the id is the file name without its
+Pillow and run through the detector (`vlpjax.detector.extractor`; --weights:
+the params `vlpjax.convert --from=butd-detectron2|hf-frcnn` wrote, with their
+config). With --batch_size=1 (the default) each image runs alone at its own
+size, as the original extraction; with more, images of one padded size
+(`extractor.bucket_size`, read from the file headers first) run together,
+split over the local devices, and the padding changes their regions a little
+(see `vlpjax.detector.extractor`). Its regions go to `<image id>.npz` (the id is the file name without its
 extension) under `<data_dir>/extracted/<name>/`, in the per-image layout that
 `features_builder region_npy` reads, which then builds the images table
 `region_npy/<name>`: set `--config.data.images_dataset=region_npy/<name>` (and
@@ -17,12 +21,13 @@ files and counted. Progress is logged with an ETA.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Iterator, Sequence
 
 from absl import app, flags
 import numpy as np
@@ -31,6 +36,7 @@ from vlpjax import paths
 from vlpjax.data import features_builder, formats
 from vlpjax.detector import extractor as extractor_lib
 from vlpjax.detector import model as detector_model
+from vlpjax.detector import weights as detector_weights
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 REPORT_FILE = 'extract_report.json'
@@ -69,13 +75,34 @@ def read_image(file: str) -> np.ndarray:
   Raises:
     formats.FormatError naming the file when Pillow cannot decode it.
   """
+  with _opened(file) as image:
+    return np.asarray(image.convert('RGB'))
+
+
+def image_shape(file: str) -> tuple[int, int]:
+  """(height, width) of an image file, from its header (nothing decoded).
+
+  Raises:
+    formats.FormatError naming the file when Pillow cannot identify it.
+  """
+  with _opened(file) as image:
+    return image.height, image.width
+
+
+@contextlib.contextmanager
+def _opened(file: str) -> Iterator[Any]:
+  """The PIL image of `file`; its errors, and those of decoding it inside the
+  `with`, as one `FormatError` naming the file."""
   from PIL import Image, UnidentifiedImageError  # pylint: disable=import-outside-toplevel
   try:
-    with Image.open(io.BytesIO(paths.path(file).read_bytes())) as image:
-      return np.asarray(image.convert('RGB'))
+    with paths.path(file).open('rb') as stream, Image.open(stream) as image:
+      yield image
   except (UnidentifiedImageError, OSError, ValueError) as error:
-    raise formats.FormatError(file, f'not a readable image ({error})',
-                              kind='unreadable image') from error
+    raise _unreadable(file, error) from error
+
+
+def _unreadable(file: str, error: Exception) -> formats.FormatError:
+  return formats.FormatError(file, f'not a readable image ({error})', kind='unreadable image')
 
 
 def region_arrays(regions: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -93,31 +120,60 @@ def region_arrays(regions: dict[str, Any]) -> dict[str, np.ndarray]:
                                       ).astype(np.float32))
 
 
-def extract_images(files: Sequence[str], out_dir: str,
-                   extract: Callable[[np.ndarray], dict[str, Any]],
-                   on_error: str = 'raise') -> dict[str, Any]:
-  """Writes `<out_dir>/<image id>.npz` for each of `files` not yet written;
-  returns (and writes as REPORT_FILE) the counts and the skipped images."""
+def batches(files: Sequence[str], config: detector_model.DetectorConfig, batch_size: int
+            ) -> Iterator[tuple[list[str], tuple[int, int] | None]]:
+  """(files, padded size) of each batch: with `batch_size` 1 every file alone
+  at its own size (None), in order; else files of one bucket together, by
+  bucket. A file whose header cannot be read goes alone, last (its read fails)."""
+  if batch_size == 1:
+    yield from (([file], None) for file in files)
+    return
+  by_bucket: dict[tuple[int, int], list[str]] = {}
+  unreadable = []
+  for file in files:
+    try:
+      by_bucket.setdefault(extractor_lib.bucket_size(config, *image_shape(file)), []).append(file)
+    except formats.FormatError:
+      unreadable.append(file)
+  for bucket, members in sorted(by_bucket.items()):
+    for start in range(0, len(members), batch_size):
+      yield members[start:start + batch_size], bucket
+  yield from (([file], None) for file in unreadable)
+
+
+def extract_images(files: Sequence[str], out_dir: str, extractor: extractor_lib.RegionExtractor,
+                   batch_size: int = 1, on_error: str = 'raise') -> dict[str, Any]:
+  """Writes `<out_dir>/<image id>.npz` for each of `files` not yet written, in
+  batches of `batch_size` (see `batches`); returns (and writes as REPORT_FILE)
+  the counts and the skipped images."""
   report = formats.ErrorReport(on_error, out_dir)
   out = paths.path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   todo = [f for f in files if not (out / f'{image_id(f)}.npz').exists()]
   logging.info('%d images, %d already extracted, %d to go', len(files), len(files) - len(todo),
                len(todo))
-  began, written = time.time(), 0
-  for done, file in enumerate(todo, 1):
-    try:
-      arrays = region_arrays(extract(read_image(file)))
-    except formats.FormatError as error:
-      report.handle(error)
+  began, done, written = time.time(), 0, 0
+  for batch, padded_size in batches(todo, extractor.config, batch_size):
+    readable, pixels = [], []
+    for file in batch:
+      try:
+        pixels.append(read_image(file))
+        readable.append(file)
+      except formats.FormatError as error:
+        report.handle(error)
+    done += len(batch)
+    if not readable:
       continue
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    # Written whole, then renamed: an interrupted write leaves no .npz to skip.
-    partial = out / f'{image_id(file)}.npz.partial'
-    partial.write_bytes(buffer.getvalue())
-    partial.rename(out / f'{image_id(file)}.npz')
-    written += 1
+    regions = (extractor.batch(pixels, padded_size) if padded_size else
+               [extractor(image) for image in pixels])
+    for file, image_regions in zip(readable, regions):
+      buffer = io.BytesIO()
+      np.savez(buffer, **region_arrays(image_regions))
+      # Written whole, then renamed: an interrupted write leaves no .npz to skip.
+      partial = out / f'{image_id(file)}.npz.partial'
+      partial.write_bytes(buffer.getvalue())
+      partial.rename(out / f'{image_id(file)}.npz')
+      written += 1
     elapsed = time.time() - began
     logging.info('extracted %d of %d (%.0f s), ETA %.0f s', done, len(todo), elapsed,
                  elapsed / done * (len(todo) - done))
@@ -156,7 +212,10 @@ def main() -> None:
   name = flags.DEFINE_string('name', None, 'The table: region_npy/<name>.')
   data_dir = flags.DEFINE_string('data_dir', None, 'TFDS data_dir of the table.')
   weights = flags.DEFINE_string('weights', None, 'Detector params (vlpjax.convert output).')
-  boxes = flags.DEFINE_string('boxes', '10-100', 'Regions per image: MIN-MAX, or N.')
+  boxes = flags.DEFINE_string('boxes', None, 'Regions per image: MIN-MAX, or N (default: '
+                              "the weights' config; the published one's is 10-100).")
+  batch_size = flags.DEFINE_integer('batch_size', 1, 'Images run together (1: each alone at '
+                                    'its own size, as the original extraction).')
   on_error = flags.DEFINE_enum('on_error', 'raise', list(formats.ON_ERROR_CHOICES),
                                'An unreadable image: stop, or skip it and count it.')
   flags.mark_flags_as_required(['images', 'name', 'data_dir', 'weights'])
@@ -164,12 +223,16 @@ def main() -> None:
   def run(argv: list[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    min_boxes, max_boxes = parse_boxes(boxes.value)
-    config = detector_model.DetectorConfig(min_boxes=min_boxes, max_boxes=max_boxes)
+    if batch_size.value < 1:
+      raise app.UsageError(f'--batch_size must be at least 1, got {batch_size.value}')
+    config = detector_weights.read_config(weights.value)
+    if boxes.value is not None:
+      min_boxes, max_boxes = parse_boxes(boxes.value)
+      config = config.replace(min_boxes=min_boxes, max_boxes=max_boxes)
     files = image_files(images.value)
     out_dir = paths.join(data_dir.value, 'extracted', name.value)
-    extract = extractor_lib.RegionExtractor.from_orbax(weights.value, config)
-    summary = extract_images(files, out_dir, extract, on_error.value)
+    extractor = extractor_lib.RegionExtractor.from_orbax(weights.value, config)
+    summary = extract_images(files, out_dir, extractor, batch_size.value, on_error.value)
     logging.info('%s', {k: v for k, v in summary.items() if k != 'skipped_images'})
     table = build_table(name.value, out_dir, data_dir.value, config, on_error.value)
     logging.info('wrote the images table %s under %s', table, data_dir.value)

@@ -37,9 +37,16 @@ Key layout (torch -> flax):
 with conv `weight` [O, I, kh, kw] -> `kernel` [kh, kw, I, O], Linear weight
 [out, in] -> kernel [in, out], norm weight/bias/running_mean/running_var ->
 scale/bias/mean/var, Embedding weight -> embedding.
+
+`vlpjax.convert` writes the imported params with their `DetectorConfig` beside
+them (`CONFIG_FILE`, `save_config`), so what reads them (`read_config`,
+`RegionExtractor.from_orbax`, `vlpjax.extract`) builds the detector they fit.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import os
 from typing import Any, Mapping
 
@@ -48,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlpjax import paths
 from vlpjax.checkpoints import state_dict as sd
 from vlpjax.checkpoints.state_dict import CheckpointMismatchError, Rule
 from vlpjax.detector import model as detector_model
@@ -56,6 +64,7 @@ Params = Any
 
 CELL_ANCHORS_KEY = 'proposal_generator.anchor_generator.cell_anchors.0'
 BATCH_COUNTER_KEYS = r'.*\.num_batches_tracked'
+CONFIG_FILE = 'detector_config.json'
 _NORM_LEAVES = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
                 'var': 'running_var'}
 
@@ -100,6 +109,33 @@ def rules(target: Params) -> list[Rule]:
     else:
       out.append(Rule(f'{torch_prefix}.{leaf}', path))
   return out
+
+
+def save_config(config: detector_model.DetectorConfig, directory: str | os.PathLike) -> None:
+  """Writes `config` as `<directory>/CONFIG_FILE` (JSON of its fields)."""
+  (paths.path(directory) / CONFIG_FILE).write_text(
+      json.dumps(dataclasses.asdict(config), indent=1))
+
+
+def read_config(directory: str | os.PathLike) -> detector_model.DetectorConfig:
+  """The `DetectorConfig` saved beside the params in `directory`; the published
+  config when there is none (params converted before configs were saved, which
+  were all of the published config).
+
+  Raises:
+    ValueError naming the file and the field it does not know.
+  """
+  file = paths.path(directory) / CONFIG_FILE
+  if not file.exists():
+    logging.info('%s: no %s, so the published detector config', directory, CONFIG_FILE)
+    return detector_model.DetectorConfig()
+  fields = json.loads(file.read_text())
+  known = {f.name for f in dataclasses.fields(detector_model.DetectorConfig)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f'{file}: unknown detector config fields {unknown}')
+  return detector_model.DetectorConfig(**{
+      k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def param_shapes(config: detector_model.DetectorConfig) -> Params:
