@@ -445,6 +445,15 @@ def test_convert_writes_detector_params(tmp_path):
   assert result.returncode != 0 and 'give --src and --out only' in result.stderr
 
 
+def test_export_is_the_checkpoint_import_reads(params):
+  exported = weights.export_hf_frcnn(params, HF_TINY)
+  original = {k: v for k, v in state_dict().items() if not k.endswith('num_batches_tracked')}
+  assert exported.keys() == original.keys()
+  for key, value in original.items():
+    np.testing.assert_allclose(exported[key], value, atol=1e-6, err_msg=key)
+  jax.tree.map(np.testing.assert_array_equal, weights.import_hf_frcnn(exported, HF_TINY), params)
+
+
 def test_every_key_of_the_checkpoint_has_a_rule():
   rules = weights.rules(weights.param_shapes(HF_TINY))
   keys = set(state_dict()) - {weights.CELL_ANCHORS_KEY}

@@ -111,6 +111,24 @@ def rules(target: Params) -> list[Rule]:
   return out
 
 
+def export_hf_frcnn(params: Params, config: detector_model.DetectorConfig
+                    ) -> dict[str, np.ndarray]:
+  """The HF port's `state_dict()` of `params` (torch keys and layouts, the
+  cell-anchor buffer included): what `import_hf_frcnn` reads back. Feeds the
+  port the same weights (`benchmarks/extraction_port.py`)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
+  out = {}
+  for rule in rules(params):
+    value = np.asarray(flat[rule.path])
+    if rule.transform is conv_kernel:
+      value = np.transpose(value, (3, 2, 0, 1))
+    elif rule.transform is sd.linear:
+      value = value.T
+    out[rule.torch_key] = np.ascontiguousarray(value)
+  out[CELL_ANCHORS_KEY] = detector_model.cell_anchors(config).astype(np.float32)
+  return out
+
+
 def save_config(config: detector_model.DetectorConfig, directory: str | os.PathLike) -> None:
   """Writes `config` as `<directory>/CONFIG_FILE` (JSON of its fields)."""
   (paths.path(directory) / CONFIG_FILE).write_text(
