@@ -91,15 +91,14 @@ def run_vlpjax(design: str, size: str, batch_size: int, steps: int, dtype: str) 
       times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
   device = jax.devices()[0]
-  flops_per_step = batch_size * flops.model_flops_per_example(
-      config.model, TEXT_LEN, regions, input_specs['mlm_positions'].shape[1])
+  flops_per_step = batch_size * pretrain_task.flops_per_example(config, input_specs, task)
   return dict(
       impl='vlpjax', design=design, size=size, task=task, dtype=dtype,
       batch=batch_size, devices=jax.device_count(), device_kind=device.device_kind,
       compile_s=compile_s, step_s=step_s, steps_per_s=1 / step_s,
       examples_per_s=batch_size / step_s, peak_memory_gib=_peak_memory_bytes() / 2**30,
       model_tflops_per_step=flops_per_step / 1e12,
-      mfu=flops.mfu(flops_per_step, step_s, device.device_kind, jax.device_count()),
+      mfu=flops.mfu(flops_per_step, step_s, device.device_kind, jax.device_count(), dtype),
       loss=float(metrics['loss']))
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from vlpjax import flops
 from vlpjax.data import synthetic
-from vlpjax.models import get_model
+from vlpjax.models import get_design, get_model
 
 TEXT_LEN, REGIONS, PREDICTIONS = 20, 36, 4
 
@@ -28,6 +28,43 @@ def test_analytic_forward_flops_match_xla(design):
   # XLA also counts element-wise work (softmax, GELU, LayerNorm), which the
   # analytic count leaves out by convention: a few percent at these widths.
   assert analytic <= counted <= 1.15 * analytic, (analytic, counted)
+
+
+# Each loss component's model output (what a step with only that loss reads).
+OUTPUTS = {'mlm': 'mlm_logits', 'itm': 'itm_logits', 'mrfr': 'mrfr_pred', 'mrc': 'mrc_logits',
+           'mrckl': 'mrc_logits', 'matched': 'matched_logits', 'obj': 'obj_logits',
+           'attr': 'attr_logits', 'feat': 'feat_pred', 'qa': 'qa_logits',
+           'region_kl': 'region_logits', 'alignment': 'alignment_logits',
+           'sentence_image': 'sentence_image_logits'}
+
+
+@pytest.mark.parametrize('design', ['visualbert', 'vilbert', 'lxmert', 'uniter'])
+def test_flops_count_only_the_heads_a_step_uses(design):
+  """A step of one loss reads one head's output; XLA drops the other heads, and
+  the analytic count for that component follows. (Both streams' outputs are
+  read too: a two-stream design's MLM alone would let XLA drop the last
+  vision FFN, which no summed step does.)"""
+  config = importlib.import_module(f'configs.{design}').model_config('small')
+  model = get_model(config)
+  regions = REGIONS + (design == 'vilbert')
+  batch = synthetic.synthetic_batch(config, 1, TEXT_LEN, regions)
+  inputs = {k: batch[k] for k in ('input_ids', 'text_mask', 'region_feats', 'region_loc',
+                                  'region_mask')}
+  inputs['mlm_positions'] = np.arange(1, PREDICTIONS + 1, dtype=np.int32)[None]
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), **inputs))
+  backbone = flops.forward_flops(config, TEXT_LEN, regions, PREDICTIONS, components=())
+  everything = flops.forward_flops(config, TEXT_LEN, regions, PREDICTIONS)
+  heads = 0.0
+  for component in get_design(design).recipe.components:
+    def read(p, key=OUTPUTS[component]):
+      outputs = model.apply(p, **inputs)
+      return outputs[key].sum() + outputs['text'].sum() + outputs['vision'].sum()
+    counted = jax.jit(read).lower(params).compile().cost_analysis()['flops']
+    analytic = flops.forward_flops(config, TEXT_LEN, regions, PREDICTIONS, (component,))
+    assert backbone < analytic <= counted <= 1.15 * analytic, (component, analytic, counted)
+    heads += analytic - backbone
+  # Heads that share a transform (LXMERT's region heads, UNITER's MRC twice) count once.
+  assert everything - backbone <= heads
 
 
 def test_mfu_and_peaks():

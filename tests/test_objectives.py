@@ -380,6 +380,20 @@ def test_first_stage_draws_by_its_own_ratios():
       'itm': 2.0, 'mlm': 2.0, 'mrfr': 1.0, 'mrckl': 1.0}
 
 
+def test_negatives_only_for_steps_with_matching():
+  """UNITER's losses but ITM see positives only: its other steps' batches need
+  no negatives; the other designs' MLM and region losses see mismatched pairs."""
+  config = _config('uniter', first_stage_steps=5, first_stage_ratios=(1, 0, 0, 0))
+  config.seed = 0
+  steps = range(200)
+  draws = [pretraining.draws_negatives('uniter', config, s) for s in steps]
+  assert draws == [pretraining.task_for_step('uniter', config, s) == 'itm' for s in steps]
+  assert all(draws[:5]) and 0 < sum(draws[5:]) < 195
+  lxmert = _config('lxmert')
+  lxmert.seed = 0
+  assert all(pretraining.draws_negatives('lxmert', lxmert, s) for s in range(20))
+
+
 def test_sum_mix_first_stage_sums_only_its_tasks():
   config = _config('lxmert', first_stage_steps=3, first_stage_ratios=(0, 1, 0, 0, 0, 0))
   config.seed = 0

@@ -7,11 +7,13 @@ each sentence names its image ("image three caption one"), so a batch shows whic
 image and which sentence every example joined. The embedded world's tiny build
 is the integration test.
 """
+import functools
 import json
 import os
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -28,6 +30,7 @@ from vlpjax.data import world as world_lib
 from vlpjax.data.features_builder import images_features
 from vlpjax.data.tokenizer import BertTokenizer
 from vlpjax.models import DESIGNS
+from vlpjax.objectives import pretraining
 
 from test_sharding import FakeHostDevice
 
@@ -358,6 +361,30 @@ def test_no_mismatches_and_epoch_reshuffle(data_config):
   assert orders[0] != orders[1] != orders[2]
 
 
+def test_negatives_only_in_the_batches_that_ask(data_config):
+  """A batch without negatives has every row matched: the rows the default
+  stream matched are unchanged, the others keep their sentence and take its
+  image; a batch with negatives is the default one."""
+  tokenizer = BertTokenizer(data_config.vocab_file, data_config.max_text_len)
+  default = _take(_iterator(data_config, 'uniter'), 4)
+  some = _iterator(data_config, 'uniter', negatives_at=lambda b: b % 2 == 1)
+  assert some.get_state()['pipeline']['negatives'] == 'by step'
+  assert 'negatives' not in _iterator(data_config, 'uniter').get_state()['pipeline']
+  for number, (want, got) in enumerate(zip(default, _take(some, 4))):
+    kept = want['match_label'] == MATCHED['uniter']
+    if number % 2:
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+      continue
+    assert not kept.all()
+    assert np.all(got['match_label'] == MATCHED['uniter'])
+    np.testing.assert_array_equal(got['input_ids'], want['input_ids'])
+    for key in want:
+      np.testing.assert_array_equal(got[key][kept], want[key][kept], err_msg=key)
+    text_image = _decoded_images(tokenizer, got['input_ids'], got['token_type_ids'], 0)
+    np.testing.assert_array_equal(_region_images(got, 'uniter'), text_image)
+
+
 def test_examples_independent_of_batch_size(data_config):
   small = _take(_iterator(data_config, 'lxmert', batch_size=4), 6)
   large = _take(_iterator(data_config, 'lxmert', batch_size=8), 3)
@@ -595,18 +622,23 @@ def test_embedded_world_join(world_config, design):
 @pytest.mark.parametrize('design, cache_images', [('uniter', True), ('vilbert', False)])
 def test_embedded_world_workers(world_config, design, cache_images):
   """Worker processes (which hand region arrays over in shared memory) give the
-  in-process batches, and resume exactly."""
+  in-process batches, and resume exactly; UNITER's with the train task's
+  negatives by step (a picklable function for the workers)."""
   world_config = world_config.copy_and_resolve_references()
   world_config.cache_images = cache_images
   config = world_config.copy_and_resolve_references()
   config.worker_count = 1
-  in_process = _take(_iterator(world_config, design), 4)
-  iterator = _iterator(config, design)
+  run = ml_collections.ConfigDict(dict(seed=0, pretrain=pretraining.default_pretrain_config(design)))
+  kwargs = {}
+  if design == 'uniter':
+    kwargs['negatives_at'] = functools.partial(pretraining.draws_negatives, design, run)
+  in_process = _take(_iterator(world_config, design, **kwargs), 4)
+  iterator = _iterator(config, design, **kwargs)
   with_worker = _take(iterator, 2)
   state = json.loads(json.dumps(iterator.get_state()))
   with_worker += _take(iterator, 2)
   iterator.close()
-  restored = _iterator(config, design)
+  restored = _iterator(config, design, **kwargs)
   restored.set_state(state)
   resumed = _take(restored, 2)
   restored.close()

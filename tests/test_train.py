@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import visualbert
-from vlpjax import checkpointing, config_lib, metrics as metrics_lib, optim, sharding
+from vlpjax import checkpointing, config_lib, flops, metrics as metrics_lib, optim, sharding
 from vlpjax import state as state_lib, step as step_lib, train
 from vlpjax.data import input_pipeline, tables, tokenizer
 from vlpjax.models import get_design, get_model
@@ -430,3 +430,27 @@ def test_every_objective_is_compiled_before_step_1(data_dir, tmp_path, monkeypat
                       lambda *args: built.append(args[-1]) or make(*args))
   train.train_and_evaluate(config, str(tmp_path))
   assert built == list(config.pretrain.tasks) == ['itm', 'mlm', 'mrfr', 'mrckl']
+
+
+def test_mfu_counts_each_steps_own_flops(data_dir, tmp_path, monkeypatch):
+  """MFU over a logging interval uses the FLOPs of the steps it covers (UNITER's
+  objectives differ in their heads), over the compute dtype's peak."""
+  monkeypatch.setitem(flops.PEAK_FLOPS, 'cpu', dict(float32=1e12))
+  step_flops = lambda step: 1e9 * step
+  writer = metrics_lib.MetricWriter(str(tmp_path), start_step=0, total_steps=10,
+                                    examples_per_step=8, step_flops=step_flops,
+                                    compute_dtype='float32')
+  try:
+    writer.write(1, {'loss': 1.0})
+    record = writer.write(4, {'loss': 1.0})
+  finally:
+    writer.close()
+  seconds_per_step = 8 / record['examples_per_second']
+  assert record['mfu'] * 1e12 * jax.device_count() * seconds_per_step == pytest.approx(
+      (2e9 + 3e9 + 4e9) / 3)
+  # The loop hands the writer each objective's FLOPs.
+  workdir = str(tmp_path / 'run')
+  config = run_config(data_dir)
+  train.train_and_evaluate(config, workdir)
+  records = read_metrics(workdir)
+  assert all(r['mfu'] > 0 for r in records[1:])

@@ -2,11 +2,14 @@
 
 Counts the matrix multiplications of the forward pass (2 FLOPs per
 multiply-add), attention scores and context included, for the backbone and the
-pretraining heads the design computes; a training step is 3x the forward
-(backward = 2x forward), as in MaxText and the PaLM paper's MFU. Element-wise
-work (softmax, GELU, LayerNorm) is left out, as is conventional.
+pretraining heads a step's losses use (XLA drops the others: UNITER's MLM step
+pays for no ITM or region head); a training step is 3x the forward (backward =
+2x forward), as in MaxText and the PaLM paper's MFU. Element-wise work (softmax,
+GELU, LayerNorm) is left out, as is conventional.
 """
 from __future__ import annotations
+
+from typing import Collection
 
 import ml_collections
 
@@ -68,6 +71,12 @@ def cross_attention(queries: int, q_width: int, keys: int, k_width: int,
           + attention_core(queries, keys, inner) + dense(queries, inner, out_width))
 
 
+def uses(components: Collection[str] | None, *names: str) -> bool:
+  """Whether the loss `components` (None: all) include any of `names`: the
+  designs' FLOP formulas count a head only then."""
+  return components is None or any(name in components for name in names)
+
+
 def mlm_head(predictions: int, hidden: int, vocab: int) -> float:
   """The MLM transform and the tied decoder (`vocab` rows: the padded table) at
   the gathered positions."""
@@ -80,23 +89,26 @@ def pooler_and_matching(hidden: int) -> float:
 
 
 def forward_flops(model: ml_collections.ConfigDict, text_len: int, regions: int,
-                  mlm_predictions: int) -> float:
-  """Forward FLOPs for one example of the design's pretraining module (the
-  design's own formula, `Design.forward_flops`)."""
+                  mlm_predictions: int, components: Collection[str] | None = None) -> float:
+  """Forward FLOPs for one example of the design's pretraining module with the
+  heads of the loss `components` (None: all), the design's own formula
+  (`Design.forward_flops`)."""
   from vlpjax.models import design  # pylint: disable=g-import-not-at-top
   return design.get_design(model.name).forward_flops(model, text_len, regions,
-                                                      mlm_predictions)
+                                                      mlm_predictions, components)
 
 
 def model_flops_per_example(model: ml_collections.ConfigDict, text_len: int,
-                            regions: int, mlm_predictions: int | None = None) -> float:
-  """Forward + backward model FLOPs of one example in a pretraining step.
+                            regions: int, mlm_predictions: int | None = None,
+                            components: Collection[str] | None = None) -> float:
+  """Forward + backward model FLOPs of one example in a pretraining step whose
+  losses are `components` (None: every head).
 
   `mlm_predictions` (gathered MLM slots) defaults to 15% of the text, rounded up.
   """
   if mlm_predictions is None:
     mlm_predictions = -(-3 * text_len // 20)
-  return 3.0 * forward_flops(model, text_len, regions, mlm_predictions)
+  return 3.0 * forward_flops(model, text_len, regions, mlm_predictions, components)
 
 
 def mfu(flops_per_step: float, seconds_per_step: float, device_kind: str,

@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jax
 import tensorboardX
@@ -48,7 +48,7 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str, *, start_step: int, total_steps: int,
-               examples_per_step: int, flops_per_step: float | None = None,
+               examples_per_step: int, step_flops: Callable[[int], float] | None = None,
                compute_dtype: str = 'bfloat16'):
     """
     Args:
@@ -56,13 +56,14 @@ class MetricWriter:
         dropped from `metrics.jsonl`.
       total_steps: the run's last step, for the ETA.
       examples_per_step: global batch size.
-      flops_per_step: model FLOPs of one step (`vlpjax.flops`); on devices with
-        a known peak the line shows MFU.
+      step_flops: step s -> its model FLOPs (`vlpjax.flops`; the objective of a
+        step decides its heads); on devices with a known peak the line shows
+        MFU over the steps since the previous write.
       compute_dtype: the model's compute dtype, whose peak MFU divides by.
     """
     self.total_steps = total_steps
     self.examples_per_step = examples_per_step
-    self.flops_per_step = flops_per_step
+    self.step_flops = step_flops
     self.compute_dtype = compute_dtype
     self._writes = jax.process_index() == 0
     self._last_step = start_step
@@ -86,8 +87,9 @@ class MetricWriter:
       seconds_per_step = (now - self._last_time) / (step - self._last_step)
       record['examples_per_second'] = self.examples_per_step / seconds_per_step
       record['eta_seconds'] = seconds_per_step * (self.total_steps - step)
-      mfu = self.flops_per_step and flops.mfu(
-          self.flops_per_step, seconds_per_step, jax.devices()[0].device_kind,
+      mfu = self.step_flops and flops.mfu(
+          sum(map(self.step_flops, range(self._last_step + 1, step + 1)))
+          / (step - self._last_step), seconds_per_step, jax.devices()[0].device_kind,
           jax.device_count(), self.compute_dtype)
       if mfu:
         record['mfu'] = mfu

@@ -184,11 +184,15 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, task: ModuleType,
     last = min(last, start + train.max_steps_this_run)
   # FLOPs only serve MFU, which needs the device's peak (none on CPU).
   mfu_known = flops.peak_flops(jax.devices()[0].device_kind, config.model.dtype) is not None
+  step_flops = None
+  if mfu_known:
+    flops_of = {o: train.global_batch_size * task.flops_per_example(config, input_specs, o)
+                for o in objectives}
+    step_flops = lambda step: flops_of[task.objective_for_step(config, objectives, step - 1)]
   writer = metrics_lib.MetricWriter(
       workdir, start_step=start, total_steps=train.num_steps,
       examples_per_step=train.global_batch_size, compute_dtype=config.model.dtype,
-      flops_per_step=(train.global_batch_size * task.flops_per_example(config, input_specs)
-                      if mfu_known else None))
+      step_flops=step_flops)
   # Every objective's program before step 1 (UNITER samples one of four per
   # step): no compile lands in the middle of the run, or on one host only.
   began = time.perf_counter()

@@ -149,7 +149,8 @@ class BatchAssembler:
 
   Called as `assembler(epochs [B], sentence_indices [B])` (`endless_batches`):
   row j is sentence `sentence_indices[j]` as drawn in epoch `epochs[j]` (an int:
-  the same epoch for all).
+  the same epoch for all). With `draw_negatives=False` every row is its matched
+  pair (a batch of a step whose losses see positives only, e.g. UNITER's MLM).
   """
   design: design_lib.Design
   tokenizer: BertTokenizer
@@ -212,13 +213,15 @@ class BatchAssembler:
                        f'{self.images.name} ({self.images.num_images} images)')
     return image
 
-  def __call__(self, epochs: np.ndarray | int, anchor: np.ndarray) -> dict[str, np.ndarray]:
+  def __call__(self, epochs: np.ndarray | int, anchor: np.ndarray,
+               draw_negatives: bool = True) -> dict[str, np.ndarray]:
     anchor = np.asarray(anchor, np.int64)
     b = len(anchor)
     epoch = np.broadcast_to(np.asarray(epochs, np.int64), (b,))
     records = self.read_sentences(anchor)
     anchor_image = self._image_index(anchor, records)
     mismatched = hashed_uniform(self.seed, epoch, anchor, _MISMATCH) < self.mismatch_prob
+    mismatched &= draw_negatives
     swap = np.flatnonzero(mismatched)
     negatives = self._negative_sentences(anchor[swap], anchor_image[swap], epoch[swap])
     texts = [self._sentence_text(r) for r in records]

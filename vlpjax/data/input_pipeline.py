@@ -17,6 +17,7 @@ pairs, negatives and region inputs of a batch.
 """
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Callable, Sequence
 
@@ -179,7 +180,8 @@ def process_batch_rows(sharding: NamedSharding, global_batch_size: int
 
 def endless_batches(data_config: ml_collections.ConfigDict, num_examples: int,
                     global_batch_size: int, rows: tuple[int, int], seed: int,
-                    make_batch: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
+                    make_batch: Callable[..., dict[str, np.ndarray]],
+                    batch_kwargs: Callable[[int], dict[str, Any]] | None = None
                     ) -> grain.IterDataset:
   """This process's rows of endless global batches of examples [0, num_examples),
   prefetched.
@@ -189,9 +191,10 @@ def endless_batches(data_config: ml_collections.ConfigDict, num_examples: int,
   (grain's index shuffle, from `seed`). So the example at every position is a
   pure function of (seed, position), whatever the number of processes: a run
   resumes on another topology with the same global order, each process taking
-  its `rows` [start, stop) (`batch_layout`). `make_batch(epochs [L], indices [L])`
-  builds this process's part of each batch, in `data.worker_count` worker
-  processes or a prefetch thread.
+  its `rows` [start, stop) (`batch_layout`). `make_batch(epochs [L], indices [L],
+  **batch_kwargs(b))` builds this process's part of batch b, in
+  `data.worker_count` worker processes or a prefetch thread (`batch_kwargs` is
+  picklable where there are workers).
   """
   start, stop = rows
   dataset = grain.MapDataset.range(num_examples).shuffle(seed=seed).repeat()
@@ -199,7 +202,8 @@ def endless_batches(data_config: ml_collections.ConfigDict, num_examples: int,
 
   def local_part(batch_number: int, examples: np.ndarray) -> dict[str, np.ndarray]:
     epochs = (batch_number * global_batch_size + np.arange(start, stop)) // num_examples
-    return make_batch(epochs, np.asarray(examples[start:stop], np.int64))
+    kwargs = batch_kwargs(batch_number) if batch_kwargs is not None else {}
+    return make_batch(epochs, np.asarray(examples[start:stop], np.int64), **kwargs)
 
   dataset = dataset.map_with_index(local_part)
   if data_config.worker_count > 0:
@@ -214,10 +218,17 @@ def endless_batches(data_config: ml_collections.ConfigDict, num_examples: int,
       prefetch_buffer_size=data_config.prefetch_batches))
 
 
+def _negatives_kwargs(negatives_at: Callable[[int], bool], batch_number: int
+                      ) -> dict[str, bool]:
+  return dict(draw_negatives=bool(negatives_at(batch_number)))
+
+
 def make_pretraining_iterator(data_config: ml_collections.ConfigDict, model_name: str, *,
                               global_batch_size: int, seed: int, mesh: Mesh | None = None,
                               data_axes: Sequence[str] = ('data', 'fsdp'),
-                              split: str = 'train') -> PretrainingIterator:
+                              split: str = 'train',
+                              negatives_at: Callable[[int], bool] | None = None
+                              ) -> PretrainingIterator:
   """Endless, resumable pretraining batches for design `model_name`.
 
   Args:
@@ -227,6 +238,10 @@ def make_pretraining_iterator(data_config: ml_collections.ConfigDict, model_name
     seed: run seed; `data.seed` overrides it for the data order when set.
     mesh: if given, batches are global `jax.Array`s sharded over `data_axes`.
     split: text split ('train', 'validation', 'test').
+    negatives_at: whether batch b (train step b) draws negatives, at
+      `data.mismatch_prob`; a batch without is all matched pairs. None: every
+      batch. A step whose losses see matched pairs only (UNITER's MLM and
+      region tasks) then pays for no pair it throws away.
 
   Returns:
     An iterator of dicts (see the data contract): input_ids, text_mask,
@@ -248,8 +263,9 @@ def make_pretraining_iterator(data_config: ml_collections.ConfigDict, model_name
   num_sentences, images = assembler.num_sentences, assembler.images
   sentences = assembler.sentences
 
-  stream = endless_batches(data_config, num_sentences, global_batch_size, rows, seed,
-                           assembler)
+  stream = endless_batches(
+      data_config, num_sentences, global_batch_size, rows, seed, assembler,
+      None if negatives_at is None else functools.partial(_negatives_kwargs, negatives_at))
   # The process count is not part of it: the global order does not depend on it.
   fingerprint = dict(
       design=model_name, seed=seed, global_batch_size=global_batch_size,
@@ -259,6 +275,8 @@ def make_pretraining_iterator(data_config: ml_collections.ConfigDict, model_name
               for t in ('images', 'captions', 'vqa')[:1 + len(sentences)]],
       max_text_len=data_config.max_text_len, max_regions=data_config.max_regions,
       mismatch_prob=data_config.mismatch_prob, worker_count=data_config.worker_count)
+  if negatives_at is not None:  # absent otherwise: earlier states still restore
+    fingerprint['negatives'] = 'by step'
   # cache_images and widen_features change no value in the batches (widening is
   # exact), so they are not part of the fingerprint.
   return PretrainingIterator(iter(stream), fingerprint, sharding)

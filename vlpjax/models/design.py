@@ -99,8 +99,9 @@ class Design:
       overrides: the recipe rebalanced so that every objective leaves its
       plateau within the world's budget (config_lib.SMALL_RUN).
     recipe: the pretraining recipe.
-    forward_flops: (model config, text_len, regions, mlm_predictions) -> forward
-      FLOPs of one pretraining example.
+    forward_flops: (model config, text_len, regions, mlm_predictions,
+      components=None) -> forward FLOPs of one pretraining example: the
+      backbone and the heads of the loss `components` (None: every head).
     optimizer: the published pretraining optimiser (`config.train` fields).
     decays: a parameter path (tuple of names) -> whether weight decay applies,
       as the original's rule.
@@ -123,7 +124,7 @@ class Design:
   max_text_len: int
   world_text_len: int
   recipe: PretrainingRecipe
-  forward_flops: Callable[[ml_collections.ConfigDict, int, int, int], float]
+  forward_flops: Callable[..., float]
   optimizer: Mapping[str, Any]
   decays: Callable[[tuple[str, ...]], bool]
   bert_text_paths: Callable[[ml_collections.ConfigDict], dict[str, Any]]

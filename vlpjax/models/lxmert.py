@@ -16,7 +16,7 @@ Param names map one to one onto HF `LxmertModel`/`LxmertForPreTraining`
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Collection
 
 import flax.linen as nn
 import jax
@@ -328,21 +328,27 @@ PRETRAINING = LxmertForPreTraining
 
 
 def forward_flops(model: ml_collections.ConfigDict, text_len: int, regions: int,
-                  mlm_predictions: int) -> float:
-  """`LxmertForPreTraining`: language, relationship and cross layers, MLM,
-  matched, object/attribute/feature and QA heads."""
+                  mlm_predictions: int, components: Collection[str] | None = None) -> float:
+  """`LxmertForPreTraining`: language, relationship and cross layers, and the
+  MLM, matched, object/attribute/feature and QA heads that `components` use
+  (None: all)."""
   t, r, h, ffn = text_len, regions, model.hidden_size, model.intermediate_size
+  uses = functools.partial(flops.uses, components)
   cross = (flops.cross_attention(t, h, r, h, h, h) + flops.cross_attention(r, h, t, h, h, h)
            + flops.bert_layer(t, h, ffn) + flops.bert_layer(r, h, ffn))
-  region_heads = flops.dense(r, h, h) + flops.dense(
-      r, h, model.num_object_labels + model.num_attr_labels + model.feature_dim)
-  qa = flops.dense(1, h, 2 * h) + flops.dense(1, 2 * h, model.num_answers)
+  region_outputs = (uses('obj') * model.num_object_labels + uses('attr') * model.num_attr_labels
+                    + uses('feat') * model.feature_dim)
+  heads = (uses('mlm') * flops.mlm_head(mlm_predictions, h,
+                                        layers.padded_vocab_size(model.vocab_size))
+           + uses('matched', 'qa') * flops.dense(1, h, h)  # the pooler
+           + uses('matched') * flops.dense(1, h, 2)
+           + uses('obj', 'attr', 'feat') * flops.dense(r, h, h)  # their shared transform
+           + flops.dense(r, h, region_outputs)
+           + uses('qa') * (flops.dense(1, h, 2 * h) + flops.dense(1, 2 * h, model.num_answers)))
   return (flops.dense(r, model.feature_dim, h) + flops.dense(r, model.visual_pos_dim, h)
           + model.num_language_layers * flops.bert_layer(t, h, ffn)
           + model.num_relation_layers * flops.bert_layer(r, h, ffn)
-          + model.num_cross_layers * cross
-          + flops.mlm_head(mlm_predictions, h, layers.padded_vocab_size(model.vocab_size))
-          + flops.pooler_and_matching(h) + region_heads + qa)
+          + model.num_cross_layers * cross + heads)
 
 
 DESIGN = design.Design(

@@ -16,6 +16,7 @@ tokens sit. Padded positions hold values nobody should read.
 from __future__ import annotations
 
 import functools
+from typing import Collection
 
 import flax.linen as nn
 import jax
@@ -261,15 +262,20 @@ def location_features(corners: np.ndarray) -> np.ndarray:
 
 
 def forward_flops(model: ml_collections.ConfigDict, text_len: int, regions: int,
-                  mlm_predictions: int) -> float:
-  """`UniterPreTraining`: one stack over text + regions, MLM/ITM/MRFR/MRC heads."""
+                  mlm_predictions: int, components: Collection[str] | None = None) -> float:
+  """`UniterPreTraining`: one stack over text + regions, and the MLM/ITM/MRFR/MRC
+  heads that `components` use (None: all)."""
   h, r = model.hidden_size, regions
-  region_heads = (2 * flops.dense(r, h, h) + flops.dense(r, h, model.feature_dim)
-                  + flops.dense(r, h, model.num_region_classes))
+  uses = functools.partial(flops.uses, components)
+  heads = (uses('mlm') * flops.mlm_head(mlm_predictions, h,
+                                        layers.padded_vocab_size(model.vocab_size))
+           + uses('itm') * flops.pooler_and_matching(h)
+           + uses('mrfr') * (flops.dense(r, h, h) + flops.dense(r, h, model.feature_dim))
+           + uses('mrc', 'mrckl') * (flops.dense(r, h, h)
+                                     + flops.dense(r, h, model.num_region_classes)))
   return (flops.dense(r, model.feature_dim, h) + flops.dense(r, LOC_DIM, h)
           + model.num_layers * flops.bert_layer(text_len + r, h, model.intermediate_size)
-          + flops.mlm_head(mlm_predictions, h, layers.padded_vocab_size(model.vocab_size))
-          + flops.pooler_and_matching(h) + region_heads)
+          + heads)
 
 
 # LayerNorms that the original names other than `LayerNorm` (img_layer_norm,

@@ -24,7 +24,7 @@ unused `q_dense` weights of the original checkpoints do not exist here.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Collection, Sequence
 
 import flax.linen as nn
 import jax
@@ -350,22 +350,25 @@ def fill_image_slot(feats: np.ndarray, loc: np.ndarray, mask: np.ndarray,
 
 
 def forward_flops(model: ml_collections.ConfigDict, text_len: int, regions: int,
-                  mlm_predictions: int) -> float:
-  """`VilbertPreTraining`: text and image streams, co-attention layers, MLM,
-  region and alignment heads."""
+                  mlm_predictions: int, components: Collection[str] | None = None) -> float:
+  """`VilbertPreTraining`: text and image streams, co-attention layers, and the
+  MLM, region and alignment heads that `components` use (None: all)."""
   t, r, h, ffn = text_len, regions, model.hidden_size, model.intermediate_size
   hv, bi = model.v_hidden_size, model.bi_hidden_size
   co_layer = (flops.cross_attention(t, h, r, hv, bi, h)
               + flops.cross_attention(r, hv, t, h, bi, hv)
               + 2 * flops.dense(t, h, ffn) + 2 * flops.dense(r, hv, model.v_intermediate_size))
-  region_heads = flops.dense(r, hv, hv) + flops.dense(r, hv, model.num_region_classes)
-  poolers = flops.dense(1, h, bi) + flops.dense(1, hv, bi) + flops.dense(1, bi, 2)
+  uses = functools.partial(flops.uses, components)
+  heads = (uses('mlm') * flops.mlm_head(mlm_predictions, h,
+                                        layers.padded_vocab_size(model.vocab_size))
+           + uses('region_kl') * (flops.dense(r, hv, hv)
+                                  + flops.dense(r, hv, model.num_region_classes))
+           + uses('alignment') * (flops.dense(1, h, bi) + flops.dense(1, hv, bi)
+                                  + flops.dense(1, bi, 2)))
   return (flops.dense(r, model.feature_dim, hv) + flops.dense(r, LOC_DIM, hv)
           + model.num_layers * flops.bert_layer(t, h, ffn)
           + model.v_num_layers * flops.bert_layer(r, hv, model.v_intermediate_size)
-          + len(model.v_biattention_id) * co_layer
-          + flops.mlm_head(mlm_predictions, h, layers.padded_vocab_size(model.vocab_size))
-          + region_heads + poolers)
+          + len(model.v_biattention_id) * co_layer + heads)
 
 
 DESIGN = design.Design(

@@ -13,7 +13,7 @@ checkpoints map one to one (see `vlpjax.checkpoints.hf`). Not supported: HF's
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Collection
 
 import flax.linen as nn
 import jax
@@ -266,14 +266,16 @@ def after_bert_import(backbone_params: Any, model_config: ml_collections.ConfigD
 
 
 def forward_flops(model: ml_collections.ConfigDict, text_len: int, regions: int,
-                  mlm_predictions: int) -> float:
-  """`VisualBertForPreTraining`: one stack over text + regions, MLM and
-  sentence-image heads."""
+                  mlm_predictions: int, components: Collection[str] | None = None) -> float:
+  """`VisualBertForPreTraining`: one stack over text + regions, and the MLM and
+  sentence-image heads that `components` use (None: both)."""
   h = model.hidden_size
+  uses = functools.partial(flops.uses, components)
   return (flops.dense(regions, model.feature_dim, h)
           + model.num_layers * flops.bert_layer(text_len + regions, h, model.intermediate_size)
-          + flops.mlm_head(mlm_predictions, h, layers.padded_vocab_size(model.vocab_size))
-          + flops.pooler_and_matching(h))
+          + uses('mlm') * flops.mlm_head(mlm_predictions, h,
+                                         layers.padded_vocab_size(model.vocab_size))
+          + uses('sentence_image') * flops.pooler_and_matching(h))
 
 
 DESIGN = design.Design(

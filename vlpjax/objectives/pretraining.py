@@ -17,10 +17,11 @@ the losses those ratios do not zero, as the task 'first_stage' ('sum').
 Each design's recipe (`Design.recipe`, in `vlpjax/models/<design>.py`) names its
 loss components (the names of `config.pretrain.tasks` and of the returned
 `losses`), its mix, its masking and which examples each loss sees: with
-`positives_only` (UNITER) every loss but matching sees matched pairs only (its
-original draws those batches from positive pairs; our batches carry the
-pipeline's negatives, which get weight 0); otherwise MLM and region losses see
-mismatched pairs too (airsplay/lxmert#51). QA trains on matched questions only.
+`positives_only` (UNITER) every loss but matching sees matched pairs only: as
+its original draws those batches from positive pairs, the pipeline draws
+negatives only for the steps whose task has a matching loss (`draws_negatives`;
+a negative that reaches another loss still gets weight 0); otherwise MLM and
+region losses see mismatched pairs too (airsplay/lxmert#51). QA trains on matched questions only.
 With `conditional_masking` (UNITER) one modality is masked per batch: text for
 'mlm', regions for the region tasks, nothing for matching.
 
@@ -119,6 +120,18 @@ def task_for_step(design: DesignOrName, config: ml_collections.ConfigDict, step:
   return sample_task(config.seed, step, task_ratios(config, step))
 
 
+def draws_negatives(design: DesignOrName, config: ml_collections.ConfigDict,
+                    step: int) -> bool:
+  """Whether train step `step`'s batch needs mismatched pairs: always, unless
+  the recipe's losses other than matching see positives only, then only when
+  the step's task has a matching loss."""
+  design = design_lib.as_design(design)
+  if not design.recipe.positives_only:
+    return True
+  task = task_for_step(design, config, step)
+  return any(c in MATCHING_LOGITS for c in task_components(design, task, config))
+
+
 def task_ratios(config: ml_collections.ConfigDict, step: int) -> dict[str, float]:
   """{task: ratio} at `step` from `config.pretrain.tasks` and `.ratios`, or
   `.first_stage_ratios` before `.first_stage_steps` (mix 'sample')."""
@@ -165,7 +178,7 @@ def make_inputs(design: DesignOrName, batch: Batch, rng: jax.Array, task: str,
   """
   design = design_lib.as_design(design)
   recipe = design.recipe
-  components = _components(design, task, config)
+  components = task_components(design, task, config)
   pre = config.pretrain
   _require(batch, _required_keys(components, has_class_probs='class_probs' in batch),
            f'{design.name} task {task!r} (losses {components})')
@@ -187,12 +200,10 @@ def make_inputs(design: DesignOrName, batch: Batch, rng: jax.Array, task: str,
                  text_mask=text_mask, region_mask=region_mask, real=real)
 
   if 'mlm' in components:
-    length = input_ids.shape[1]
     tokens = masking.mask_tokens(
         text_rng, input_ids, text_mask, mask_token_id=pre.mask_token_id,
         special_token_ids=tuple(pre.special_token_ids), vocab_size=_vocab_size(config),
-        max_predictions=pre.max_predictions or masking.default_max_predictions(
-            length, pre.mask_prob),
+        max_predictions=mlm_slots(config, input_ids.shape[1]),
         mask_prob=pre.mask_prob, random_token_min=pre.random_token_min,
         at_least_one=recipe.at_least_one)
     kwargs['input_ids'] = tokens.input_ids
@@ -233,6 +244,13 @@ def make_inputs(design: DesignOrName, batch: Batch, rng: jax.Array, task: str,
   return kwargs, targets
 
 
+def mlm_slots(config: ml_collections.ConfigDict, text_len: int) -> int:
+  """MLM positions gathered per example: `pretrain.max_predictions`, else the
+  masking default for `text_len`."""
+  pre = config.pretrain
+  return pre.max_predictions or masking.default_max_predictions(text_len, pre.mask_prob)
+
+
 def compute_losses(design: DesignOrName, outputs: Mapping[str, jax.Array], targets: Mapping[str, Any],
                    task: str, config: ml_collections.ConfigDict
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -243,7 +261,7 @@ def compute_losses(design: DesignOrName, outputs: Mapping[str, jax.Array], targe
     scalar}, plus the recipe's extra losses, e.g. 'wra' with UNITER's ITM).
   """
   design = design_lib.as_design(design)
-  components = _components(design, task, config)
+  components = task_components(design, task, config)
   weights = _loss_weights(design, config)
   pre = config.pretrain
   losses = {}
@@ -291,8 +309,10 @@ def compute_losses(design: DesignOrName, outputs: Mapping[str, jax.Array], targe
   return jnp.asarray(total, jnp.float32), losses
 
 
-def _components(design: design_lib.Design, task: str, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+def task_components(design: DesignOrName, task: str, config: ml_collections.ConfigDict
+                    ) -> tuple[str, ...]:
   """The loss components a task computes."""
+  design = design_lib.as_design(design)
   tasks = tasks_for(design, config)
   if task not in tasks:
     raise ValueError(f'task {task!r} is not one of {tasks} (config.pretrain.mix '

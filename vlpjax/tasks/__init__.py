@@ -11,7 +11,7 @@ task says how):
   objective_for_step(config, names, step) -> str
   make_inputs(config, batch, rng, objective) -> (model kwargs, targets)
   compute_losses(config, outputs, targets, objective) -> (total, {name: loss})
-  flops_per_example(config, input_specs) -> float
+  flops_per_example(config, input_specs, objective) -> float
   inference_files(config) -> {file name: lines}   written into the workdir
   init_heads(config, params, abstract_params)   heads from `init.source`, after it
   predictor(config, workdir, step)       `vlpjax.load`'s object

@@ -557,12 +557,13 @@ objective_for_step = vqa.objective_for_step
 
 
 def flops_per_example(config: ml_collections.ConfigDict,
-                      input_specs: Mapping[str, jax.ShapeDtypeStruct]) -> float:
-  """The design's forward with the LM head at every predicted position."""
+                      input_specs: Mapping[str, jax.ShapeDtypeStruct], objective: str) -> float:
+  """The design's backbone and the LM head at every predicted position."""
   from vlpjax import flops  # pylint: disable=g-import-not-at-top
+  del objective  # either one predicts at `positions`
   return flops.model_flops_per_example(config.model, input_specs['input_ids'].shape[1],
                                        input_specs['region_feats'].shape[1],
-                                       input_specs['positions'].shape[1])
+                                       input_specs['positions'].shape[1], components=('mlm',))
 
 
 def inference_files(config: ml_collections.ConfigDict) -> dict[str, list[str]]:

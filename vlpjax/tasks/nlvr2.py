@@ -586,15 +586,17 @@ def compute_losses(config: ml_collections.ConfigDict, outputs: Mapping[str, jax.
 
 
 def flops_per_example(config: ml_collections.ConfigDict,
-                      input_specs: Mapping[str, jax.ShapeDtypeStruct]) -> float:
-  """The design's forward over both images, x3: two sequences for the paired
-  heads, one with both images' regions for 'joint_linear'."""
+                      input_specs: Mapping[str, jax.ShapeDtypeStruct], objective: str) -> float:
+  """The design's backbone over both images, x3: two sequences for the paired
+  heads, one with both images' regions for 'joint_linear' (the head on the
+  pooled vectors is negligible)."""
   from vlpjax import flops  # pylint: disable=g-import-not-at-top
+  del objective  # one
   text = input_specs['input_ids'].shape[1]
   regions = input_specs['left_region_feats'].shape[1]
   if resolve_head(config.model.name, config.nlvr2.head) == 'joint_linear':
-    return flops.model_flops_per_example(config.model, text, 2 * regions, 0)
-  return 2 * flops.model_flops_per_example(config.model, text, regions, 0)
+    return flops.model_flops_per_example(config.model, text, 2 * regions, 0, components=())
+  return 2 * flops.model_flops_per_example(config.model, text, regions, 0, components=())
 
 
 def inference_files(config: ml_collections.ConfigDict) -> dict[str, list[str]]:

@@ -19,7 +19,7 @@ import ml_collections
 
 from vlpjax import flops
 from vlpjax.data import examples, input_pipeline, tables, tokenizer
-from vlpjax.models import get_model
+from vlpjax.models import get_design, get_model
 from vlpjax.objectives import pretraining
 
 Batch = Mapping[str, jax.Array]
@@ -120,10 +120,16 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
 
 def make_train_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
                         ) -> input_pipeline.PretrainingIterator:
-  """Endless, resumable global batches of image-text pairs."""
+  """Endless, resumable global batches of image-text pairs. Where only matching
+  sees negatives (UNITER), batch b has them only if step b's task does
+  (`pretraining.draws_negatives`)."""
+  negatives_at = None
+  if get_design(config.model.name).recipe.positives_only:
+    negatives_at = functools.partial(pretraining.draws_negatives, config.model.name, config)
   return input_pipeline.make_pretraining_iterator(
       config.data, config.model.name, global_batch_size=config.train.global_batch_size,
-      seed=config.seed, mesh=mesh, data_axes=tuple(config.mesh.data_axes))
+      seed=config.seed, mesh=mesh, data_axes=tuple(config.mesh.data_axes),
+      negatives_at=negatives_at)
 
 
 def objectives(config: ml_collections.ConfigDict) -> list[str]:
@@ -151,10 +157,14 @@ def compute_losses(config: ml_collections.ConfigDict, outputs: Mapping[str, jax.
 
 
 def flops_per_example(config: ml_collections.ConfigDict,
-                      input_specs: Mapping[str, jax.ShapeDtypeStruct]) -> float:
-  """Model FLOPs of one example of a train step (`vlpjax.flops`)."""
-  return flops.model_flops_per_example(config.model, input_specs['input_ids'].shape[1],
-                                       input_specs['region_feats'].shape[1])
+                      input_specs: Mapping[str, jax.ShapeDtypeStruct], objective: str) -> float:
+  """Model FLOPs of one example of a train step of `objective`: the backbone and
+  the heads of its losses, MLM at as many slots as masking gathers (`vlpjax.flops`)."""
+  text_len = input_specs['input_ids'].shape[1]
+  return flops.model_flops_per_example(
+      config.model, text_len, input_specs['region_feats'].shape[1],
+      pretraining.mlm_slots(config, text_len),
+      components=pretraining.task_components(config.model.name, objective, config))
 
 
 class ValidationLossEvaluator:
@@ -171,7 +181,6 @@ class ValidationLossEvaluator:
   def __init__(self, name: str, eval_config: ml_collections.ConfigDict,
                config: ml_collections.ConfigDict, model: nn.Module, mesh: jax.sharding.Mesh):
     from vlpjax.evaluators import common  # pylint: disable=g-import-not-at-top
-    from vlpjax.models import get_design  # pylint: disable=g-import-not-at-top
     self._common = common
     self.name, self.log_steps, self.batch_size = name, eval_config.log_steps, eval_config.batch_size
     self.assembler = examples.make_batch_assembler(

@@ -888,12 +888,14 @@ def compute_losses(config: ml_collections.ConfigDict, outputs: Mapping[str, jax.
 
 
 def flops_per_example(config: ml_collections.ConfigDict,
-                      input_specs: Mapping[str, jax.ShapeDtypeStruct]) -> float:
-  """Forward + backward of the scored pairs, forward of the mined pools."""
+                      input_specs: Mapping[str, jax.ShapeDtypeStruct], objective: str) -> float:
+  """Forward + backward of the scored pairs, forward of the mined pools (the
+  backbone's; the score head is negligible)."""
   from vlpjax import flops  # pylint: disable=g-import-not-at-top
+  del objective  # one
   image_side, text_side = negative_counts(config.retrieval, config.model.name)
   pair = flops.forward_flops(config.model, input_specs['input_ids'].shape[1],
-                             input_specs['region_feats'].shape[1], 0)
+                             input_specs['region_feats'].shape[1], 0, components=())
   trained = 1 + image_side.scored + text_side.scored
   return pair * (3 * trained + image_side.pool + text_side.pool)
 

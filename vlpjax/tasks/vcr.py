@@ -797,12 +797,14 @@ def compute_losses(config: ml_collections.ConfigDict, outputs: Mapping[str, jax.
 
 
 def flops_per_example(config: ml_collections.ConfigDict,
-                      input_specs: Mapping[str, jax.ShapeDtypeStruct]) -> float:
-  """The design's forward over the C candidate sequences, x3."""
+                      input_specs: Mapping[str, jax.ShapeDtypeStruct], objective: str) -> float:
+  """The design's backbone over the C candidate sequences, x3 (the score head
+  is negligible)."""
   from vlpjax import flops  # pylint: disable=g-import-not-at-top
+  del objective  # one
   _, candidates, text = input_specs['input_ids'].shape
   return candidates * flops.model_flops_per_example(
-      config.model, text, input_specs['region_feats'].shape[1], 0)
+      config.model, text, input_specs['region_feats'].shape[1], 0, components=())
 
 
 def inference_files(config: ml_collections.ConfigDict) -> dict[str, list[str]]:

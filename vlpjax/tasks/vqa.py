@@ -1064,11 +1064,13 @@ def compute_losses(config: ml_collections.ConfigDict, outputs: Mapping[str, jax.
 
 
 def flops_per_example(config: ml_collections.ConfigDict,
-                      input_specs: Mapping[str, jax.ShapeDtypeStruct]) -> float:
-  """The design's forward without MLM predictions, x3 (the heads differ little)."""
+                      input_specs: Mapping[str, jax.ShapeDtypeStruct], objective: str) -> float:
+  """The design's backbone, x3 (the answer head on the pooled vector is
+  negligible)."""
   from vlpjax import flops  # pylint: disable=g-import-not-at-top
+  del objective  # one
   return flops.model_flops_per_example(config.model, input_specs['input_ids'].shape[1],
-                                       input_specs['region_feats'].shape[1], 0)
+                                       input_specs['region_feats'].shape[1], 0, components=())
 
 
 def prediction_step(model: nn.Module, sharding: jax.sharding.NamedSharding,
