@@ -9,7 +9,11 @@ accelerators, MFU (analytic FLOPs, `vlpjax.flops`), on synthetic batches of text
 length 20 and 36 regions on whatever devices exist (the step is the real jitted,
 sharded `step.make_train_step`). The transformers `LxmertForPreTraining` and
 `VisualBertForPreTraining` run the same shapes (forward, backward, AdamW) in
-fp32 on the CPU.
+fp32 on the CPU. In the same run, a case of its own measures the machine's
+matmul rate in the step's dtype (a jitted 2048 x 2048 x 2048 product, best of 10
+in each round, best over the rounds), and each step's model FLOP/s is reported
+as a share of it (`matmul_share`): how close the step comes to what the machine
+does on one large product.
 
 Each case runs in its own process (so that peak memory is its own), `--rounds`
 times, the cases taking turns so that a busy spell of a shared machine falls on
@@ -35,6 +39,7 @@ import tempfile
 import time
 
 TEXT_LEN, REGIONS = 20, 36
+MATMUL_SIZE = 2048
 HUGEPAGES_ENV = {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
 RESULTS = os.path.join(os.path.dirname(__file__), 'results', 'train_step.json')
 
@@ -48,58 +53,125 @@ def _peak_memory_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_vlpjax(design: str, size: str, batch_size: int, steps: int, dtype: str) -> dict:
-  """Times `steps` jitted pretraining steps of `design`/`size`."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  from vlpjax import flops, optim, sharding, state as state_lib, step as step_lib, train  # pylint: disable=import-outside-toplevel
-  from vlpjax.tasks import pretrain as pretrain_task  # pylint: disable=import-outside-toplevel
-  from vlpjax.data import synthetic  # pylint: disable=import-outside-toplevel
-  from vlpjax.models import get_design, get_model  # pylint: disable=import-outside-toplevel
+class PretrainingStep:
+  """The real jitted, sharded pretraining step (`step.make_train_step`) of a
+  design on a synthetic batch of text length 20 and 36 regions (37 for ViLBERT,
+  its [IMG] slot), its first objective, with the train state as
+  `train_and_evaluate` makes it. `overrides` are `config.model` fields. With
+  `materialize=False` the state and batch are only shapes: enough to compile
+  and read the program's memory, not to run it.
+  """
 
-  config = importlib.import_module(f'configs.{design}').get_config(size)
-  config.train.global_batch_size = batch_size
-  config.model.dtype = dtype
-  mesh = sharding.make_mesh(config)
-  train.validate_config(config, mesh)
-  rules = sharding.logical_axis_rules(config)
-  model = get_model(config.model)
-  tx, schedule = optim.make_optimizer(config.train, get_design(config.model.name))
-  task = pretrain_task.objectives(config)[0]
-  regions = REGIONS + (1 if design == 'vilbert' else 0)  # ViLBERT's [IMG] slot
-  host_batch = synthetic.synthetic_batch(config.model, batch_size, TEXT_LEN, regions)
-  batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host_batch.items()}
-  input_specs = step_lib.model_input_specs(config, pretrain_task, task, batch_spec)
-  _, shardings = state_lib.abstract_train_state(model, tx, input_specs, mesh, rules)
-  state = state_lib.init_train_state(model, tx, input_specs, config.seed, shardings)
-  if state_lib.keeps_grad_buffers(config.train):   # as train_and_evaluate does
-    state, shardings = state_lib.with_grad_buffers(state, shardings)
-  batch = jax.device_put(host_batch, sharding.batch_sharding(mesh, config.mesh.data_axes))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step = step_lib.make_train_step(config, model, tx, schedule, mesh, shardings,
-                                    pretrain_task, task)
+  def __init__(self, design: str, size: str, batch_size: int, dtype: str,
+               materialize: bool = True, **overrides):
+    import jax  # pylint: disable=import-outside-toplevel
+    from vlpjax import optim, sharding, state as state_lib, step as step_lib, train  # pylint: disable=import-outside-toplevel
+    from vlpjax.tasks import pretrain as pretrain_task  # pylint: disable=import-outside-toplevel
+    from vlpjax.data import synthetic  # pylint: disable=import-outside-toplevel
+    from vlpjax.models import get_design, get_model  # pylint: disable=import-outside-toplevel
+
+    config = importlib.import_module(f'configs.{design}').get_config(size)
+    config.train.global_batch_size = batch_size
+    config.model.update(dtype=dtype, **overrides)
+    if not materialize:
+      config.train.keep_grad_buffers = False
+    self.mesh = sharding.make_mesh(config)
+    train.validate_config(config, self.mesh)
+    self.rules = sharding.logical_axis_rules(config)
+    model = get_model(config.model)
+    tx, schedule = optim.make_optimizer(config.train, get_design(config.model.name))
+    self.objective = pretrain_task.objectives(config)[0]
+    regions = REGIONS + (1 if design == 'vilbert' else 0)
+    host_batch = synthetic.synthetic_batch(config.model, batch_size, TEXT_LEN, regions)
+    batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host_batch.items()}
+    input_specs = step_lib.model_input_specs(config, pretrain_task, self.objective, batch_spec)
+    self.abstract, shardings = state_lib.abstract_train_state(model, tx, input_specs,
+                                                              self.mesh, self.rules)
+    batch_sharding = sharding.batch_sharding(self.mesh, config.mesh.data_axes)
+    if materialize:
+      self.state = state_lib.init_train_state(model, tx, input_specs, config.seed, shardings)
+      if state_lib.keeps_grad_buffers(config.train):
+        self.state, shardings = state_lib.with_grad_buffers(self.state, shardings)
+      self.batch = jax.device_put(host_batch, batch_sharding)
+    else:
+      self.state = self.abstract
+      self.batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+                    for k, v in batch_spec.items()}
+    self.config = config
+    self.flops_per_step = batch_size * pretrain_task.flops_per_example(
+        config, input_specs, self.objective)
+    self._jitted = step_lib.make_train_step(config, model, tx, schedule, self.mesh, shardings,
+                                            pretrain_task, self.objective)
+    self.compiled = None
+
+  def compile(self) -> float:
+    """Compiles the step; returns the seconds it took."""
+    import flax.linen as nn  # pylint: disable=import-outside-toplevel
+    import jax  # pylint: disable=import-outside-toplevel
     start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
-    state, metrics = compiled(state, batch)  # warm-up
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      self.compiled = self._jitted.lower(self.state, self.batch).compile()
+    return time.perf_counter() - start
+
+  def memory_bytes(self) -> int:
+    """The compiled step's device memory: arguments, outputs and temporaries,
+    less what the donated state's outputs reuse."""
+    memory = self.compiled.memory_analysis()
+    return int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+               + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+
+  def time_steps(self, steps: int) -> tuple[float, float]:
+    """(median seconds of `steps` timed steps after one warm-up, the last loss)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    self.state, metrics = self.compiled(self.state, self.batch)
     jax.block_until_ready(metrics)
     times = []
     for _ in range(steps):
       start = time.perf_counter()
-      state, metrics = compiled(state, batch)
+      self.state, metrics = self.compiled(self.state, self.batch)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
+    return statistics.median(times), float(metrics['loss'])
+
+
+def run_vlpjax(design: str, size: str, batch_size: int, steps: int, dtype: str) -> dict:
+  """Times `steps` jitted pretraining steps of `design`/`size`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from vlpjax import flops  # pylint: disable=import-outside-toplevel
+
+  step = PretrainingStep(design, size, batch_size, dtype)
+  compile_s = step.compile()
+  step_s, loss = step.time_steps(steps)
   device = jax.devices()[0]
-  flops_per_step = batch_size * pretrain_task.flops_per_example(config, input_specs, task)
   return dict(
-      impl='vlpjax', design=design, size=size, task=task, dtype=dtype,
+      impl='vlpjax', design=design, size=size, task=step.objective, dtype=dtype,
       batch=batch_size, devices=jax.device_count(), device_kind=device.device_kind,
       compile_s=compile_s, step_s=step_s, steps_per_s=1 / step_s,
       examples_per_s=batch_size / step_s, peak_memory_gib=_peak_memory_bytes() / 2**30,
-      model_tflops_per_step=flops_per_step / 1e12,
-      mfu=flops.mfu(flops_per_step, step_s, device.device_kind, jax.device_count(), dtype),
-      loss=float(metrics['loss']))
+      model_tflops_per_step=step.flops_per_step / 1e12,
+      model_gflops_per_s=step.flops_per_step / step_s / 1e9,
+      mfu=flops.mfu(step.flops_per_step, step_s, device.device_kind, jax.device_count(), dtype),
+      loss=loss)
+
+
+def matmul_rate(dtype: str, n: int = MATMUL_SIZE, repeats: int = 10) -> dict:
+  """This machine's matmul rate: a jitted [n, n] x [n, n] product in `dtype`,
+  best of `repeats` (2 n^3 FLOPs each)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  a, b = (jax.random.normal(jax.random.key(i), (n, n), dtype) for i in range(2))
+  product = jax.jit(jnp.matmul)
+  jax.block_until_ready(product(a, b))
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(product(a, b))
+    best = min(best, time.perf_counter() - start)
+  return dict(impl='matmul', design=f'{n}^3', size='-', task='-', dtype=dtype, batch=n,
+              device_kind=jax.devices()[0].device_kind, compile_s=0.0, step_s=best,
+              steps_per_s=1 / best, examples_per_s=0.0, peak_memory_gib=0.0,
+              model_tflops_per_step=2 * n**3 / 1e12, model_gflops_per_s=2 * n**3 / best / 1e9,
+              mfu=None, loss=0.0)
 
 
 def run_torch(design: str, batch_size: int, steps: int) -> dict:
@@ -190,6 +262,8 @@ def combine_rounds(rounds: list[dict]) -> dict:
   result.update(step_s=step_s, steps_per_s=1 / step_s,
                 examples_per_s=result['batch'] / step_s,
                 round_step_s=[r['step_s'] for r in rounds])
+  if result.get('model_gflops_per_s'):
+    result['model_gflops_per_s'] = result['model_tflops_per_step'] * 1e3 / step_s
   if result['mfu'] is not None:
     result['mfu'] = rounds[0]['mfu'] * rounds[0]['step_s'] / step_s
   return result
@@ -213,12 +287,17 @@ def main() -> None:
 
   if args.one:
     kind, design, size = args.one.split(':')
-    result = (run_torch(design, args.batch, args.steps) if kind == 'torch' else
-              run_vlpjax(design, size, args.batch, args.steps, args.dtype))
+    if kind == 'matmul':
+      result = matmul_rate(args.dtype)
+    elif kind == 'torch':
+      result = run_torch(design, args.batch, args.steps)
+    else:
+      result = run_vlpjax(design, size, args.batch, args.steps, args.dtype)
     print('RESULT ' + json.dumps(result))
     return
 
-  cases = [f'jax:{d}:{s}' for s in args.sizes.split(',') for d in args.designs.split(',')]
+  cases = ['matmul:-:-']
+  cases += [f'jax:{d}:{s}' for s in args.sizes.split(',') for d in args.designs.split(',')]
   cases += [f'torch:{d}:base' for d in filter(None, args.torch.split(','))]
   rounds = {case: [] for case in cases}
   with tempfile.TemporaryDirectory() as cache_dir:
@@ -235,15 +314,24 @@ def main() -> None:
         print(f"round {round_number + 1}/{args.rounds} {result['impl']:>16} "
               f"{result['design']:>10} {result['size']:>5} {result['task']:>6} "
               f"compile {result['compile_s']:6.1f}s  {result['step_s']:7.3f} s/step", flush=True)
-  results = [combine_rounds(r) for r in rounds.values() if r]
+  results = [combine_rounds(r) for case, r in rounds.items() if r and case != 'matmul:-:-']
+  matmul = min(rounds['matmul:-:-'], key=lambda r: r['step_s'], default=None)
+  if matmul is not None:
+    print(f"{args.dtype} matmul {MATMUL_SIZE}^3, best of every round: "
+          f"{matmul['model_gflops_per_s']:.1f} GFLOP/s")
+    for result in results:
+      if result.get('model_gflops_per_s'):
+        result['matmul_share'] = result['model_gflops_per_s'] / matmul['model_gflops_per_s']
   print(f'\nmedian over rounds (batch {args.batch}, {args.steps} steps per round, '
         f'hugepages {"on" if args.hugepages else "off"}):')
   for result in results:
     mfu = f"{result['mfu']:.1%}" if result['mfu'] else '-'
+    share = (f"  {result['model_gflops_per_s']:.1f} GFLOP/s = {result['matmul_share']:.0%} "
+             'of the matmul rate' if 'matmul_share' in result else '')
     print(f"{result['impl']:>16} {result['design']:>10} {result['size']:>5} "
           f"{result['task']:>6} compile {result['compile_s']:6.1f}s  "
           f"{result['steps_per_s']:7.3f} steps/s  {result['examples_per_s']:8.1f} ex/s  "
-          f"peak {result['peak_memory_gib']:.2f} GiB  MFU {mfu}", flush=True)
+          f"peak {result['peak_memory_gib']:.2f} GiB  MFU {mfu}{share}", flush=True)
 
   speedups = {}
   for design in filter(None, args.torch.split(',')):
@@ -258,6 +346,7 @@ def main() -> None:
     json.dump(dict(machine=machine(), text_len=TEXT_LEN, regions=REGIONS,
                    batch=args.batch, steps=args.steps, rounds=args.rounds,
                    hugepages=args.hugepages, results=results,
+                   matmul=matmul,
                    speedup_vs_torch=speedups), f, indent=2)
   print(f'wrote {args.out}')
 

@@ -1,0 +1,28 @@
+"""The accelerator MFU script runs end to end on the CPU at tiny sizes (its
+figures are not checked: a test never asserts a timing)."""
+import json
+
+import pytest
+
+from benchmarks import mfu
+
+pytestmark = pytest.mark.usefixtures('compile_cache')
+
+
+def test_mfu_script_searches_the_batch_and_times_each_variant(tmp_path, monkeypatch):
+  monkeypatch.setattr(mfu, 'memory_limit', lambda: 2**30)
+  out = tmp_path / 'mfu.json'
+  report = mfu.main(['--designs=uniter', '--size=tiny', '--steps=1', '--max_batch=64',
+                     f'--out={out}'])
+  assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+  entry = report['designs']['uniter']
+  search = entry['largest_batch']
+  assert search['batch'] == 64 and search['batch'] % 8 == 0
+  assert 0 < search['memory_gib'] <= mfu.MEMORY_HEADROOM * search['limit_gib']
+  assert entry['variants']['cudnn'].startswith('skipped')  # no GPU here
+  for variant in ('explicit', 'xla'):
+    result = entry['variants'][variant]
+    assert result['batch'] == 64 and result['objective'] == 'itm'
+    assert result['compile_s'] > 0 and result['step_s'] > 0 and result['mfu'] is None
+  assert entry['attention_dropout_cost'] > 0
+  assert report['skipped'] == []
