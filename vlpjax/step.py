@@ -4,12 +4,15 @@ the design's model runs forward, the task computes the losses.
 Randomness: every step's masking and dropout keys are `fold_in(key(seed), step)`,
 so restoring the step restores the RNG exactly.
 
-Gradient accumulation (`train.grad_accum_steps = K`): the inputs of the whole
-global batch are made once; the forward pass runs over K microbatches in a
-`scan` whose body is rematerialised, so only one microbatch's activations live
-at a time while the losses see the outputs of the whole batch. The update is
-therefore the full batch's (for any loss normalisation), up to float rounding;
-only dropout draws differ (one key per microbatch).
+Gradient accumulation (`train.grad_accum_steps = K`): the inputs and targets of
+the whole global batch are made once (masking as for one step), then a `scan`
+over K microbatches runs each one's forward and backward and sums their
+gradients and losses: one microbatch's activations and outputs live at a time,
+and nothing is recomputed. Every loss and metric is a ratio whose denominator
+depends on targets alone (`objectives.common.ratio`); the full batch's
+denominators are recorded once and each microbatch divides by them, so the
+sums are the full batch's losses and gradient, up to float rounding. Only
+dropout draws differ (one key per microbatch).
 
 A task (`vlpjax.tasks`) gives `make_inputs(config, batch, rng, objective) ->
 (model kwargs, targets)` and `compute_losses(config, outputs, targets,
@@ -29,7 +32,7 @@ import ml_collections
 import optax
 
 from vlpjax import sharding
-from vlpjax.objectives import masking
+from vlpjax.objectives import common, masking
 from vlpjax.state import TrainState
 
 # Backbone outputs that are parameters, not per-example activations.
@@ -45,34 +48,60 @@ def _split_microbatches(x: jax.Array, num: int) -> jax.Array:
   return jnp.swapaxes(x.reshape((x.shape[0] // num, num) + x.shape[1:]), 0, 1)
 
 
-def _merge_microbatches(x: jax.Array) -> jax.Array:
-  """Inverse of `_split_microbatches`: [num, B/num, ...] -> [B, ...]."""
-  return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
-
-
 def forward(model: nn.Module, params: Any, model_kwargs: Mapping[str, Any],
-            dropout_rng: jax.Array, num_microbatches: int) -> dict[str, Any]:
-  """The model's outputs for the whole batch, in `num_microbatches` pieces.
+            dropout_rng: jax.Array) -> dict[str, Any]:
+  """The model's training outputs; parameter outputs (`PARAM_OUTPUTS`) are
+  dropped: losses need activations only."""
+  outputs = model.apply({'params': params}, **model_kwargs, deterministic=False,
+                        rngs={'dropout': dropout_rng})
+  return {k: v for k, v in outputs.items() if k not in PARAM_OUTPUTS}
 
-  Parameter outputs (`PARAM_OUTPUTS`) are dropped: losses need activations only.
+
+Losses = Callable[[Mapping[str, Any], Mapping[str, Any]], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def accumulated_value_and_grad(model: nn.Module, losses_of: Losses, params: Any,
+                               model_kwargs: Mapping[str, Any], targets: Mapping[str, Any],
+                               dropout_rng: jax.Array, num_microbatches: int
+                               ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], Any]:
+  """((total, named losses), grads) of `losses_of(outputs, targets)` over the
+  whole batch, summed over `num_microbatches` (module docstring). Inputs and
+  targets [B, ...] are split over the microbatches; those [1, ...] (shared by
+  every example, e.g. captioning's attention mask) go whole to each.
+
+  Raises:
+    ValueError: an input or target whose leading axis is neither B nor 1.
   """
-  def apply(params, kwargs, rng):
-    outputs = model.apply({'params': params}, **kwargs, deterministic=False,
-                          rngs={'dropout': rng})
-    return {k: v for k, v in outputs.items() if k not in PARAM_OUTPUTS}
-
-  if num_microbatches == 1:
-    return apply(params, model_kwargs, dropout_rng)
-  micro = jax.tree.map(lambda x: _split_microbatches(x, num_microbatches), model_kwargs)
+  leaves = jax.tree_util.tree_leaves_with_path((model_kwargs, targets))
+  batch = max(jnp.shape(leaf)[0] for _, leaf in leaves if jnp.ndim(leaf))
+  for path, leaf in leaves:
+    if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] not in (batch, 1):
+      raise ValueError(f'gradient accumulation splits every input and target over the batch '
+                       f'({batch}) or shares it whole ([1, ...]); '
+                       f'{jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)}')
+  output_specs = jax.eval_shape(lambda p: forward(model, p, model_kwargs, dropout_rng), params)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), output_specs)
+  # The full batch's denominators, from targets alone (the zero outputs'
+  # numerators are dead code, which XLA removes).
+  with common.recorded_denominators() as denominators:
+    value_spec = losses_of(zeros, targets)
+  split = lambda tree: jax.tree.map(
+      lambda x: (_split_microbatches(x, num_microbatches) if x.shape[0] == batch else
+                 jnp.broadcast_to(x, (num_microbatches,) + x.shape)), tree)
   rngs = jax.random.split(dropout_rng, num_microbatches)
-  apply_remat = jax.checkpoint(apply)
+
+  def micro_losses(params, kwargs, micro_targets, rng):
+    outputs = forward(model, params, kwargs, rng)
+    with common.replayed_denominators(denominators):
+      return losses_of(outputs, micro_targets)
 
   def body(carry, inputs):
-    kwargs, rng = inputs
-    return carry, apply_remat(params, kwargs, rng)
+    value_and_grads = jax.value_and_grad(micro_losses, has_aux=True)(params, *inputs)
+    return jax.tree.map(jnp.add, carry, value_and_grads), None
 
-  _, stacked = jax.lax.scan(body, None, (micro, rngs))
-  return jax.tree.map(_merge_microbatches, stacked)
+  initial = jax.tree.map(jnp.zeros_like, (value_spec, params))
+  (value, grads), _ = jax.lax.scan(body, initial, (split(model_kwargs), split(targets), rngs))
+  return value, grads
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
@@ -86,13 +115,14 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   """
   input_rng, dropout_rng = jax.random.split(masking.step_rng(config.seed, state.step))
   model_kwargs, targets = task.make_inputs(config, batch, input_rng, objective)
-
-  def loss_fn(params):
-    outputs = forward(model, params, model_kwargs, dropout_rng,
-                      config.train.grad_accum_steps)
-    return task.compute_losses(config, outputs, targets, objective)
-
-  (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  losses_of = lambda outputs, targets: task.compute_losses(config, outputs, targets, objective)
+  if config.train.grad_accum_steps > 1:
+    (loss, losses), grads = accumulated_value_and_grad(
+        model, losses_of, state.params, model_kwargs, targets, dropout_rng,
+        config.train.grad_accum_steps)
+  else:
+    loss_fn = lambda params: losses_of(forward(model, params, model_kwargs, dropout_rng), targets)
+    (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {'loss': loss, **losses, 'grad_norm': optax.global_norm(grads),

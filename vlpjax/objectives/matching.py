@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vlpjax.objectives.common import cross_entropy
+from vlpjax.objectives.common import cross_entropy, mean, ratio
 
 
 def matching_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None
@@ -17,6 +17,6 @@ def matching_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array | Non
   with `weights` [B] (0 on padded rows) the weighted mean."""
   losses = cross_entropy(logits, labels)
   if weights is None:
-    return jnp.mean(losses)
+    return mean(losses)
   weights = weights.astype(jnp.float32)
-  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  return ratio(jnp.sum(losses * weights), jnp.maximum(jnp.sum(weights), 1.0))

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vlpjax.objectives.common import cross_entropy, kl_divergence, weighted_mean
+from vlpjax.objectives.common import cross_entropy, kl_divergence, ratio, weighted_mean
 
 # LXMERT's `visual_loss_normalizer` (1 / mask rate) on every visual loss.
 LXMERT_VISUAL_LOSS_NORMALIZER = 1 / 0.15
@@ -78,7 +78,7 @@ def lxmert_label_loss(logits: jax.Array, labels: jax.Array, confidence: jax.Arra
   weight = (region_weights.astype(jnp.float32) * confidence.astype(jnp.float32)
             * (labels >= 0) * region_mask.astype(jnp.float32))
   total = jnp.sum(cross_entropy(logits, labels) * weight)
-  return total / jnp.maximum(jnp.sum(region_mask), 1) * LXMERT_VISUAL_LOSS_NORMALIZER
+  return ratio(total, jnp.maximum(jnp.sum(region_mask), 1)) * LXMERT_VISUAL_LOSS_NORMALIZER
 
 
 def lxmert_feature_loss(pred: jax.Array, target: jax.Array, picked: jax.Array,
@@ -93,4 +93,4 @@ def lxmert_feature_loss(pred: jax.Array, target: jax.Array, picked: jax.Array,
                                     delta=1.0), axis=-1)
   weight = picked.astype(jnp.float32) * region_mask.astype(jnp.float32)
   total = jnp.sum(error * weight)
-  return total / jnp.maximum(jnp.sum(region_mask), 1) * LXMERT_VISUAL_LOSS_NORMALIZER
+  return ratio(total, jnp.maximum(jnp.sum(region_mask), 1)) * LXMERT_VISUAL_LOSS_NORMALIZER

@@ -15,6 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from vlpjax.objectives import common
+
 NORMALIZE_EPS = 1e-5  # UNITER's F.normalize eps
 PAD_PENALTY = 1e4     # keeps padded entries of the scaling vectors at ~0
 
@@ -86,6 +88,6 @@ def wra_loss(distance: jax.Array, positive: jax.Array, weights: jax.Array | None
   """
   signed = jnp.where(positive, distance, -distance)
   if weights is None:
-    return jnp.mean(signed)
+    return common.mean(signed)
   weights = weights.astype(jnp.float32)
-  return jnp.sum(signed * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  return common.ratio(jnp.sum(signed * weights), jnp.maximum(jnp.sum(weights), 1.0))

@@ -67,6 +67,7 @@ from vlpjax.data import input_pipeline, tables
 from vlpjax.data.tokenizer import BertTokenizer, read_vocab
 from vlpjax.models import DESIGNS, get_design, get_model, heads, layers
 from vlpjax.objectives import masking
+from vlpjax.objectives.common import ratio
 from vlpjax.tasks import vqa
 
 TABLE = 'captions'
@@ -317,7 +318,7 @@ def token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array,
   one_hot = jax.nn.one_hot(targets, vocab_size, dtype=jnp.float32)
   soft = optax.smooth_labels(one_hot, label_smoothing) if label_smoothing else one_hot
   per_token = -jnp.sum(soft * log_probs, axis=-1)
-  return jnp.sum(per_token * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  return ratio(jnp.sum(per_token * weights), jnp.maximum(jnp.sum(weights), 1.0))
 
 
 def compute_losses(config: ml_collections.ConfigDict, outputs: Mapping[str, jax.Array],
@@ -328,7 +329,7 @@ def compute_losses(config: ml_collections.ConfigDict, outputs: Mapping[str, jax.
   loss = token_loss(logits, targets['targets'], weights, config.caption.label_smoothing,
                     config.model.vocab_size)
   correct = (jnp.argmax(logits, -1) == targets['targets']).astype(jnp.float32)
-  accuracy = jnp.sum(correct * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  accuracy = ratio(jnp.sum(correct * weights), jnp.maximum(jnp.sum(weights), 1.0))
   return loss, {objective: loss, 'token_accuracy': accuracy}
 
 

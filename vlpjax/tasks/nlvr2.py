@@ -81,6 +81,7 @@ from vlpjax.data import world as world_lib
 from vlpjax.models import get_design, get_model
 from vlpjax.models import heads as heads_lib
 from vlpjax.models import layers
+from vlpjax.objectives.common import mean
 from vlpjax.tasks import vqa
 
 TABLE = 'nlvr2'
@@ -580,8 +581,8 @@ def compute_losses(config: ml_collections.ConfigDict, outputs: Mapping[str, jax.
   """Mean softmax cross-entropy over the two labels, and the batch's accuracy."""
   del config, objective
   logits, labels = outputs['logits'], targets['label']
-  loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-  accuracy = jnp.mean((vqa.predict(logits) == labels).astype(jnp.float32))
+  loss = mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+  accuracy = mean((vqa.predict(logits) == labels).astype(jnp.float32))
   return loss, {'ce': loss, 'train_accuracy': accuracy}
 
 

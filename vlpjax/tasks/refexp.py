@@ -77,6 +77,7 @@ from vlpjax.data.tokenizer import BertTokenizer
 from vlpjax.models import design as design_lib
 from vlpjax.models import get_model
 from vlpjax.models import layers
+from vlpjax.objectives.common import mean, ratio
 from vlpjax.tasks import gqa, vqa
 
 TABLE = 'refexp'
@@ -260,7 +261,7 @@ def ce_loss(scores: jax.Array, target_region: jax.Array) -> jax.Array:
   """Softmax CE over regions: scores [B, R] (padding at MASKED_SCORE), target [B] -> scalar."""
   log_probs = jax.nn.log_softmax(scores, axis=-1)
   picked = jnp.take_along_axis(log_probs, target_region[:, None].astype(jnp.int32), axis=-1)
-  return -jnp.mean(picked)
+  return -mean(picked)
 
 
 def bce_loss(scores: jax.Array, region_iou: jax.Array, candidate_mask: jax.Array) -> jax.Array:
@@ -268,7 +269,7 @@ def bce_loss(scores: jax.Array, region_iou: jax.Array, candidate_mask: jax.Array
   over the real regions, averaged over the batch. [B, R] each -> scalar."""
   targets = jnp.where(region_iou >= BCE_MIN_IOU, region_iou, 0.0)
   per_region = optax.sigmoid_binary_cross_entropy(scores, targets)
-  return jnp.sum(per_region * candidate_mask.astype(jnp.float32)) / scores.shape[0]
+  return ratio(jnp.sum(per_region * candidate_mask.astype(jnp.float32)), float(scores.shape[0]))
 
 
 def predict(scores: jax.Array) -> jax.Array:
@@ -539,7 +540,7 @@ def compute_losses(config: ml_collections.ConfigDict, outputs: Mapping[str, jax.
   else:
     loss = bce_loss(scores, targets['region_iou'], targets['candidate_mask'])
   picked_iou = jnp.take_along_axis(targets['region_iou'], predict(scores)[:, None], axis=-1)
-  accuracy = jnp.mean((picked_iou > CORRECT_IOU).astype(jnp.float32))
+  accuracy = mean((picked_iou > CORRECT_IOU).astype(jnp.float32))
   return loss, {kind: loss, 'train_accuracy': accuracy}
 
 

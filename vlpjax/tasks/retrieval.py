@@ -87,6 +87,7 @@ from vlpjax.data import input_pipeline, tables
 from vlpjax.data.tokenizer import BertTokenizer
 from vlpjax.models import DESIGNS, get_design, get_model
 from vlpjax.models import layers
+from vlpjax.objectives.common import mean
 from vlpjax.tasks import vqa
 
 EVAL_TYPE = 'retrieval'
@@ -330,17 +331,17 @@ def hinge_loss(scores: jax.Array, margin: float) -> jax.Array:
   """UNITER's rank loss: mean over the negatives of max(0, margin + sigmoid(neg) -
   sigmoid(pos)) -> scalar."""
   probs = jax.nn.sigmoid(scores.astype(jnp.float32))
-  return jnp.mean(jnp.maximum(0.0, margin + probs[:, 1:] - probs[:, :1]))
+  return mean(jnp.maximum(0.0, margin + probs[:, 1:] - probs[:, :1]))
 
 
 def four_way_loss(scores: jax.Array) -> jax.Array:
   """ViLBERT's: cross-entropy of softmax(scores) with target 0, mean over pairs -> scalar."""
-  return -jnp.mean(jax.nn.log_softmax(scores.astype(jnp.float32), axis=-1)[:, 0])
+  return -mean(jax.nn.log_softmax(scores.astype(jnp.float32), axis=-1)[:, 0])
 
 
 def positive_first(scores: jax.Array) -> jax.Array:
   """Fraction of rows whose positive scores above every negative -> scalar."""
-  return jnp.mean((scores[:, 0] > jnp.max(scores[:, 1:], axis=-1)).astype(jnp.float32))
+  return mean((scores[:, 0] > jnp.max(scores[:, 1:], axis=-1)).astype(jnp.float32))
 
 
 # ----------------------------------------------------------------------------

@@ -54,6 +54,7 @@ from jax.sharding import Mesh
 from vlpjax.data import examples as examples_lib
 from vlpjax.data import input_pipeline, tables
 from vlpjax.data import world as world_lib
+from vlpjax.objectives.common import ratio
 from vlpjax.tasks import gqa, vqa
 
 TABLE = 'snli_ve'
@@ -258,7 +259,7 @@ def compute_losses(config: ml_collections.ConfigDict, outputs: Mapping[str, jax.
   logits, one_hot, weights = outputs['logits'], targets['answer_scores'], targets['weights']
   loss = vqa.vqa_loss(_VQA_LOSS[kind], logits, one_hot, weights)
   correct = (vqa.predict(logits) == jnp.argmax(one_hot, axis=-1)).astype(jnp.float32)
-  accuracy = jnp.sum(correct * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  accuracy = ratio(jnp.sum(correct * weights), jnp.maximum(jnp.sum(weights), 1.0))
   return loss, {kind: loss, 'train_accuracy': accuracy}
 
 

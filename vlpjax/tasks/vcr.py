@@ -125,6 +125,7 @@ from vlpjax.data.tokenizer import BertTokenizer
 from vlpjax.models import get_design, get_model
 from vlpjax.models import heads as heads_lib
 from vlpjax.models import layers
+from vlpjax.objectives.common import mean
 from vlpjax.tasks import vqa
 
 TABLE = 'vcr'
@@ -789,10 +790,10 @@ def compute_losses(config: ml_collections.ConfigDict, outputs: Mapping[str, jax.
   scores = outputs['scores']  # [B, C]
   if resolve_head(config.model.name, config.vcr.head) == 'pair_mlp':
     right = (jnp.arange(scores.shape[1])[None, :] == labels[:, None]).astype(jnp.int32)
-    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(outputs['logits'], right))
+    loss = mean(optax.softmax_cross_entropy_with_integer_labels(outputs['logits'], right))
   else:
-    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(scores, labels))
-  accuracy = jnp.mean((vqa.predict(scores) == labels).astype(jnp.float32))
+    loss = mean(optax.softmax_cross_entropy_with_integer_labels(scores, labels))
+  accuracy = mean((vqa.predict(scores) == labels).astype(jnp.float32))
   return loss, {'ce': loss, 'train_accuracy': accuracy}
 
 

@@ -93,6 +93,7 @@ from vlpjax.data.tokenizer import BertTokenizer
 from vlpjax.models import DESIGNS, get_model
 from vlpjax.models import heads as heads_lib
 from vlpjax.models import layers
+from vlpjax.objectives.common import ratio, weighted_mean
 from vlpjax.tasks import vqa_accuracy
 
 HEAD_KINDS = ('pooled_mlp', 'mask_slot', 'pooled_linear')
@@ -307,13 +308,6 @@ def transfer_answer_head(pretrained: Mapping[str, Any], fresh: Mapping[str, Any]
 # Losses. All in float32; `weights` [B] are 0 on padded rows.
 
 
-def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
-  """sum(values * weights) / sum(weights); 0 when the weights sum to 0."""
-  weights = weights.astype(jnp.float32)
-  total = jnp.sum(weights)
-  return jnp.sum(values * weights) / jnp.where(total > 0, total, 1.0)
-
-
 def bce_per_example(logits: jax.Array, answer_scores: jax.Array) -> jax.Array:
   """BCE-with-logits summed over answers: logits, answer_scores [B, A] -> [B].
 
@@ -332,7 +326,7 @@ def bce_loss(logits: jax.Array, answer_scores: jax.Array, weights: jax.Array) ->
   which trains questions with no in-vocabulary answer towards all-zero
   targets; times `has_answers` to leave those (and test questions) out.
   """
-  return _weighted_mean(bce_per_example(logits, answer_scores), weights)
+  return weighted_mean(bce_per_example(logits, answer_scores), weights)
 
 
 def kl_per_example(logits: jax.Array, answer_scores: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -353,7 +347,7 @@ def kl_per_example(logits: jax.Array, answer_scores: jax.Array) -> tuple[jax.Arr
 def kl_loss(logits: jax.Array, answer_scores: jax.Array, weights: jax.Array) -> jax.Array:
   """Mean KL over the weighted examples that have a target -> scalar."""
   kl, has_target = kl_per_example(logits, answer_scores)
-  return _weighted_mean(kl, weights.astype(jnp.float32) * has_target)
+  return weighted_mean(kl, weights.astype(jnp.float32) * has_target)
 
 
 LOSSES = {'bce': bce_loss, 'kl': kl_loss}
@@ -1060,7 +1054,7 @@ def compute_losses(config: ml_collections.ConfigDict, outputs: Mapping[str, jax.
   loss = vqa_loss(kind, logits, targets['answer_scores'], targets['weights'])
   score, count = soft_score_accuracy(predict(logits), targets['answer_scores'],
                                      targets['weights'])
-  return loss, {kind: loss, 'train_score': score / jnp.maximum(count, 1.0)}
+  return loss, {kind: loss, 'train_score': ratio(score, jnp.maximum(count, 1.0))}
 
 
 def flops_per_example(config: ml_collections.ConfigDict,
