@@ -5,7 +5,13 @@
 Batches of 256 examples, 36 regions of 2048-d float16 features, 20-token text,
 LXMERT inputs (4-d boxes; no class distributions), in-process (worker_count=0,
 one prefetch thread) and with 1 and 2 grain worker processes, reading the images
-from ArrayRecord per batch and from memory (`cache_images`). Reads the embedded
+from ArrayRecord per batch, from memory (`cache_images`) and from the raw
+memory-mapped store on local disk (`images_store_dir`, in the temporary
+directory; built before the timing). The store is timed twice: as it is (the OS
+keeps its pages in memory while they fit), and with its pages evicted from the
+page cache before every batch (`posix_fadvise(DONTNEED)`, in-process only), so
+that every batch reads its images from the disk, as a table much larger than
+memory would. Reads the embedded
 world's default tables under --data_dir if they are built there; otherwise it
 writes a synthetic images table in the data contract's format (ReLU of Gaussians,
 about half zeros, like detector features) plus a captions table into a temporary
@@ -119,9 +125,23 @@ def bytes_per_image(config) -> float:
   return size / builder.info.splits[config.images_split].num_examples
 
 
-def measure(config, worker_count: int, cache_images: bool, batches: int) -> dict:
+def evict(directory: str) -> None:
+  """Drops the page-cache pages of every file under `directory`."""
+  for root, _, files in os.walk(directory):
+    for name in files:
+      fd = os.open(os.path.join(root, name), os.O_RDONLY)
+      try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+      finally:
+        os.close(fd)
+
+
+def measure(config, worker_count: int, read: str, batches: int, store_dir: str) -> dict:
+  """examples/s with images read as `read`: 'records', 'memory', 'store' or
+  'store, evicted' (module docstring)."""
   config = config.copy_and_resolve_references()
-  config.update(worker_count=worker_count, cache_images=cache_images,
+  config.update(worker_count=worker_count, cache_images=read == 'memory',
+                images_store_dir=store_dir if read.startswith('store') else None,
                 max_regions=NUM_REGIONS, max_text_len=TEXT_LEN)
   start = time.perf_counter()
   iterator = input_pipeline.make_pretraining_iterator(config, 'lxmert',
@@ -130,12 +150,19 @@ def measure(config, worker_count: int, cache_images: bool, batches: int) -> dict
   startup = time.perf_counter() - start
   assert first['region_feats'].shape == (BATCH_SIZE, NUM_REGIONS, FEATURE_DIM)
   next(iterator)  # let the workers fill their buffers once
+  cold = read == 'store, evicted'
+  evicting = 0.0
   start, start_cpu = time.perf_counter(), time.process_time()
   for _ in range(batches):
+    if cold:
+      began = time.perf_counter()
+      evict(store_dir)
+      evicting += time.perf_counter() - began
     next(iterator)
-  seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+  seconds = time.perf_counter() - start - evicting
+  cpu_seconds = time.process_time() - start_cpu
   iterator.close()
-  run = dict(worker_count=worker_count, cache_images=cache_images, batches=batches,
+  run = dict(worker_count=worker_count, read=read, batches=batches,
              seconds=round(seconds, 3), examples_per_s=round(batches * BATCH_SIZE / seconds, 1),
              startup_s=round(startup, 2), load_average=os.getloadavg())
   if worker_count == 0:
@@ -166,20 +193,29 @@ def main():
     print(f'on-disk size per image: {per_image / 1024:.1f} KiB '
           f'(raw float16 features {NUM_REGIONS * FEATURE_DIM * 2 / 1024:.1f} KiB)')
     runs = []
-    for cache_images in (False, True):
-      for workers in args.workers:
-        run = measure(config, workers, cache_images, args.batches)
-        cpu = (f'; {run["examples_per_cpu_s"]:.0f} examples per CPU-second'
-               if 'examples_per_cpu_s' in run else '')
-        print(f'worker_count={workers} cache_images={cache_images}: '
-              f'{run["examples_per_s"]:.0f} examples/s ({run["batches"]} batches of '
-              f'{BATCH_SIZE} in {run["seconds"]:.2f}s; first batch after '
-              f'{run["startup_s"]:.1f}s; load average {run["load_average"][0]:.1f}{cpu})',
-              flush=True)
-        runs.append(run)
+    store_dir = os.path.join(tmp, 'store')
+    start = time.perf_counter()
+    stored = config.copy_and_resolve_references()
+    stored.update(images_store_dir=store_dir, max_regions=NUM_REGIONS)
+    tables.open_image_table(stored)  # builds the store
+    store_s = time.perf_counter() - start
+    print(f'stored the images table in {store_s:.1f} s')
+    cases = [(read, workers) for read in ('records', 'memory', 'store')
+             for workers in args.workers] + [('store, evicted', 0)]
+    for read, workers in cases:
+      run = measure(config, workers, read, args.batches, store_dir)
+      cpu = (f'; {run["examples_per_cpu_s"]:.0f} examples per CPU-second'
+             if 'examples_per_cpu_s' in run else '')
+      print(f'worker_count={workers} images from {read}: '
+            f'{run["examples_per_s"]:.0f} examples/s ({run["batches"]} batches of '
+            f'{BATCH_SIZE} in {run["seconds"]:.2f}s; first batch after '
+            f'{run["startup_s"]:.1f}s; load average {run["load_average"][0]:.1f}{cpu})',
+            flush=True)
+      runs.append(run)
   results = dict(
       batch_size=BATCH_SIZE, regions=NUM_REGIONS, feature_dim=FEATURE_DIM,
       text_len=TEXT_LEN, design='lxmert', data=data, bytes_per_image=round(per_image),
+      store_build_s=round(store_s, 1),
       runs=runs,
       machine=dict(cpu_count=os.cpu_count(), load_average=os.getloadavg(),
                    platform=platform.platform(), processor=platform.processor(),

@@ -406,6 +406,30 @@ def test_cached_images_give_the_same_batches(data_config, design):
       np.testing.assert_array_equal(want[key], got[key], err_msg=key)
 
 
+@pytest.mark.parametrize('design', ['vilbert', 'lxmert'])
+def test_images_store_gives_the_same_batches(data_config, design, tmp_path):
+  """The raw memory-mapped store (built once, reused by the next table and by a
+  worker process) gathers what the records give; a gs:// store is refused."""
+  from_disk, stored = (data_config.copy_and_resolve_references() for _ in range(2))
+  from_disk.cache_images = False
+  stored.images_store_dir = str(tmp_path / 'store')
+  want = _take(_iterator(from_disk, design), 2)
+  for workers in (0, 1):
+    stored.worker_count = workers
+    iterator = _iterator(stored, design)
+    for batch, got in zip(want, _take(iterator, 2)):
+      assert batch.keys() == got.keys()
+      for key in batch:
+        np.testing.assert_array_equal(batch[key], got[key], err_msg=key)
+    iterator.close()
+  (store,) = os.listdir(stored.images_store_dir)  # one store, no partial builds left
+  assert store.startswith('pipeline_test_images_full-')
+  assert sorted(os.listdir(os.path.join(stored.images_store_dir, store)))[0] == 'COMPLETE'
+  stored.images_store_dir = 'gs://bucket/store'
+  with pytest.raises(ValueError, match='images_store_dir must be a directory on this machine'):
+    _iterator(stored, design)
+
+
 @pytest.mark.parametrize('design', ['vilbert', 'uniter'])
 def test_widened_features_are_the_stored_values_in_float32(data_config, design):
   config = data_config.copy_and_resolve_references()

@@ -27,7 +27,7 @@ import ml_collections
 # must parse to.
 OPTIONAL_DATA_FIELDS = dict(data_dir=str, images_dataset=str, captions_dataset=str,
                             vqa_dataset=str, gqa_dataset=str, vocab_file=str, lowercase=bool,
-                            seed=int, cache_images=bool)
+                            seed=int, cache_images=bool, images_store_dir=str)
 
 
 # Compute and parameter dtypes the models take (`model.dtype`, `model.param_dtype`).

@@ -278,13 +278,7 @@ def make_batch_assembler(data_config: ml_collections.ConfigDict, design: design_
   """
   tokenizer = BertTokenizer(tables.vocab_file(data_config), data_config.max_text_len,
                             lowercase=data_config.lowercase)
-  images = tables.ImageTable(
-      tables.open_table(data_config, 'images', data_config.images_split),
-      data_config.max_regions, name=tables.table_name(data_config, 'images'),
-      with_class_probs=design.needs_class_probs, cache=data_config.cache_images,
-      cache_max_gib=data_config.cache_images_max_gib,
-      widen_features=data_config.widen_features,
-      shared_memory=data_config.worker_count > 0)
+  images = tables.open_image_table(data_config, with_class_probs=design.needs_class_probs)
   sentences = [tables.Table(tables.open_table(data_config, 'captions', split),
                             ('text', 'image_index'),
                             name=tables.table_name(data_config, 'captions'))]

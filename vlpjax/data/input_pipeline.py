@@ -56,6 +56,10 @@ def default_data_config() -> ml_collections.ConfigDict:
       # faster batches. None: cache when that is at most cache_images_max_gib.
       cache_images=None,
       cache_images_max_gib=4.0,
+      # A local directory for a raw copy of the images table's region arrays,
+      # memory-mapped and gathered per batch without decoding records (tables
+      # larger than memory); built on first use. None: read the table's records.
+      images_store_dir=None,
       # False: region_feats/class_probs in the table's dtype (float16), widened on the
       # device by the train step; True: widened to float32 on the host.
       widen_features=False,

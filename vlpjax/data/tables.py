@@ -18,12 +18,18 @@ region features and class distributions leave the host in their stored float16
 to float32 on the device, exactly), unless `data.widen_features`; `cache_images`
 keeps the images table in memory (by default when it takes at most
 `cache_images_max_gib`), and batches are then gathered with one vectorised copy
-per array (`ImageTable`).
+per array (`ImageTable`). A table too large for memory can keep a raw copy of
+its region arrays on local disk (`data.images_store_dir`): fixed-size rows in
+memory-mapped .npy files, built once, gathered per batch the same way, without
+reading or decoding records.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from typing import Any, Callable, Sequence
@@ -50,6 +56,8 @@ ID_CHECK_ROWS = 64
 WORLD_BUILD_TIMEOUT_SECONDS = 1800
 # TFDS's metadata file: a table with it is prepared.
 DATASET_INFO_FILE = 'dataset_info.json'
+# Written last into a finished store of an images table's region arrays.
+STORE_COMPLETE_FILE = 'COMPLETE'
 
 
 # ----------------------------------------------------------------------------
@@ -387,12 +395,15 @@ class ImageTable:
   writes it straight into the batch arrays. With `cache=True` (or `cache=None` and
   the table taking at most `cache_max_gib`) the table is read once (in each
   process that gathers) and held in memory in its stored dtypes, as LXMERT's
-  loader holds its features.
+  loader holds its features. With `store_dir` (a local directory) the same
+  arrays live on disk instead, memory-mapped (`_open_store`): built from the
+  table the first time, then shared by every process and worker of the host.
   """
 
   def __init__(self, source, max_regions: int, *, name: str, with_class_probs: bool,
                cache: bool | None = False, cache_max_gib: float = 4.0,
-               widen_features: bool = False, shared_memory: bool = False):
+               widen_features: bool = False, shared_memory: bool = False,
+               store_dir: str | None = None):
     if with_class_probs and 'class_probs' not in source.dataset_info.features:
       raise ValueError(f'images table {name} has no class_probs (detector class '
                        'distributions), which the ViLBERT/UNITER region objectives need')
@@ -422,7 +433,15 @@ class ImageTable:
     # which grain hands to the main process without copying them.
     self.shared_memory = shared_memory
     self._cached = None  # filled on first use, so worker processes are sent no arrays
-
+    self.store = None
+    if store_dir is not None:
+      if not paths.is_local(store_dir):
+        raise ValueError(f'data.images_store_dir must be a directory on this machine (it '
+                         f'is memory-mapped), got {store_dir!r}')
+      self.store = os.path.join(paths.path(store_dir), f'{name.replace("/", "_")}-'
+                                f'{self._store_key(source)}')
+      self.cache = False
+      self._open_store()  # built here, before any worker opens it
   def __getstate__(self) -> dict[str, Any]:
     return dict(self.__dict__, _cached=None)
 
@@ -483,6 +502,46 @@ class ImageTable:
       self._write(cached, self._regions(indices), indices[:, None], 0)
     self._cached = cached
 
+  def _store_key(self, source) -> str:
+    """What the stored arrays depend on: the table (its TFDS info, whose split
+    sizes change with its content), the region count and the arrays kept."""
+    info = source.dataset_info.as_json
+    key = json.dumps([info, self.max_regions, self.region_keys,
+                      {k: np.dtype(v).str for k, v in self.stored_dtypes.items()}])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+  def _open_store(self) -> None:
+    """Memory-maps the stored region arrays (read-only), building them first if
+    the store is missing. Builders write into a directory of their own and
+    rename it into place, so concurrent builders never see a partial store."""
+    if not os.path.exists(os.path.join(self.store, STORE_COMPLETE_FILE)):
+      building = f'{self.store}.{os.getpid()}.partial'
+      os.makedirs(building, exist_ok=True)
+      shapes = self._allocate(0, self.max_regions, self.stored_dtypes)
+      arrays = {key: np.lib.format.open_memmap(
+                    os.path.join(building, f'{key}.npy'), mode='w+', dtype=a.dtype,
+                    shape=(self.num_images,) + a.shape[1:]) for key, a in shapes.items()}
+      began, chunk = time.perf_counter(), 256
+      for start in range(0, self.num_images, chunk):
+        indices = np.arange(start, min(start + chunk, self.num_images))
+        self._write(arrays, self._regions(indices), indices[:, None], 0)
+        done = indices[-1] + 1
+        if done == self.num_images or (start // chunk) % 40 == 39:
+          elapsed = time.perf_counter() - began
+          logging.info('Storing images table %s in %s: %d/%d images, ETA %.0f s', self.name,
+                       self.store, done, self.num_images,
+                       elapsed * (self.num_images - done) / done)
+      for array in arrays.values():
+        array.flush()
+      del arrays
+      open(os.path.join(building, STORE_COMPLETE_FILE), 'w', encoding='utf-8').close()
+      try:
+        os.rename(building, self.store)
+      except OSError:  # another process stored it first
+        shutil.rmtree(building, ignore_errors=True)
+    self._cached = {key: np.load(os.path.join(self.store, f'{key}.npy'), mmap_mode='r')
+                    for key in self._allocate(0, self.max_regions, self.stored_dtypes)}
+
   def gather(self, indices: np.ndarray, first_slot: int = 0) -> dict[str, np.ndarray]:
     """Region arrays of images `indices` [B], regions from slot `first_slot` on.
 
@@ -498,6 +557,8 @@ class ImageTable:
     if indices.size and (indices.min() < 0 or indices.max() >= self.num_images):
       raise IndexError(f'images table {self.name} has {self.num_images} images; asked for '
                        f'{indices[(indices < 0) | (indices >= self.num_images)].tolist()}')
+    if self.store is not None and self._cached is None:
+      self._open_store()
     if self.cache and self._cached is None:
       self._load_cache()
     if self._cached is not None:
@@ -511,8 +572,9 @@ class ImageTable:
     return out
 
   def _gather_cached(self, indices: np.ndarray, first_slot: int) -> dict[str, np.ndarray]:
-    """`gather` from the in-memory table: one vectorised copy per array (the
-    cached regions are zero past each image's count, as a batch's are)."""
+    """`gather` from the in-memory table or the store: one vectorised copy per
+    array (the cached regions are zero past each image's count, as a batch's
+    are)."""
     cached = self._cached
     out = {key: cached[key][indices] for key in ('count', 'image_w', 'image_h')}
     for key in self.region_keys:
@@ -542,6 +604,19 @@ class ImageTable:
       raise ValueError(f'images table {self.name}: record {index} '
                        f'({as_text(record["image_id"])}) has image size '
                        f'{record["image_w"]}x{record["image_h"]}')
+
+
+def open_image_table(data_config: ml_collections.ConfigDict, table: str = 'images',
+                     with_class_probs: bool = False) -> ImageTable:
+  """The images table `table` of `data_config` (split `data.images_split`), read
+  as its `cache_images`, `images_store_dir`, `widen_features` and
+  `worker_count` fields say."""
+  return ImageTable(
+      open_table(data_config, table, data_config.images_split), data_config.max_regions,
+      name=table_name(data_config, table), with_class_probs=with_class_probs,
+      cache=data_config.cache_images, cache_max_gib=data_config.cache_images_max_gib,
+      widen_features=data_config.widen_features, shared_memory=data_config.worker_count > 0,
+      store_dir=data_config.images_store_dir)
 
 
 def read_image_indices(table: Table, chunk: int = 4096) -> np.ndarray:

@@ -450,13 +450,7 @@ def open_split(data_config: ml_collections.ConfigDict, design: str, split: str
     raise ValueError(f'design must be one of {DESIGNS}, got {design!r}')
   tokenizer = BertTokenizer(tables.vocab_file(data_config), data_config.max_text_len,
                             lowercase=data_config.lowercase)
-  images = tables.ImageTable(
-      tables.open_table(data_config, 'images', data_config.images_split),
-      data_config.max_regions, name=tables.table_name(data_config, 'images'),
-      with_class_probs=False, cache=data_config.cache_images,
-      cache_max_gib=data_config.cache_images_max_gib,
-      widen_features=data_config.widen_features,
-      shared_memory=data_config.worker_count > 0)
+  images = tables.open_image_table(data_config)
   captions = tables.Table(tables.open_table(data_config, 'captions', split),
                           ('caption_id', 'text', 'image_index', 'image_id'),
                           name=tables.table_name(data_config, 'captions'))

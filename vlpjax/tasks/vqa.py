@@ -617,14 +617,7 @@ def open_tokenizer_and_images(data_config: ml_collections.ConfigDict,
   another table of the same images (referring expressions' 'gt_images')."""
   tokenizer = BertTokenizer(tables.vocab_file(data_config), data_config.max_text_len,
                             lowercase=data_config.lowercase)
-  images_source = tables.open_table(data_config, images_table, data_config.images_split)
-  images = tables.ImageTable(
-      images_source, data_config.max_regions,
-      name=tables.table_name(data_config, images_table),
-      with_class_probs=False, cache=data_config.cache_images,
-      cache_max_gib=data_config.cache_images_max_gib,
-      widen_features=data_config.widen_features,
-      shared_memory=data_config.worker_count > 0)
+  images = tables.open_image_table(data_config, images_table)
   return tokenizer, images
 
 
