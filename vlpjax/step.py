@@ -114,8 +114,15 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   'grad_norm', 'learning_rate' (the rate this update used).
   """
   input_rng, dropout_rng = jax.random.split(masking.step_rng(config.seed, state.step))
-  model_kwargs, targets = task.make_inputs(config, batch, input_rng, objective)
-  losses_of = lambda outputs, targets: task.compute_losses(config, outputs, targets, objective)
+  # Named scopes label the step's parts in HLO metadata and profiles
+  # (benchmarks/step_profile.py); the model's ops carry its module names.
+  with jax.named_scope('inputs'):
+    model_kwargs, targets = task.make_inputs(config, batch, input_rng, objective)
+
+  def losses_of(outputs, targets):
+    with jax.named_scope('losses'):
+      return task.compute_losses(config, outputs, targets, objective)
+
   if config.train.grad_accum_steps > 1:
     (loss, losses), grads = accumulated_value_and_grad(
         model, losses_of, state.params, model_kwargs, targets, dropout_rng,
@@ -123,8 +130,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   else:
     loss_fn = lambda params: losses_of(forward(model, params, model_kwargs, dropout_rng), targets)
     (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  with jax.named_scope('optimizer'):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
   metrics = {'loss': loss, **losses, 'grad_norm': optax.global_norm(grads),
              'learning_rate': schedule(state.step)}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
