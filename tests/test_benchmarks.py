@@ -26,3 +26,18 @@ def test_mfu_script_searches_the_batch_and_times_each_variant(tmp_path, monkeypa
     assert result['compile_s'] > 0 and result['step_s'] > 0 and result['mfu'] is None
   assert entry['attention_dropout_cost'] > 0
   assert report['skipped'] == []
+
+
+def test_step_profile_groups_every_op_of_the_step():
+  """The profile's groups cover the step: its matmuls, optimizer and inputs
+  (named scopes) are found, and the shares add up."""
+  from benchmarks import step_profile  # pylint: disable=import-outside-toplevel
+  result = step_profile.profile('uniter', 'tiny', 8, 1)
+  groups = result['groups']
+  assert set(groups) == set(step_profile.GROUPS)
+  assert sum(g['share'] for g in groups.values()) == pytest.approx(1.0)
+  assert groups['matmuls']['thread_s'] > 0 and groups['optimizer']['thread_s'] > 0
+  assert step_profile.group_of('fusion', True, 'jit(train_step)/optimizer/mul') == 'matmuls'
+  assert step_profile.group_of('add', False, 'jit(train_step)/optimizer/add') == 'optimizer'
+  assert step_profile.group_of('add', False, 'jit(f)/M/backbone/layer_0/ffn/output_norm/add'
+                               ) == 'layer norms'
