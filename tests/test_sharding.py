@@ -138,7 +138,8 @@ def test_sharded_step_with_dropout_matches_single_device(design, mesh_name):
 
 def test_lxmert_step_gathers_no_region_features():
   """LXMERT's replacement features come from the rows' own device (8 per
-  device, DONOR_GROUP 8): the compiled step all-gathers no region feature."""
+  device, DONOR_GROUP 8): the compiled step all-gathers no region feature, and
+  MLM masking picks its slots per row (no all-gather of the text positions)."""
   config = tiny_config('lxmert')
   config.train.global_batch_size = 64
   batch = synthetic.synthetic_batch(config.model, 64, TEXT_LEN, REGIONS, 0)
@@ -154,6 +155,7 @@ def test_lxmert_step_gathers_no_region_features():
   feature_dim = config.model.feature_dim
   assert not [g for g in gathers if re.search(rf'\[[0-9,]*,{feature_dim}\]', g.split(' = ')[1]
                                                 .split(' ')[0])], gathers
+  assert not [g for g in gathers if '/inputs/' in g], gathers
 
 
 def test_state_is_initialised_sharded_with_single_device_values():

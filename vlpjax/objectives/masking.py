@@ -111,7 +111,10 @@ def mask_tokens(rng: jax.Array, input_ids: jax.Array, text_mask: jax.Array, *,
   # Keep a random subset of at most P picked positions; the priority of an
   # unpicked position (-1) is below every picked one (in [0, 1)).
   priority = jnp.where(picked, order_u, -1.0)
-  _, slots = jax.lax.top_k(priority, max_predictions)
+  # top_k's indices (ties: the lower index first), as a stable sort: XLA's SPMD
+  # partitioner replicates TopK, all-gathering the batch's priorities onto every
+  # device, but splits a sort over the batch.
+  slots = jnp.argsort(-priority, axis=1, stable=True)[:, :max_predictions]
   slot_used = jnp.take_along_axis(picked, slots, axis=1)
   positions = jnp.sort(jnp.where(slot_used, slots, length), axis=1)
   weights = positions < length
