@@ -153,3 +153,26 @@ def test_mlm_head_masks_the_padding_ids():
   gradient = jax.grad(loss)(table, rows)
   np.testing.assert_array_equal(gradient[vocab_size:], 0.0)
   assert np.abs(gradient[:vocab_size]).max() > 0
+
+
+def test_float32_logits_of_the_mlm_head_in_bfloat16():
+  """`float32_logits`: a bf16 model's MLM logits come out in float32 and close to
+  the float32 model's (bf16 logits are rounded to about 3 digits)."""
+  vocab, hidden = 1000, 64
+  rng = np.random.default_rng(0)
+  states = jnp.asarray(rng.normal(size=(2, 6, hidden)), jnp.float32)
+  table = jnp.asarray(rng.normal(size=(layers.padded_vocab_size(vocab), hidden)), jnp.float32)
+  positions = jnp.asarray([[1, 2], [3, 4]], jnp.int32)
+  reference = heads.MaskedLMHead(vocab)
+  params = reference.init(jax.random.key(0), states, positions, table)
+  want = reference.apply(params, states, positions, table)
+  logits = {}
+  for float32_logits in (False, True):
+    head = heads.MaskedLMHead(vocab, dtype=jnp.bfloat16, float32_logits=float32_logits)
+    logits[float32_logits] = head.apply(params, states.astype(jnp.bfloat16), positions, table)
+  assert logits[False].dtype == jnp.bfloat16 and logits[True].dtype == jnp.float32
+  real = np.arange(table.shape[0]) < vocab
+  error = {k: float(jnp.max(jnp.abs(v[..., real].astype(jnp.float32) - want[..., real])))
+           for k, v in logits.items()}
+  # What is left with float32 logits is the bf16 transform's rounding.
+  assert error[True] < error[False], error

@@ -43,6 +43,10 @@ def model_defaults() -> ml_collections.ConfigDict:
       dropout_rate=0.1,
       attention_dropout_rate=0.1,  # >0 in training takes the explicit attention path
       remat=False,                # nn.remat per layer
+      # The MLM / LM head's logits over the vocabulary in float32 whatever the
+      # compute dtype (its matmul accumulates and returns float32), as MaxText's
+      # logits_dot_in_fp32: bf16 logits of a 30k vocabulary round to ~0.03.
+      float32_logits=False,
   ))
 
 

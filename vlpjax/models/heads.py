@@ -40,11 +40,14 @@ class MaskedLMHead(nn.Module):
   the padding ids (vocab_size .. V' - 1) are the dtype's lowest value, so no loss
   or prediction sees them.
 
-  Submodules: transform (PredictionTransform); param `bias` [V'].
+  Submodules: transform (PredictionTransform); param `bias` [V']. With
+  `float32_logits` the decoder's matmul returns float32 (and the bias is added
+  in float32), whatever the compute dtype.
   """
   vocab_size: int
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  float32_logits: bool = False
 
   @nn.compact
   def __call__(self, hidden: jax.Array, positions: jax.Array, word_table: jax.Array
@@ -55,7 +58,9 @@ class MaskedLMHead(nn.Module):
                             param_dtype=self.param_dtype, name='transform')(h)
     bias = self.param('bias', layers.zeros_init(('vocab',)), (word_table.shape[0],),
                       self.param_dtype)
-    logits = jnp.einsum('bph,vh->bpv', h, word_table.astype(self.dtype)) + bias
+    logits_dtype = jnp.float32 if self.float32_logits else self.dtype
+    logits = jnp.einsum('bph,vh->bpv', h, word_table.astype(self.dtype),
+                        preferred_element_type=logits_dtype) + bias.astype(logits_dtype)
     if self.vocab_size < word_table.shape[0]:
       word = jnp.arange(word_table.shape[0]) < self.vocab_size
       logits = jnp.where(word, logits, jnp.finfo(logits.dtype).min)

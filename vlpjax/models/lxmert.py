@@ -154,6 +154,7 @@ class Lxmert(nn.Module):
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
   remat: bool = False
+  float32_logits: bool = False  # the MLM head's logits in float32 (heads only)
 
   def check_inputs(self, input_ids: jax.Array, region_feats: jax.Array,
                    region_loc: jax.Array) -> None:
@@ -301,7 +302,8 @@ class LxmertForPreTraining(Lxmert):
         input_ids, text_mask, region_feats, region_loc, region_mask, token_type_ids,
         deterministic, return_attention, attention_mask=attention_mask)
     outputs['mlm_logits'] = heads.MaskedLMHead(
-        self.vocab_size, dtype=dtype, param_dtype=param_dtype, name='mlm_head')(
+        self.vocab_size, dtype=dtype, param_dtype=param_dtype,
+        float32_logits=self.float32_logits, name='mlm_head')(
         outputs['text'], mlm_positions, outputs['word_embeddings'])
     outputs['matched_logits'] = layers.Dense(
         2, ('embed', None), dtype=dtype, param_dtype=param_dtype,

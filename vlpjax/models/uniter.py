@@ -96,6 +96,7 @@ class UniterFields(nn.Module):
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
   remat: bool = False
+  float32_logits: bool = False  # the MLM head's logits in float32 (heads only)
 
 
 class Uniter(UniterFields):
@@ -209,7 +210,8 @@ class UniterPreTraining(UniterFields):
   def setup(self):
     self.backbone = Uniter(**layers.backbone_fields(self, UniterFields))
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    self.mlm = heads.MaskedLMHead(self.vocab_size, dtype=dtype, param_dtype=param_dtype)
+    self.mlm = heads.MaskedLMHead(self.vocab_size, dtype=dtype, param_dtype=param_dtype,
+                                  float32_logits=self.float32_logits)
     self.itm = layers.Dense(2, ('embed', None), dtype=dtype, param_dtype=param_dtype)
     self.mrfr_transform = heads.PredictionTransform(self.hidden_size, dtype=dtype,
                                                     param_dtype=param_dtype)

@@ -174,6 +174,7 @@ class VilbertFields(nn.Module):
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
   remat: bool = False
+  float32_logits: bool = False  # the MLM head's logits in float32 (heads only)
 
 
 class Vilbert(VilbertFields):
@@ -297,7 +298,8 @@ class VilbertPreTraining(VilbertFields):
   def setup(self):
     self.backbone = Vilbert(**layers.backbone_fields(self, VilbertFields))
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    self.mlm = heads.MaskedLMHead(self.vocab_size, dtype=dtype, param_dtype=param_dtype)
+    self.mlm = heads.MaskedLMHead(self.vocab_size, dtype=dtype, param_dtype=param_dtype,
+                                  float32_logits=self.float32_logits)
     self.pooled_dropout = nn.Dropout(self.dropout_rate)
     self.alignment = layers.Dense(2, ('embed', None), dtype=dtype, param_dtype=param_dtype)
     self.region_head = heads.ClassifierHead(self.num_region_classes, self.v_hidden_size,

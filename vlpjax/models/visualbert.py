@@ -120,6 +120,7 @@ class VisualBert(nn.Module):
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
   remat: bool = False
+  float32_logits: bool = False  # the MLM head's logits in float32 (heads only)
 
 
   @nn.compact
@@ -213,7 +214,8 @@ class VisualBertForPreTraining(VisualBert):
         deterministic, return_attention, visual_token_type_ids=visual_token_type_ids,
         attention_mask=attention_mask)
     outputs['mlm_logits'] = heads.MaskedLMHead(
-        self.vocab_size, dtype=dtype, param_dtype=param_dtype, name='mlm_head')(
+        self.vocab_size, dtype=dtype, param_dtype=param_dtype,
+        float32_logits=self.float32_logits, name='mlm_head')(
         outputs['text'], mlm_positions, outputs['word_embeddings'])
     outputs['sentence_image_logits'] = layers.Dense(
         2, ('embed', None), dtype=dtype, param_dtype=param_dtype,

@@ -161,6 +161,7 @@ class CaptionModel(nn.Module):
   vocab_size: int
   dtype: str = 'float32'
   param_dtype: str = 'float32'
+  float32_logits: bool = False
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, text_mask: jax.Array, token_type_ids: jax.Array,
@@ -186,7 +187,8 @@ class CaptionModel(nn.Module):
                             token_type_ids=token_type_ids, deterministic=deterministic,
                             attention_mask=attention_mask, decoding=decoding)
     logits = heads.MaskedLMHead(self.vocab_size, dtype=jnp.dtype(self.dtype),
-                                param_dtype=jnp.dtype(self.param_dtype), name=LM_HEAD)(
+                                param_dtype=jnp.dtype(self.param_dtype),
+                                float32_logits=self.float32_logits, name=LM_HEAD)(
         outputs['text'], positions, outputs['word_embeddings'])
     return {'logits': logits.astype(jnp.float32)}
 
@@ -194,7 +196,8 @@ class CaptionModel(nn.Module):
 def build_model(model_config: ml_collections.ConfigDict) -> CaptionModel:
   """The CaptionModel of `config.model`."""
   return CaptionModel(get_model(model_config, pretraining=False), model_config.vocab_size,
-                      model_config.dtype, model_config.param_dtype)
+                      model_config.dtype, model_config.param_dtype,
+                      model_config.float32_logits)
 
 
 # ----------------------------------------------------------------------------
