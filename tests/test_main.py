@@ -51,6 +51,12 @@ def test_command_line_trains_and_reports(tmp_path, tmp_path_factory):
   assert line, result.stderr[-3000:]
   for part in ('loss ', 'mlm ', 'sentence_image ', 'lr ', 'ex/s', 'ETA '):
     assert part in line[0]
+  # A clean log: vlpjax's lines as 'HH:MM:SS message', no library INFO chatter
+  # (orbax writes ~30 lines per checkpoint), one line per checkpoint saved.
+  lines = result.stderr.splitlines()
+  assert re.fullmatch(r'\d\d:\d\d:\d\d step 2/1000 \| .*', line[0]), line[0]
+  assert not [l for l in lines if re.match(r'[IW]\d{4} ', l)], result.stderr[-3000:]
+  assert sum('checkpoint: saving step' in l for l in lines) == 1, result.stderr[-3000:]
   assert os.path.isdir(workdir / 'checkpoints' / '2')
   assert (workdir / 'metrics.jsonl').read_text().count('\n') == 2
 

@@ -26,7 +26,7 @@ from absl import app, flags
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vlpjax import loading, paths
+from vlpjax import config_lib, loading, paths
 from vlpjax.evaluators import caption_metrics
 from vlpjax.tasks import caption as caption_task
 
@@ -101,6 +101,7 @@ def main() -> None:
   def run(argv: list[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    config_lib.clean_logging()
     caption_table(workdir.value, images.value, data_dir=data_dir.value, split=split.value,
                   num_images=num_images.value, batch_size=batch_size.value,
                   beam_size=beam_size.value, length_penalty=length_penalty.value,

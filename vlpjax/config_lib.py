@@ -14,12 +14,14 @@ file imports only installed modules and loads from any working directory
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 import sys
 from typing import Callable, Iterator
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 import ml_collections
 
 # Data fields whose default is None ("use the dataset's own", or "decide from the
@@ -208,6 +210,33 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
 
 # ----------------------------------------------------------------------------
 # The command line (`vlpjax.main`, `vlpjax.convert`).
+
+# Loggers whose INFO lines a command hides unless --verbosity is given: absl's
+# carries orbax's (about 30 lines per checkpoint), TFDS's and grain's; 'jax' its
+# backend probing.
+QUIET_LOGGERS = ('absl', 'jax')
+
+
+class _CommandFormatter(logging.Formatter):
+  """'08:04:00 message', and the level for a warning or worse."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    level = '' if record.levelno < logging.WARNING else f'{record.levelname} '
+    return f'{self.formatTime(record, "%H:%M:%S")} {level}{record.getMessage()}' + (
+        f'\n{self.formatException(record.exc_info)}' if record.exc_info else '')
+
+
+def clean_logging() -> None:
+  """A command's log (call once its flags are parsed): vlpjax's own INFO lines,
+  the libraries' warnings, each as '08:04:00 message'. With absl's --verbosity
+  on the command line, logging is left as absl set it (every library, absl's
+  line prefix)."""
+  if flags.FLAGS['verbosity'].present:
+    return
+  for name in QUIET_LOGGERS:
+    logging.getLogger(name).setLevel(logging.WARNING)
+  absl_logging.get_absl_handler().setFormatter(_CommandFormatter())
+
 
 def flags_parser(config_flag: flags.FlagHolder) -> Callable[[list[str]], list[str]]:
   """absl's flag parsing for a command with a config file flag, for

@@ -34,11 +34,11 @@ exist yet; that is checked before `--src` is read.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from absl import app
 from absl import flags
-from absl import logging
 from etils import epath
 import flax.linen as nn
 import jax
@@ -186,6 +186,7 @@ def import_detector(source: str, src: str, out: str,
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config_lib.clean_logging()
   if _FROM.value in DETECTOR_IMPORTERS:
     if _CONFIG.value is not None or _TO.value != 'orbax' or _TARGET.present:
       raise app.UsageError(f'--from={_FROM.value} imports the detector (its published '

@@ -75,6 +75,7 @@ def main() -> None:
   def run(argv: list[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    config_lib.clean_logging()
     evaluate(config.value, workdir.value, step.value)
 
   app.run(run, flags_parser=config_lib.flags_parser(config))

@@ -32,7 +32,7 @@ from typing import Any, Iterator, Sequence
 from absl import app, flags
 import numpy as np
 
-from vlpjax import paths
+from vlpjax import config_lib, paths
 from vlpjax.data import features_builder, formats
 from vlpjax.detector import extractor as extractor_lib
 from vlpjax.detector import model as detector_model
@@ -225,6 +225,7 @@ def main() -> None:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     if batch_size.value < 1:
       raise app.UsageError(f'--batch_size must be at least 1, got {batch_size.value}')
+    config_lib.clean_logging()
     config = detector_weights.read_config(weights.value)
     if boxes.value is not None:
       min_boxes, max_boxes = parse_boxes(boxes.value)

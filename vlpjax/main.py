@@ -54,6 +54,7 @@ def set_compilation_cache(config: ml_collections.ConfigDict) -> str | None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config_lib.clean_logging()
   set_compilation_cache(_CONFIG.value)
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)

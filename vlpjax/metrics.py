@@ -70,6 +70,7 @@ class MetricWriter:
     self._last_time = time.perf_counter()
     self._jsonl = None
     self._tensorboard = None
+    self._sums: dict[str, list[float]] = {}  # name -> [sum, steps] since the last line
     if self._writes:
       workdir = paths.path(workdir)
       workdir.mkdir(parents=True, exist_ok=True)
@@ -79,8 +80,19 @@ class MetricWriter:
       self._tensorboard = tensorboardX.SummaryWriter(
           os.fspath(workdir / TENSORBOARD_DIR), purge_step=start_step + 1)
 
+  def observe(self, scalars: Mapping[str, float]) -> None:
+    """Adds one step's `scalars` to the running means the next progress line
+    shows (each over the steps that had it: UNITER's tasks alternate)."""
+    for name, value in scalars.items():
+      total = self._sums.setdefault(name, [0.0, 0])
+      total[0] += float(value)
+      total[1] += 1
+
   def write(self, step: int, scalars: Mapping[str, float]) -> dict[str, float]:
-    """Logs `scalars` (host floats) at `step`; returns them with throughput added."""
+    """Logs `scalars` (host floats) at `step` to metrics.jsonl and TensorBoard;
+    the progress line shows the running means of the steps `observe`d since
+    the previous line, when there were several. Returns the record, with
+    throughput added."""
     now = time.perf_counter()
     record = {k: float(v) for k, v in scalars.items()}
     if step > self._last_step:
@@ -94,8 +106,10 @@ class MetricWriter:
       if mfu:
         record['mfu'] = mfu
     self._last_step, self._last_time = step, now
+    means = {k: (s / n, n) for k, (s, n) in self._sums.items()}
+    self._sums = {}
     if self._emit(step, record):
-      logging.info('%s', self.progress_line(step, record))
+      logging.info('%s', self.progress_line(step, record, means))
     return record
 
   def _emit(self, step: int, record: Mapping[str, float]) -> bool:
@@ -118,10 +132,22 @@ class MetricWriter:
                    ' '.join(f'{k} {v:.4g}' for k, v in scalars.items()),
                    format_duration(seconds))
 
-  def progress_line(self, step: int, record: Mapping[str, float]) -> str:
-    """'step 120/1000 | loss 3.21 mlm 2.10 ... | lr 1.0e-04 | 512 ex/s | MFU 41% | ETA 3m02s'."""
+  def progress_line(self, step: int, record: Mapping[str, float],
+                    means: Mapping[str, tuple[float, int]] | None = None) -> str:
+    """'step 120/1000 | loss 3.21 mlm 2.10 ... | lr 1.0e-04 | 512 ex/s | MFU 41% | ETA 3m02s'.
+
+    With `means` ({name: (mean, steps)}) over several steps, the losses are
+    those means: 'mean of 50 steps: loss 3.30 itm 0.69 (17) mlm 5.02 (16) ...',
+    a name's step count shown where it is not every step's.
+    """
     skip = {'learning_rate', 'examples_per_second', 'eta_seconds', 'mfu'}
-    losses = ' '.join(f'{k} {v:.4g}' for k, v in record.items() if k not in skip)
+    steps = max((n for _, n in (means or {}).values()), default=1)
+    if steps > 1:
+      losses = f'mean of {steps} steps: ' + ' '.join(
+          f'{k} {v:.4g}' + (f' ({n})' if n < steps else '')
+          for k, (v, n) in means.items() if k not in skip)
+    else:
+      losses = ' '.join(f'{k} {v:.4g}' for k, v in record.items() if k not in skip)
     parts = [f'step {step}/{self.total_steps}', losses,
              f"lr {record.get('learning_rate', float('nan')):.2e}"]
     if 'examples_per_second' in record:

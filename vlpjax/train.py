@@ -217,6 +217,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, task: ModuleType,
     for step, values in jax.device_get(ready):
       host_metrics = {k: float(v) for k, v in values.items()}
       _check_finite(step, host_metrics, checkpointer)
+      writer.observe(host_metrics)
       if logs(step):
         writer.write(step, host_metrics)
 

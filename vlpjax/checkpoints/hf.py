@@ -20,12 +20,12 @@ accepted only if it equals its partner, otherwise it is an error.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import os
 import re
 from typing import Any, Callable
 
-from absl import logging
 import flax
 import flax.linen as nn
 import ml_collections

@@ -19,10 +19,10 @@ BERT-shaped parts reuse the rule helpers of `vlpjax.checkpoints.hf`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any, Callable, Mapping
 
-from absl import logging
 import flax.linen as nn
 
 from vlpjax.checkpoints import hf

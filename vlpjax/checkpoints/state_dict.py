@@ -15,11 +15,11 @@ admits numpy arrays and plain data only. Paths are local or gs://
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from typing import Any, Callable, Iterable, Mapping
 
-from absl import logging
 from etils import epath
 import flax
 import numpy as np

@@ -15,7 +15,7 @@ from absl import app
 from absl import flags
 import tensorflow_datasets as tfds
 
-from vlpjax import paths
+from vlpjax import config_lib, paths
 from vlpjax.data import vlp_world
 
 _SIZE = flags.DEFINE_enum('size', 'default', list(vlp_world.WORLD_SIZES),
@@ -52,6 +52,7 @@ def build(size: str, data_dir: str) -> dict[str, str]:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config_lib.clean_logging()
   build(_SIZE.value, _DATA_DIR.value)
 
 
