@@ -12,8 +12,9 @@ from vlpjax.models import get_design, get_model
 TEXT_LEN, REGIONS, PREDICTIONS = 20, 36, 4
 
 
-@pytest.mark.parametrize('design', ['visualbert', 'vilbert', 'lxmert', 'uniter'])
-def test_analytic_forward_flops_match_xla(design):
+def _small_model(design: str):
+  """(model config, pretraining model, regions, one example's inputs, abstract
+  params) of the design's 'small' size."""
   config = importlib.import_module(f'configs.{design}').model_config('small')
   model = get_model(config)
   regions = REGIONS + (design == 'vilbert')
@@ -22,6 +23,12 @@ def test_analytic_forward_flops_match_xla(design):
                                   'region_mask')}
   inputs['mlm_positions'] = np.arange(1, PREDICTIONS + 1, dtype=np.int32)[None]
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), **inputs))
+  return config, model, regions, inputs, params
+
+
+@pytest.mark.parametrize('design', ['visualbert', 'vilbert', 'lxmert', 'uniter'])
+def test_analytic_forward_flops_match_xla(design):
+  config, model, regions, inputs, params = _small_model(design)
   counted = jax.jit(lambda p: model.apply(p, **inputs)).lower(params).compile(
       ).cost_analysis()['flops']
   analytic = flops.forward_flops(config, TEXT_LEN, regions, PREDICTIONS)
@@ -44,14 +51,7 @@ def test_flops_count_only_the_heads_a_step_uses(design):
   the analytic count for that component follows. (Both streams' outputs are
   read too: a two-stream design's MLM alone would let XLA drop the last
   vision FFN, which no summed step does.)"""
-  config = importlib.import_module(f'configs.{design}').model_config('small')
-  model = get_model(config)
-  regions = REGIONS + (design == 'vilbert')
-  batch = synthetic.synthetic_batch(config, 1, TEXT_LEN, regions)
-  inputs = {k: batch[k] for k in ('input_ids', 'text_mask', 'region_feats', 'region_loc',
-                                  'region_mask')}
-  inputs['mlm_positions'] = np.arange(1, PREDICTIONS + 1, dtype=np.int32)[None]
-  params = jax.eval_shape(lambda: model.init(jax.random.key(0), **inputs))
+  config, model, regions, inputs, params = _small_model(design)
   backbone = flops.forward_flops(config, TEXT_LEN, regions, PREDICTIONS, components=())
   everything = flops.forward_flops(config, TEXT_LEN, regions, PREDICTIONS)
   heads = 0.0
