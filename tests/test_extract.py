@@ -203,3 +203,30 @@ def test_rendered_world_images_extract_train_and_answer(tmp_path):
   answers = model.answer([q[2] for q in asked], regions['features'], regions['boxes'],
                          regions['image_size'])
   assert answers == [evaluated[q[0]] for q in asked]
+
+
+def test_command_line_boxes_override_and_batch_size_check(tmp_path):
+  """`--boxes=N` replaces the weights' saved box range (every image gets N
+  regions); `--batch_size=0` is a usage error before anything is read."""
+  detector = tmp_path / 'detector'
+  convert.import_detector('hf-frcnn', str(detector_tests.WEIGHTS), str(detector),
+                          detector_tests.HF_TINY)
+  photos = tmp_path / 'photos'
+  photos.mkdir()
+  for index, pixels in enumerate(random_pixels(1, (48, 64), (64, 40))):
+    Image.fromarray(pixels).save(photos / f'photo{index}.png')
+  data_dir = tmp_path / 'data'
+  command = [sys.executable, '-m', 'vlpjax.extract', f'--images={photos}', '--name=boxes',
+             f'--data_dir={data_dir}', f'--weights={detector}']
+  run = lambda *flags: subprocess.run(command + list(flags), capture_output=True, text=True,
+                                      check=False, cwd=REPO,
+                                      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  result = run('--batch_size=0')
+  assert result.returncode != 0 and '--batch_size must be at least 1, got 0' in result.stderr
+  assert not data_dir.exists()
+  saved = weights.read_config(str(detector))
+  boxes = saved.min_boxes + 1
+  result = run(f'--boxes={boxes}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = tfds.data_source('region_npy/boxes', split='train', data_dir=str(data_dir))
+  assert [int(r['num_boxes']) for r in records] == [boxes, boxes]
