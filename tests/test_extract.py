@@ -225,7 +225,7 @@ def test_command_line_boxes_override_and_batch_size_check(tmp_path):
   assert result.returncode != 0 and '--batch_size must be at least 1, got 0' in result.stderr
   assert not data_dir.exists()
   saved = weights.read_config(str(detector))
-  boxes = saved.min_boxes + 1
+  boxes = saved.max_boxes + 2  # more than the saved range allows
   result = run(f'--boxes={boxes}')
   assert result.returncode == 0, result.stderr[-3000:]
   records = tfds.data_source('region_npy/boxes', split='train', data_dir=str(data_dir))
