@@ -111,7 +111,7 @@ def test_a_batch_is_its_images_padded_to_their_bucket(tiny_extractor):
       np.testing.assert_allclose(regions[key], expected[key], rtol=1e-4, atol=1e-4, err_msg=key)
 
 
-def test_batches_group_files_by_bucket(tmp_path):
+def test_batches_group_files_by_bucket(tmp_path, caplog):
   shapes = {'wide1': (40, 200), 'square1': (60, 80), 'wide2': (40, 190), 'square2': (64, 64),
             'square3': (90, 50)}
   for name, image in zip(shapes, random_pixels(2, *shapes.values())):
@@ -120,9 +120,11 @@ def test_batches_group_files_by_bucket(tmp_path):
   files = extract.image_files(str(tmp_path))
   config = detector_tests.HF_TINY
   names = lambda batch: [extract.image_id(f) for f in batch]
-  assert [(names(b), size) for b, size in extract.batches(files, config, 2)] == [
-      (['wide1', 'wide2'], (64, 128)), (['square1', 'square2'], (128, 128)),
-      (['square3'], (128, 128)), (['broken'], None)]
+  with caplog.at_level('INFO'):
+    assert [(names(b), size) for b, size in extract.batches(files, config, 2)] == [
+        (['wide1', 'wide2'], (64, 128)), (['square1', 'square2'], (128, 128)),
+        (['square3'], (128, 128)), (['broken'], None)]
+  assert 'read 6 of 6 image headers' in caplog.text and 'ETA' in caplog.text
   assert [names(b) for b, size in extract.batches(files, config, 1)] == [
       [extract.image_id(f)] for f in files]
   with pytest.raises(formats.FormatError, match=r'broken\.png: not a readable image'):

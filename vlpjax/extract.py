@@ -21,7 +21,9 @@ files and counted. Progress is logged with an ETA.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -40,6 +42,10 @@ from vlpjax.detector import weights as detector_weights
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 REPORT_FILE = 'extract_report.json'
+# Batched extraction reads every image header first: this many at a time, and a
+# progress line every HEADER_LOG_EVERY headers.
+HEADER_THREADS = 16
+HEADER_LOG_EVERY = 1000
 
 
 def image_files(images: str) -> list[str]:
@@ -120,21 +126,40 @@ def region_arrays(regions: dict[str, Any]) -> dict[str, np.ndarray]:
                                       ).astype(np.float32))
 
 
+def _bucket_of(config: detector_model.DetectorConfig, file: str) -> tuple[int, int] | None:
+  """The bucket of `file`'s image (from its header), None if unreadable."""
+  try:
+    return extractor_lib.bucket_size(config, *image_shape(file))
+  except formats.FormatError:
+    return None
+
+
 def batches(files: Sequence[str], config: detector_model.DetectorConfig, batch_size: int
             ) -> Iterator[tuple[list[str], tuple[int, int] | None]]:
   """(files, padded size) of each batch: with `batch_size` 1 every file alone
   at its own size (None), in order; else files of one bucket together, by
-  bucket. A file whose header cannot be read goes alone, last (its read fails)."""
+  bucket. A file whose header cannot be read goes alone, last (its read fails).
+
+  Grouping reads every header first, HEADER_THREADS at a time (on gs:// each
+  read is a request), logging progress with an ETA.
+  """
   if batch_size == 1:
     yield from (([file], None) for file in files)
     return
   by_bucket: dict[tuple[int, int], list[str]] = {}
   unreadable = []
-  for file in files:
-    try:
-      by_bucket.setdefault(extractor_lib.bucket_size(config, *image_shape(file)), []).append(file)
-    except formats.FormatError:
-      unreadable.append(file)
+  began = time.time()
+  with concurrent.futures.ThreadPoolExecutor(HEADER_THREADS) as pool:
+    buckets = pool.map(functools.partial(_bucket_of, config), files)
+    for count, (file, bucket) in enumerate(zip(files, buckets), 1):
+      if bucket is None:
+        unreadable.append(file)
+      else:
+        by_bucket.setdefault(bucket, []).append(file)
+      if count % HEADER_LOG_EVERY == 0 or count == len(files):
+        elapsed = time.time() - began
+        logging.info('read %d of %d image headers (%.0f s), ETA %.0f s', count, len(files),
+                     elapsed, elapsed / count * (len(files) - count))
   for bucket, members in sorted(by_bucket.items()):
     for start in range(0, len(members), batch_size):
       yield members[start:start + batch_size], bucket
