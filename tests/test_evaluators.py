@@ -80,16 +80,19 @@ def test_masked_statistics_are_exact():
   assert (int(host['count']), int(host['sum'])) == (NUM_EXAMPLES, sum(range(NUM_EXAMPLES)))
 
 
-def test_eval_batches_without_sharding_are_numpy():
+def test_eval_batches_without_sharding_are_numpy(monkeypatch, caplog):
   requested = []
 
   def recording_make_batch(indices):
     requested.append(indices.copy())
     return make_batch(indices)
 
-  batches = list(common.eval_batches(NUM_EXAMPLES, GLOBAL_BATCH_SIZE, recording_make_batch,
-                                     None))
+  monkeypatch.setattr(common, 'PROGRESS_SECONDS', 0.0)  # a progress line every batch
+  with caplog.at_level('INFO'):
+    batches = list(common.eval_batches(NUM_EXAMPLES, GLOBAL_BATCH_SIZE, recording_make_batch,
+                                       None))
   assert len(batches) == 3
+  assert 'evaluating: 2 of 3 batches' in caplog.text and 'ETA' in caplog.text
   assert all(isinstance(v, np.ndarray) and v.shape[0] == GLOBAL_BATCH_SIZE
              for b in batches for v in b.values())
   index = np.concatenate([b['_index'] for b in batches])

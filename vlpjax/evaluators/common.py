@@ -21,7 +21,9 @@ statistics into the global ones with `process_sum`.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import time
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 from etils import epath
@@ -36,6 +38,8 @@ MASK_KEY = '_mask'
 INDEX_KEY = '_index'
 # `_index` is int32 because JAX (x64 off) would narrow int64 to int32 anyway.
 _MAX_EXAMPLES = np.iinfo(np.int32).max
+# An evaluation logs its progress (batches, ETA) at most this often.
+PROGRESS_SECONDS = 30.0
 
 
 # ----------------------------------------------------------------------------
@@ -102,7 +106,8 @@ def eval_batches(num_examples: int, global_batch_size: int,
 
   Yields:
     dicts with make_batch's keys plus `_mask` bool [B] (True = real example)
-    and `_index` int32 [B] (the example's index, -1 on padding).
+    and `_index` int32 [B] (the example's index, -1 on padding). Process 0 logs
+    the progress with an ETA every PROGRESS_SECONDS.
 
   Raises:
     ValueError on an invalid size, a batch that does not split over the
@@ -112,7 +117,13 @@ def eval_batches(num_examples: int, global_batch_size: int,
   if num_examples > _MAX_EXAMPLES:
     raise ValueError(f'num_examples {num_examples} exceeds int32 `_index` ({_MAX_EXAMPLES})')
   rows = local_row_indices(global_batch_size, sharding)
+  began = last_log = time.perf_counter()
   for batch_index in range(total):
+    now = time.perf_counter()
+    if batch_index and now - last_log >= PROGRESS_SECONDS and jax.process_index() == 0:
+      last_log = now
+      logging.info('evaluating: %d of %d batches (%.0f s), ETA %.0f s', batch_index, total,
+                   now - began, (now - began) / batch_index * (total - batch_index))
     example_indices = batch_index * global_batch_size + rows
     real = example_indices < num_examples
     batch = make_batch(np.where(real, example_indices, 0))
