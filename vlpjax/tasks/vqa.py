@@ -1259,6 +1259,15 @@ def run_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> BertTokeni
                        lowercase=config.data.lowercase)
 
 
+def abstract_params(model: nn.Module, example: Mapping[str, np.ndarray]) -> Any:
+  """ShapeDtypeStructs on the first device of `model`'s params, traced from its
+  kwargs for one input `example` (`eval_shape`: nothing is initialised)."""
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+      jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), **example)['params'])))
+
+
 def restore_for_inference(model: nn.Module, example: Mapping[str, np.ndarray], workdir: str,
                           step: int | None, output: str
                           ) -> tuple[Any, int, Callable[[Any, Mapping[str, Any]], jax.Array]]:
@@ -1276,11 +1285,8 @@ def restore_for_inference(model: nn.Module, example: Mapping[str, np.ndarray], w
     (params, kwargs) -> outputs[output] in inference mode).
   """
   from vlpjax import checkpointing  # pylint: disable=g-import-not-at-top
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-      jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), **example)['params'])))
-  params, step = checkpointing.restore_workdir_params(workdir, abstract, step=step)
+  params, step = checkpointing.restore_workdir_params(
+      workdir, abstract_params(model, example), step=step)
   apply = jax.jit(lambda params, kwargs: model.apply(
       {'params': params}, **kwargs, deterministic=True)[output])
   return params, step, apply
