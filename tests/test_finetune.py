@@ -30,12 +30,7 @@ def tiny_config(design: str, data_dir: str, task: str = 'pretrain') -> ml_collec
   arg = 'tiny' if task == 'pretrain' else f'tiny,task={task}'
   config = importlib.import_module(f'configs.{design}').get_config(arg)
   config.data.update(size='tiny', data_dir=data_dir)
-  info = tables.dataset_info(config.data)
-  # The label spaces of the tiny world.
-  world = dict(vocab_size=info['vocab_size'], num_region_classes=info['num_object_classes'],
-               num_object_labels=info['num_object_classes'] - 1,
-               num_attr_labels=info['num_attributes'], num_answers=info['num_answers'])
-  config.model.update({k: v for k, v in world.items() if k in config.model})
+  config_lib.fit_model_to_tables(config)  # the label spaces of the tiny world
   config.train.update(global_batch_size=8, num_steps=4, log_every_steps=1)
   config.checkpoint.every_steps = 2
   return config

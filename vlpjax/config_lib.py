@@ -108,6 +108,19 @@ def small_model(name: str, world_fields: tuple[str, ...], **fields
   return config
 
 
+def fit_model_to_tables(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with its model's label spaces (vocabulary, region classes,
+  attributes, answers: the fields the design has) set from its data tables
+  (`tables.dataset_info`): what a 'tiny' model needs on the tiny world."""
+  from vlpjax.data import tables  # pylint: disable=g-import-not-at-top
+  info = tables.dataset_info(config.data)
+  labels = dict(vocab_size=info['vocab_size'], num_region_classes=info['num_object_classes'],
+                num_object_labels=info['num_object_classes'] - 1,
+                num_attr_labels=info['num_attributes'], num_answers=info['num_answers'])
+  config.model.update({k: v for k, v in labels.items() if k in config.model})
+  return config
+
+
 def config_arg(arg: str) -> tuple[str, dict[str, str]]:
   """A config file's argument 'SIZE[,task=TASK]' -> (SIZE, {'task': TASK})."""
   size, *options = arg.split(',')

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from types import ModuleType
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import flax.linen as nn
 import jax
@@ -68,6 +68,27 @@ def peek_batch_spec(iterator: Any) -> dict[str, jax.ShapeDtypeStruct]:
   batch = next(iterator)
   iterator.set_state(position)
   return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+
+
+def step_flops_of(config: ml_collections.ConfigDict, task: ModuleType, objectives: list[str],
+                  input_specs: Mapping[str, jax.ShapeDtypeStruct]) -> Callable[[int], float]:
+  """Train step s (from 1) -> its model FLOPs: the global batch's examples of the
+  step's objective (the task's `flops_per_example`, `vlpjax.flops`)."""
+  flops_of = {o: config.train.global_batch_size * task.flops_per_example(config, input_specs, o)
+              for o in objectives}
+  return lambda step: flops_of[task.objective_for_step(config, objectives, step - 1)]
+
+
+def training_flops(config: ml_collections.ConfigDict) -> float:
+  """Model FLOPs of the run's `train.num_steps` train steps, from the shapes of
+  its first batch (nothing is compiled or trained)."""
+  task = get_task(config.task)
+  config = task.prepare(config)
+  objectives = task.objectives(config)
+  batch_spec = peek_batch_spec(task.make_train_iterator(config, sharding.make_mesh(config)))
+  input_specs = step_lib.model_input_specs(config, task, objectives[0], batch_spec)
+  step_flops = step_flops_of(config, task, objectives, input_specs)
+  return float(sum(step_flops(step) for step in range(1, config.train.num_steps + 1)))
 
 
 def _check_finite(step: int, host_metrics: Mapping[str, float],
@@ -184,11 +205,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, task: ModuleType,
     last = min(last, start + train.max_steps_this_run)
   # FLOPs only serve MFU, which needs the device's peak (none on CPU).
   mfu_known = flops.peak_flops(jax.devices()[0].device_kind, config.model.dtype) is not None
-  step_flops = None
-  if mfu_known:
-    flops_of = {o: train.global_batch_size * task.flops_per_example(config, input_specs, o)
-                for o in objectives}
-    step_flops = lambda step: flops_of[task.objective_for_step(config, objectives, step - 1)]
+  step_flops = step_flops_of(config, task, objectives, input_specs) if mfu_known else None
   writer = metrics_lib.MetricWriter(
       workdir, start_step=start, total_steps=train.num_steps,
       examples_per_step=train.global_batch_size, compute_dtype=config.model.dtype,
