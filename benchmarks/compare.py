@@ -44,6 +44,7 @@ from typing import Any, Sequence
 
 import jax
 import matplotlib
+from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
 
@@ -52,8 +53,6 @@ from vlpjax.metrics import METRICS_FILE
 from vlpjax.models import DESIGNS
 from vlpjax.tasks import get_task
 
-matplotlib.use('Agg')
-from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 TASKS = ('vqa', 'gqa', 'snli_ve', 'nlvr2', 'refexp', 'retrieval', 'caption')
 BUDGETS = ('steps', 'flops')
@@ -258,17 +257,17 @@ def markdown(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
 def _write_png(figure: Any, path: str) -> None:
   buffer = io.BytesIO()
   figure.savefig(buffer, format='png', dpi=100, bbox_inches='tight')
-  plt.close(figure)
   paths.path(path).write_bytes(buffer.getvalue())
 
 
 def design_colours() -> dict[str, str]:
-  return dict(zip(DESIGNS, plt.rcParams['axes.prop_cycle'].by_key()['color']))
+  return dict(zip(DESIGNS, matplotlib.rcParams['axes.prop_cycle'].by_key()['color']))
 
 
 def plot_pretraining(records: Sequence[dict[str, Any]], path: str) -> None:
   """Training loss of every pretraining run against steps and against FLOPs."""
-  figure, (by_step, by_flops) = plt.subplots(1, 2, figsize=(12, 4.5))
+  figure = Figure(figsize=(12, 4.5))
+  by_step, by_flops = figure.subplots(1, 2)
   colours = design_colours()
   for r in records:
     if r['task'] != PRETRAIN:
@@ -296,8 +295,9 @@ def plot_metric_vs_flops(rows: Sequence[dict[str, Any]], tasks: Sequence[str],
   """Per task: the headline metric against total training FLOPs, a marker per
   design, filled when pretrained; bars: the spread over seeds."""
   cols = min(len(tasks), 4)
-  figure, axes = plt.subplots(-(-len(tasks) // cols), cols, squeeze=False,
-                              figsize=(4.2 * cols, 3.6 * -(-len(tasks) // cols)))
+  grid_rows = -(-len(tasks) // cols)
+  figure = Figure(figsize=(4.2 * cols, 3.6 * grid_rows))
+  axes = figure.subplots(grid_rows, cols, squeeze=False)
   colours = design_colours()
   markers = dict(steps='o', flops='s')
   for axis, task in zip(axes.flat, tasks):

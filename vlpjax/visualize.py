@@ -35,8 +35,8 @@ from typing import Any, Mapping, Sequence
 
 from absl import app, flags
 import jax
-import matplotlib
 import ml_collections
+from matplotlib.figure import Figure
 import numpy as np
 
 from vlpjax import checkpointing, config_lib, loading, paths
@@ -44,8 +44,6 @@ from vlpjax.data import tables, vlp_world, world
 from vlpjax.models import get_design, get_model
 from vlpjax.tasks import vqa
 
-matplotlib.use('Agg')  # files only: no display
-from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 BACKBONE = 'backbone'
 # Side of a cell's image in the word -> region mosaic, in pixels.
@@ -226,7 +224,6 @@ def _with_mean(p: np.ndarray) -> np.ndarray:
 def _png(figure: Any) -> bytes:
   buffer = io.BytesIO()
   figure.savefig(buffer, format='png', dpi=100, bbox_inches='tight')
-  plt.close(figure)
   return buffer.getvalue()
 
 
@@ -238,7 +235,7 @@ def word_to_region_png(key: str, weights: np.ndarray, example: ExampleAttention,
   mosaic = spotlight_mosaic(image, example.boxes, per_head)
   rows, cols = per_head.shape[:2]
   cell_h, cell_w = mosaic.shape[0] / rows, mosaic.shape[1] / cols
-  figure = plt.figure(figsize=(mosaic.shape[1] / 80 + 1.5, mosaic.shape[0] / 80 + 1.2))
+  figure = Figure(figsize=(mosaic.shape[1] / 80 + 1.5, mosaic.shape[0] / 80 + 1.2))
   axes = figure.add_subplot()
   axes.imshow(mosaic)
   axes.set_xticks((np.arange(cols) + 0.5) * cell_w, example.tokens, rotation=60, ha='right')
@@ -254,9 +251,9 @@ def region_to_word_png(key: str, weights: np.ndarray, example: ExampleAttention)
   per_head = _with_mean(weights)
   cols = min(len(per_head), 4)
   rows = -(-len(per_head) // cols)
-  figure, axes = plt.subplots(rows, cols, squeeze=False,
-                              figsize=(cols * (1.2 + 0.22 * len(example.tokens)),
-                                       rows * (1.2 + 0.12 * weights.shape[1])))
+  figure = Figure(figsize=(cols * (1.2 + 0.22 * len(example.tokens)),
+                           rows * (1.2 + 0.12 * weights.shape[1])))
+  axes = figure.subplots(rows, cols, squeeze=False)
   for panel, (axis, label) in enumerate(zip(axes.flat, _head_labels(len(weights)))):
     shown = axis.imshow(per_head[panel], aspect='auto', cmap='viridis', vmin=0,
                         vmax=per_head.max())
