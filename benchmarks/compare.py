@@ -120,8 +120,22 @@ class Comparison:
   """The matrix of runs under `workdir` (see the module docstring)."""
 
   def __init__(self, settings: Settings, workdir: str):
+    """Raises ValueError if `workdir` holds a comparison of other settings (its
+    cells would not be this one's)."""
     self.settings = settings
     self.workdir = workdir
+    settings_file = paths.path(workdir) / 'settings.json'
+    wanted = dataclasses.asdict(settings)
+    if settings_file.exists():
+      stored = json.loads(settings_file.read_text())
+      if stored != wanted:
+        changed = sorted(k for k in wanted if stored.get(k) != wanted[k])
+        there, now = [stored.get(k) for k in changed], [wanted[k] for k in changed]
+        raise ValueError(f'{workdir} holds a comparison with other settings '
+                         f'({", ".join(changed)}: {there} there, {now} now); use another --workdir')
+    else:
+      paths.path(workdir).mkdir(parents=True, exist_ok=True)
+      settings_file.write_text(json.dumps(wanted, indent=1, sort_keys=True))
     self._flops_file = paths.path(workdir) / 'flops.json'
     self._flops = (json.loads(self._flops_file.read_text()) if self._flops_file.exists()
                    else {})
@@ -133,7 +147,6 @@ class Comparison:
       steps = self.base_steps(task)
       config = run_config(self.settings, design, task, 0, steps)
       self._flops[key] = train.training_flops(config) / steps
-      paths.path(self.workdir).mkdir(parents=True, exist_ok=True)
       self._flops_file.write_text(json.dumps(self._flops, indent=1, sort_keys=True))
     return self._flops[key]
 
@@ -188,18 +201,21 @@ class Comparison:
     plan = [(seed, budget, design, task, init) for seed in seeds for budget in budgets
             for design in designs for task in (PRETRAIN, *tasks)
             for init in ((None,) if task == PRETRAIN else INITS)]
-    records, pretrained, began = [], {}, time.time()
+    records, pretrained, ran, running = [], {}, 0, 0.0
     for done, (seed, budget, design, task, init) in enumerate(plan):
       steps = self.budget_steps(design, task, budget)
       source = pretrained[seed, budget, design] if init == 'pretrained' else None
+      began = time.time()
       result = self.run(design, task, seed, steps, source)
+      if result['seconds'] and time.time() - began > 1:  # trained now, not read back
+        ran, running = ran + 1, running + time.time() - began
       if task == PRETRAIN:
         pretrained[seed, budget, design] = result
       records.append(dict(result, init=init or '-', budget=budget))
-      elapsed = time.time() - began
-      logging.info('compare: %d of %d cells (%s %s %s %s, seed %d), ETA %.0f s', done + 1,
-                   len(plan), design, task, init or '', budget, seed,
-                   elapsed / (done + 1) * (len(plan) - done - 1))
+      left = len(plan) - done - 1
+      logging.info('compare: %d of %d cells (%s %s %s %s, seed %d)%s', done + 1, len(plan),
+                   design, task, init or '', budget, seed,
+                   f', ETA {running / ran * left:.0f} s' if ran and left else '')
     return records
 
 

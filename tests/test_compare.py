@@ -78,3 +78,10 @@ def test_quick_runs_every_task(data_dir, tmp_path):
   assert len(rows) == 2 * len(compare.TASKS) * 2
   assert {r['task'] for r in rows} == set(compare.TASKS)
   assert all(r['value'] != '' for r in rows)
+
+
+def test_a_workdir_of_other_settings_is_refused(tmp_path):
+  compare.Comparison(compare.Settings(**compare.QUICK), str(tmp_path))
+  with pytest.raises(ValueError,
+                     match=r'other settings \(batch_size, .*pretrain_steps, size, world'):
+    compare.Comparison(compare.Settings(), str(tmp_path))

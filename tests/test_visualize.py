@@ -92,7 +92,8 @@ def test_joint_probabilities_are_softmax_of_the_layers_queries_and_keys(design, 
   _, state = model.model.apply({'params': model.params}, **inputs, deterministic=True,
                                capture_intermediates=True, mutable=['intermediates'])
   attention = state['intermediates']['layer_0']['attention']
-  query, key = attention['query']['__call__'][0][0], attention['key']['__call__'][0][0]  # [T+R, N, D]
+  # The projections' outputs, [T+R, N, D] of the one example.
+  query, key = attention['query']['__call__'][0][0], attention['key']['__call__'][0][0]
   real = np.r_[np.asarray(inputs['text_mask'][0], bool), np.asarray(inputs['region_mask'][0], bool)]
   scores = jnp.einsum('qnd,knd->nqk', query[real], key[real]) / np.sqrt(query.shape[-1])
   expected = jax.nn.softmax(scores, axis=-1)
