@@ -143,3 +143,13 @@ def _image_of(data_dir, image_index):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   row = tfds.data_source('vlp_world/tiny_images', data_dir=data_dir)['train'][image_index]
   return image_inputs(row)
+
+
+def test_images_of_other_tables_are_a_canvas_of_their_size(data_dir):
+  config = tiny_config('uniter', data_dir)
+  rendered = visualize.example_image(config, 0, (1, 1))
+  assert rendered.dtype == np.uint8 and rendered.std() > 0  # the scene, not a canvas
+  assert rendered.shape[2] == 3 and rendered.shape[:2] != (1, 1)
+  config.data.name = 'coco'
+  canvas = visualize.example_image(config, 0, (640.4, 479.6))
+  assert canvas.shape == (480, 640, 3) and np.all(canvas == visualize.CANVAS_GREY)
