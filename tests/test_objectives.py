@@ -515,6 +515,28 @@ def test_lxmert_qa_only_on_matched_pairs_with_answers():
   np.testing.assert_array_equal(targets['answer_labels'][0], 2)
 
 
+
+def test_lxmert_world_recipe_matches_captions_only():
+  """`pretrain.match_questions=False` (the world recipe): the matched loss is the
+  cross-entropy over the pairs whose sentence is not a question; True (the
+  original's default) scores every pair."""
+  design = 'lxmert'
+  batch = _batch(design)
+  batch['shows_question'] = np.array([1, 0, 0, 1], np.float32)
+  losses = {}
+  for match_questions in (True, False):
+    config = _config(design, tasks=('matched',), match_questions=match_questions)
+    kwargs, targets = _make_inputs(design, batch, 'all', config)
+    outputs = _fake_outputs(design, kwargs)
+    _, losses[match_questions] = pretraining.compute_losses(design, outputs, targets, 'all',
+                                                            config)
+  per_pair = np.asarray(_ce(np.asarray(outputs['matched_logits']), batch['match_label']))
+  np.testing.assert_allclose(losses[True]['matched'], per_pair.mean(), rtol=1e-6)
+  np.testing.assert_allclose(losses[False]['matched'], per_pair[[1, 2]].mean(), rtol=1e-6)
+  small = importlib.import_module('configs.lxmert').get_config('small')
+  assert not small.pretrain.match_questions and small.data.qa
+  assert importlib.import_module('configs.lxmert').get_config('base').pretrain.match_questions
+
 def test_loss_weights_apply_and_unknown_names_fail():
   design = 'visualbert'
   config = _config(design, loss_weights={'sentence_image': 0.5})

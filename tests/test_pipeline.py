@@ -533,6 +533,8 @@ def test_qa_targets(data_config):
     valid = batch['qa_valid'] == 1
     matched = batch['match_label'] == 1
     np.testing.assert_array_equal(valid, is_question & matched)
+    # The sentence shown, a replacement included, is what `shows_question` marks.
+    np.testing.assert_array_equal(batch['shows_question'] == 1, is_question)
     image = _region_images(batch, 'lxmert')
     for row in np.flatnonzero(valid):
       want = np.zeros(NUM_ANSWERS, np.float32)

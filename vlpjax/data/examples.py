@@ -24,7 +24,8 @@ for the designs whose objectives use it (`Design.needs_class_probs`): [B, R, C].
 
 Image QA (`data.qa=True`, designs with `recipe.image_qa`): the sentence pool is
 the captions followed by the VQA questions; a question keeps its soft answer
-scores, `qa_valid` is 1 only for a matched question.
+scores, `qa_valid` is 1 only for a matched question, and `shows_question` is 1
+where the pair's sentence (after any replacement) is a question.
 """
 from __future__ import annotations
 
@@ -239,15 +240,17 @@ class BatchAssembler:
         pairs[row] = text
       for row, record in zip(swap, negatives):
         pairs[row] = self._sentence_text(record)
-    else:
+    shown = list(records)  # the record of the sentence each pair shows
+    if self.design.pairing == design_lib.REPLACE_CAPTION:
       for row, record in zip(swap, negatives):
         texts[row] = self._sentence_text(record)
+        shown[row] = record
     batch = self.tokenizer.encode(texts, pairs)
     matched = self.design.matched_label
     batch['match_label'] = np.where(mismatched, 1 - matched, matched).astype(np.int32)
     batch.update(region_batch(self.design, self.images, image_index))
     if self.num_answers is not None:
-      batch.update(self._qa_targets(records, mismatched))
+      batch.update(self._qa_targets(records, shown, mismatched))
     return batch
 
   def _partner_captions(self, anchor: np.ndarray, anchor_image: np.ndarray,
@@ -256,8 +259,8 @@ class BatchAssembler:
     partner = self.caption_groups.partner(anchor, anchor_image, u)
     return [self._sentence_text(r) for r in self.read_sentences(partner)]
 
-  def _qa_targets(self, records: list[dict[str, Any]], mismatched: np.ndarray
-                  ) -> dict[str, np.ndarray]:
+  def _qa_targets(self, records: list[dict[str, Any]], shown: list[dict[str, Any]],
+                  mismatched: np.ndarray) -> dict[str, np.ndarray]:
     scores = np.zeros((len(records), self.num_answers), np.float32)
     is_question = np.zeros((len(records),), bool)
     for row, record in enumerate(records):
@@ -266,7 +269,9 @@ class BatchAssembler:
         scores[row, record['answer_labels']] = record['answer_scores']
     valid = is_question & ~mismatched
     scores *= valid[:, None]
-    return dict(answer_scores=scores, qa_valid=valid.astype(np.float32))
+    shows_question = np.array(['question' in r for r in shown], np.float32)
+    return dict(answer_scores=scores, qa_valid=valid.astype(np.float32),
+                shows_question=shows_question)
 
 
 def make_batch_assembler(data_config: ml_collections.ConfigDict, design: design_lib.Design, *,

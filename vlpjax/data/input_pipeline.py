@@ -254,7 +254,7 @@ def make_pretraining_iterator(data_config: ml_collections.ConfigDict, model_name
     region_mask int32 [B, R]; object_ids, attr_ids int32 [B, R]; object_conf,
     attr_conf float32 [B, R]; class_probs [B, R, C] (ViLBERT, UNITER; dtype as
     region_feats); match_label int32 [B]; answer_scores float32 [B, A] and
-    qa_valid float32 [B] when `data.qa`.
+    qa_valid, shows_question float32 [B] when `data.qa`.
   """
   design = design_lib.get_design(model_name)
   if data_config.qa and not design.recipe.image_qa:

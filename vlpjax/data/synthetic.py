@@ -20,7 +20,7 @@ def synthetic_batch(model: ml_collections.ConfigDict, batch_size: int, text_len:
   region_feats [B, R, F], region_loc [B, R, L], region_mask [B, R],
   match_label [B], and the targets the design's losses read (class_probs
   [B, R, C]; object/attribute labels and confidences [B, R]; answer_scores
-  [B, A] and qa_valid [B]).
+  [B, A], qa_valid and shows_question [B]).
   """
   rs = np.random.RandomState(seed)
   design = get_design(model.name)
@@ -54,5 +54,6 @@ def synthetic_batch(model: ml_collections.ConfigDict, batch_size: int, text_len:
   if 'qa' in components:
     batch.update(
         answer_scores=(rs.rand(batch_size, model.num_answers) > 0.9).astype(np.float32),
-        qa_valid=np.ones(batch_size, np.float32))
+        qa_valid=np.ones(batch_size, np.float32),
+        shows_question=np.ones(batch_size, np.float32))
   return batch

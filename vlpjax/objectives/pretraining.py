@@ -80,6 +80,10 @@ def default_pretrain_config(design: DesignOrName) -> ml_collections.ConfigDict:
       # LXMERT object/attribute losses: 'all' regions (original) or 'masked' only.
       lxmert_label_regions='all',
       loss_weights={},  # {component: weight}; defaults: the recipe's, else 1
+      # Matching scores pairs whose sentence is a question too (`data.qa`), as
+      # LXMERT's original; False: captions only (the embedded world's templated
+      # questions fit almost any image, so their pairs cannot be judged).
+      match_questions=True,
   ))
 
 
@@ -164,8 +168,8 @@ def make_inputs(design: DesignOrName, batch: Batch, rng: jax.Array, task: str,
       token_type_ids [B, T]; region_feats [B, R, F]; region_loc [B, R, L];
       region_mask [B, R]; match_label [B]; plus, as the task needs, object_ids,
       object_conf, attr_ids, attr_conf [B, R], class_probs [B, R, C],
-      answer_scores [B, A] and qa_valid [B]. region_feats and class_probs may
-      be float16 (widened here).
+      answer_scores [B, A], qa_valid and shows_question [B]. region_feats and
+      class_probs may be float16 (widened here).
     rng: masking rng, a function of (seed, step) (`masking.step_rng`).
     task: one of `tasks_for(design, config)` (static).
     config: run config (`config.model.vocab_size`, `config.pretrain`).
@@ -196,8 +200,12 @@ def make_inputs(design: DesignOrName, batch: Batch, rng: jax.Array, task: str,
   kwargs = dict(input_ids=input_ids, text_mask=text_mask, token_type_ids=batch['token_type_ids'],
                 region_feats=region_feats, region_loc=batch['region_loc'],
                 region_mask=region_mask)
+  match_weights = real
+  if not pre.match_questions and 'shows_question' in batch:
+    match_weights = real * (1.0 - batch['shows_question'].astype(jnp.float32))
   targets = dict(match_label=batch['match_label'].astype(jnp.int32), matched=matched,
-                 text_mask=text_mask, region_mask=region_mask, real=real)
+                 text_mask=text_mask, region_mask=region_mask, real=real,
+                 match_weights=match_weights)
 
   if 'mlm' in components:
     tokens = masking.mask_tokens(
@@ -271,7 +279,7 @@ def compute_losses(design: DesignOrName, outputs: Mapping[str, jax.Array], targe
                                         targets['mlm_weights'])
     elif name in MATCHING_LOGITS:
       losses[name] = matching.matching_loss(_get(outputs, MATCHING_LOGITS[name]),
-                                            targets['match_label'], targets['real'])
+                                            targets['match_label'], targets['match_weights'])
     elif name == 'region_kl':
       losses[name] = region.vilbert_region_loss(_get(outputs, 'region_logits'),
                                                 targets['class_probs'],
