@@ -516,10 +516,10 @@ def test_lxmert_qa_only_on_matched_pairs_with_answers():
 
 
 
-def test_lxmert_world_recipe_matches_captions_only():
-  """`pretrain.match_questions=False` (the world recipe): the matched loss is the
-  cross-entropy over the pairs whose sentence is not a question; True (the
-  original's default) scores every pair."""
+def test_lxmert_matched_loss_on_captions_only():
+  """`pretrain.match_questions=False`: the matched loss is the cross-entropy over
+  the pairs whose sentence is not a question; True (the original's rule, the
+  default) scores every pair."""
   design = 'lxmert'
   batch = _batch(design)
   batch['shows_question'] = np.array([1, 0, 0, 1], np.float32)
@@ -533,9 +533,8 @@ def test_lxmert_world_recipe_matches_captions_only():
   per_pair = np.asarray(_ce(np.asarray(outputs['matched_logits']), batch['match_label']))
   np.testing.assert_allclose(losses[True]['matched'], per_pair.mean(), rtol=1e-6)
   np.testing.assert_allclose(losses[False]['matched'], per_pair[[1, 2]].mean(), rtol=1e-6)
-  small = importlib.import_module('configs.lxmert').get_config('small')
-  assert not small.pretrain.match_questions and small.data.qa
-  assert importlib.import_module('configs.lxmert').get_config('base').pretrain.match_questions
+  for size in ('small', 'base'):  # the original's rule unless asked
+    assert importlib.import_module('configs.lxmert').get_config(size).pretrain.match_questions
 
 def test_loss_weights_apply_and_unknown_names_fail():
   design = 'visualbert'

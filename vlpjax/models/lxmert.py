@@ -363,10 +363,7 @@ DESIGN = design.Design(
         components=('mlm', 'matched', 'obj', 'attr', 'feat', 'qa'),
         default_tasks=('mlm', 'matched', 'obj', 'attr', 'feat', 'qa'), mix='sum',
         mask_regions=masking.lxmert_mask_regions, image_qa=True),
-    # The world's questions are templates that fit almost any image: with them in
-    # the matched loss it stays at chance through 2,000 steps; on captions alone
-    # it leaves chance by step 2,000 (benchmarks/RESULTS.md, issue 15).
-    world_pretrain=dict(match_questions=False),
+
     forward_flops=forward_flops,
     optimizer=dict(learning_rate=1e-4, warmup_fraction=0.05, num_steps=100_000,
                    adam_b1=0.9, adam_b2=0.999, adam_eps=1e-6, weight_decay=0.01,
