@@ -212,7 +212,8 @@ def test_parity_with_original(case, fixture, params):
   # pretraining reduces them (`.mean()`).
   itm_targets = get('itm_targets')
   base = dict(match_label=itm_targets, matched=itm_targets == 1, text_mask=text_mask,
-              region_mask=region_mask, real=np.ones(len(itm_targets), np.float32))
+              region_mask=region_mask, real=np.ones(len(itm_targets), np.float32),
+              match_weights=np.ones(len(itm_targets), np.float32))
   mlm_targets = np.zeros(mlm_positions.shape, np.int32)
   mlm_targets[mlm_index] = get('txt_labels')[tuple(get('mlm_positions').T)]
   mlm_weights = np.zeros(mlm_positions.shape, np.float32)

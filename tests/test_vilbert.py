@@ -205,7 +205,8 @@ def test_parity_with_original(case, fixture, params):
   image_masked = np.pad(get('image_label') == 1, ((0, 0), (1, 0)))
   targets = dict(
       match_label=match_label, matched=match_label == 0, text_mask=text_mask,
-      region_mask=image_mask, real=np.ones(len(match_label), np.float32), mlm_targets=np.where(masked, labels, 0),
+      region_mask=image_mask, real=np.ones(len(match_label), np.float32),
+      match_weights=np.ones(len(match_label), np.float32), mlm_targets=np.where(masked, labels, 0),
       mlm_weights=masked.astype(np.float32), region_picked=image_masked,
       region_weights=image_masked.astype(np.float32), raw_region_feats=get('image_feat'),
       class_probs=np.pad(get('image_target'), ((0, 0), (1, 0), (0, 0))))
