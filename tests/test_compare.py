@@ -16,6 +16,7 @@ def read_csv(path):
     return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # 2-3 minutes here: 11 tiny runs
 def test_equal_steps_and_equal_flops_cells_resume(data_dir, tmp_path, monkeypatch):
   workdir = str(tmp_path / 'compare')
   args = ['--workdir', workdir, '--quick', '--designs=uniter,lxmert', '--tasks=vqa',
