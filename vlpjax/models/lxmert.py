@@ -363,7 +363,6 @@ DESIGN = design.Design(
         components=('mlm', 'matched', 'obj', 'attr', 'feat', 'qa'),
         default_tasks=('mlm', 'matched', 'obj', 'attr', 'feat', 'qa'), mix='sum',
         mask_regions=masking.lxmert_mask_regions, image_qa=True),
-
     forward_flops=forward_flops,
     optimizer=dict(learning_rate=1e-4, warmup_fraction=0.05, num_steps=100_000,
                    adam_b1=0.9, adam_b2=0.999, adam_eps=1e-6, weight_decay=0.01,
