@@ -395,7 +395,9 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == '__main__':
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
+  # force: an import may already have given the root logger a WARNING handler.
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S',
+                      force=True)
   for library in config_lib.QUIET_LOGGERS:
     logging.getLogger(library).setLevel(logging.WARNING)
   main()

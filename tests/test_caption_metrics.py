@@ -4,6 +4,7 @@ and the CIDEr-D reward against pycocoevalcap's Cider."""
 import json
 import logging
 import math
+import os
 import shutil
 import subprocess
 
@@ -160,6 +161,21 @@ def test_perfect_and_disjoint_predictions():
 @needs_java
 def test_python_tokenizer_matches_ptb():
   assert [cm.python_ptb_tokenize(c) for c in TYPICAL_CAPTIONS] == ptb(TYPICAL_CAPTIONS)
+
+
+@needs_java
+def test_ptb_tokenizer_leaves_the_log_alone(capfd, monkeypatch):
+  """Its 'PTBTokenizer tokenized N tokens' report is dropped; anything else the
+  Java side writes (here a stand-in's warning) still reaches stderr."""
+  cm.tokenize_captions({1: ['A man, riding a horse.']}, tokenizer='ptb')
+  assert 'PTBTokenizer' not in capfd.readouterr().err
+
+  def chatty_tokenize(self, captions):
+    os.write(2, b'PTBTokenizer tokenized 3 tokens at 9.0 tokens per second.\nWARNING: odd\n')
+    return {k: [c['caption'] for c in v] for k, v in captions.items()}
+  monkeypatch.setattr(cm.ptbtokenizer.PTBTokenizer, 'tokenize', chatty_tokenize)
+  assert cm.tokenize_captions({1: ['two dogs']}, tokenizer='ptb') == {1: ['two dogs']}
+  assert capfd.readouterr().err == 'WARNING: odd\n'
 
 
 def test_python_tokenizer_rules():

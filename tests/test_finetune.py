@@ -4,6 +4,7 @@ eval batch does not divide, `vlpjax.evaluate` on the checkpoint, and the
 per-design config defaults."""
 import importlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -72,7 +73,7 @@ def finetuned(data_dir, pretrained, tmp_path_factory):
   return workdir, config, train.train_and_evaluate(config, workdir)
 
 
-def test_vqa_starts_from_the_pretrained_backbone(data_dir, pretrained):
+def test_vqa_starts_from_the_pretrained_backbone(data_dir, pretrained, caplog):
   config = vqa_config('uniter', data_dir)
   model = vqa.make_model(config)
   batch = vqa.make_train_iterator(config, None)
@@ -82,9 +83,12 @@ def test_vqa_starts_from_the_pretrained_backbone(data_dir, pretrained):
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
       a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
       abstract)
-  loaded, step = checkpointing.restore_workdir_params(pretrained, abstract['backbone'],
-                                                      subtree='backbone')
-  assert step == 4
+  with caplog.at_level(logging.WARNING):
+    loaded, step = checkpointing.restore_workdir_params(pretrained, abstract['backbone'],
+                                                        subtree='backbone')
+    keys = checkpointing.workdir_param_keys(pretrained)
+  assert step == 4 and 'backbone' in keys
+  assert not caplog.records  # orbax's misplaced "Metadata file does not exist" included
   # The newest checkpoint (step 4) read whole, without a target.
   with ocp.StandardCheckpointer() as reader:
     stored = reader.restore(os.path.join(pretrained, 'checkpoints', '4', 'state'))

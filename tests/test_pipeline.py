@@ -9,6 +9,7 @@ is the integration test.
 """
 import functools
 import json
+import logging
 import os
 
 import grain
@@ -712,3 +713,20 @@ def test_bad_batch_layout_is_refused_naming_mesh_and_processes(shape, order):
   with pytest.raises(ValueError, match=r"does not split over the 2 processes: mesh "
                      r"\{'data': \d, 'fsdp': 1, 'tensor': \d\}.*process 0: rows .*process 1"):
     input_pipeline.process_batch_rows(two_process_sharding(shape, order), 16)
+
+
+def test_tables_of_one_process_share_a_cached_images_table(data_config, caplog):
+  """The train pipeline and each evaluator open the images table: it is read
+  into memory once while any of them holds it."""
+  source = tfds.data_source('pipeline_test_images/full', split='train',
+                            data_dir=data_config.data_dir)
+  table = lambda regions=MAX_REGIONS: tables.ImageTable(source, regions, name='t',
+                                                        with_class_probs=True, cache=True)
+  first, second, fewer_regions = table(), table(), table(MAX_REGIONS - 1)
+  indices = np.arange(3)
+  with caplog.at_level(logging.INFO):
+    batches = [t.gather(indices) for t in (first, second, fewer_regions)]
+  assert sum('Caching images table' in r.getMessage() for r in caplog.records) == 2
+  assert second._cached is first._cached and fewer_regions._cached is not first._cached
+  for key in batches[0]:
+    np.testing.assert_array_equal(batches[0][key], batches[1][key], err_msg=key)

@@ -454,3 +454,19 @@ def test_mfu_counts_each_steps_own_flops(data_dir, tmp_path, monkeypatch):
   train.train_and_evaluate(config, workdir)
   records = read_metrics(workdir)
   assert all(r['mfu'] > 0 for r in records[1:])
+
+
+def test_nan_metrics_stay_out_of_tensorboard(tmp_path, caplog):
+  """An accuracy over no examples is NaN: metrics.jsonl keeps it, TensorBoard
+  gets only the finite values (and tensorboardX no warning)."""
+  writer = metrics_lib.MetricWriter(str(tmp_path), start_step=0, total_steps=2,
+                                    examples_per_step=8)
+  try:
+    writer.write_eval(2, 'ev', {'accuracy': 0.5, 'accuracy_number': float('nan')}, 1.0)
+  finally:
+    writer.close()
+  (record,) = read_metrics(str(tmp_path))
+  assert record['ev/accuracy'] == 0.5 and np.isnan(record['ev/accuracy_number'])
+  events = b''.join(p.read_bytes() for p in (tmp_path / metrics_lib.TENSORBOARD_DIR).iterdir())
+  assert b'ev/accuracy' in events and b'ev/accuracy_number' not in events
+  assert not any('NaN or Inf' in r.getMessage() for r in caplog.records)

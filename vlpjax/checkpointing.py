@@ -521,10 +521,31 @@ def _newest_state(workdir: str | os.PathLike, step: int | None = None) -> tuple[
   return directory / str(step) / STATE, step
 
 
+class _NoStepMetadataWarning(logging.Filter):
+  """Drops orbax's warning that an item directory has no step metadata: a
+  manager keeps that file in the step directory, one level above the item a
+  `PyTreeCheckpointer` reads here, so the warning says nothing wrong."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith('Metadata file does not exist')
+
+
+@contextlib.contextmanager
+def _state_item_reader() -> Iterator[ocp.PyTreeCheckpointer]:
+  """A `PyTreeCheckpointer` for the state item of a manager's step directory."""
+  quiet = _NoStepMetadataWarning()
+  logging.getLogger('absl').addFilter(quiet)
+  try:
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      yield checkpointer
+  finally:
+    logging.getLogger('absl').removeFilter(quiet)
+
+
 def workdir_param_keys(workdir: str | os.PathLike) -> set[str]:
   """Top-level keys of the params of a workdir's newest train checkpoint."""
   path, _ = _newest_state(workdir)
-  with ocp.PyTreeCheckpointer() as checkpointer:
+  with _state_item_reader() as checkpointer:
     return set(checkpointer.metadata(path).item_metadata.tree.get('params', {}))
 
 
@@ -551,7 +572,7 @@ def restore_workdir_params(workdir: str | os.PathLike, abstract_params: Any = No
   """
   path, step = _newest_state(workdir, step)
   keys = ('params',) + ((subtree,) if subtree else ())
-  with ocp.PyTreeCheckpointer() as checkpointer:
+  with _state_item_reader() as checkpointer:
     stored = checkpointer.metadata(path).item_metadata.tree
     for depth, key in enumerate(keys):
       if key not in stored:

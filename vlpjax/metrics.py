@@ -116,8 +116,11 @@ class MetricWriter:
     """Appends `record` to metrics.jsonl and TensorBoard; True if this process writes."""
     if self._writes:
       self._jsonl.append(json.dumps({'step': step, **record}) + '\n')
+      # A NaN (an accuracy over no examples, a diverged loss the loop reports
+      # itself) is no point on a curve: TensorBoard gets the finite values.
       for name, value in record.items():
-        self._tensorboard.add_scalar(name, value, step)
+        if math.isfinite(value):
+          self._tensorboard.add_scalar(name, value, step)
       self._tensorboard.flush()
     return self._writes
 

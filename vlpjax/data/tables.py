@@ -32,6 +32,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from typing import Any, Callable, Sequence
 
 import jax
@@ -388,14 +389,24 @@ def _convert_into(destination: np.ndarray, source: np.ndarray) -> None:
     destination[...] = source
 
 
+class _CachedArrays(dict):
+  """A cached table's region arrays (a dict that can be weakly referenced)."""
+
+
+# The cached tables of this process, by what their arrays depend on: the train
+# pipeline and each evaluator share one copy of an images table while any uses it.
+_CACHED_TABLES: weakref.WeakValueDictionary[str, _CachedArrays] = weakref.WeakValueDictionary()
+
+
 class ImageTable:
   """Gathers the images of a batch: regions padded/truncated to `max_regions`.
 
   Reads each distinct image of a batch once, in one batched ArrayRecord read, and
   writes it straight into the batch arrays. With `cache=True` (or `cache=None` and
   the table taking at most `cache_max_gib`) the table is read once (in each
-  process that gathers) and held in memory in its stored dtypes, as LXMERT's
-  loader holds its features. With `store_dir` (a local directory) the same
+  process that gathers; the tables of a process that read the same arrays share
+  them) and held in memory in its stored dtypes, as LXMERT's loader holds its
+  features. With `store_dir` (a local directory) the same
   arrays live on disk instead, memory-mapped (`_open_store`): built from the
   table the first time, then shared by every process and worker of the host.
   """
@@ -433,6 +444,8 @@ class ImageTable:
     # which grain hands to the main process without copying them.
     self.shared_memory = shared_memory
     self._cached = None  # filled on first use, so worker processes are sent no arrays
+    self._cache_key = json.dumps([os.fspath(source.dataset_info.data_dir), str(source.split),
+                                  self._store_key(source)])
     self.store = None
     if store_dir is not None:
       if not paths.is_local(store_dir):
@@ -442,6 +455,7 @@ class ImageTable:
                                 f'{self._store_key(source)}')
       self.cache = False
       self._open_store()  # built here, before any worker opens it
+
   def __getstate__(self) -> dict[str, Any]:
     return dict(self.__dict__, _cached=None)
 
@@ -493,14 +507,17 @@ class ImageTable:
           _convert_into(out[key][row, first_slot:first_slot + k], image[key])
 
   def _load_cache(self) -> None:
-    cached = self._allocate(self.num_images, self.max_regions, self.stored_dtypes)
+    self._cached = _CACHED_TABLES.get(self._cache_key)
+    if self._cached is not None:
+      return
+    cached = _CachedArrays(self._allocate(self.num_images, self.max_regions, self.stored_dtypes))
     logging.info('Caching images table %s in memory (%.1f GiB)', self.name,
                  sum(a.nbytes for a in cached.values()) / 2**30)
     chunk = 256
     for start in range(0, self.num_images, chunk):
       indices = np.arange(start, min(start + chunk, self.num_images))
       self._write(cached, self._regions(indices), indices[:, None], 0)
-    self._cached = cached
+    self._cached = _CACHED_TABLES[self._cache_key] = cached
 
   def _store_key(self, source) -> str:
     """What the stored arrays depend on: the table (its TFDS info, whose split

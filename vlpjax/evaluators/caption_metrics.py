@@ -22,12 +22,15 @@ raises if they are missing.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
-from typing import Any, Hashable, Mapping, Sequence
+import sys
+import tempfile
+from typing import Any, Hashable, Iterator, Mapping, Sequence
 
 from etils import epath
 import numpy as np
@@ -191,16 +194,41 @@ def _warn_no_java_once() -> None:
       'as 0). Install a Java runtime for the official scores. (Logged once per process.)')
 
 
+@contextlib.contextmanager
+def _java_stderr() -> Iterator[list[str]]:
+  """Collects what is written to file descriptor 2 inside the block (the Java
+  tokenizer inherits it) into the yielded list of lines, and writes back to
+  stderr all but PTBTokenizer's 'PTBTokenizer tokenized N tokens at ...' report,
+  which would land in the middle of a run's log."""
+  lines: list[str] = []
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      yield lines
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      lines += captured.read().decode(errors='replace').splitlines()
+      kept = [line for line in lines if not line.startswith('PTBTokenizer tokenized')]
+      if kept:
+        print('\n'.join(kept), file=sys.stderr, flush=True)
+
+
 def _ptb_tokenize(texts: Sequence[str]) -> list[str]:
   # PTBTokenizer writes one caption per line and zips its output lines back to
   # the captions, so a caption with a line break would shift all later ones:
   # every whitespace run (\n, \r, \u2028, ...) becomes one space first.
   flat = {i: [{'caption': ' '.join(text.split())}] for i, text in enumerate(texts)}
-  tokenized = ptbtokenizer.PTBTokenizer().tokenize(flat)
+  with _java_stderr() as java_output:
+    tokenized = ptbtokenizer.PTBTokenizer().tokenize(flat)
   if len(tokenized) != len(texts) or any(len(tokenized.get(i, ())) != 1
                                          for i in range(len(texts))):
     raise RuntimeError(f'PTBTokenizer returned {len(tokenized)} captions for {len(texts)}; '
-                       'the Java tokenizer failed (see its output above)')
+                       f'the Java tokenizer failed: {" / ".join(java_output) or "no output"}')
   return [tokenized[i][0] for i in range(len(texts))]
 
 
