@@ -43,6 +43,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from vlpjax import paths
+from vlpjax.models import layers
 
 STATE = 'state'
 DATA_ITERATOR = 'data_iterator'
@@ -478,6 +479,23 @@ def _check_fits(what: str, stored: Any, abstract: Any) -> None:
                      f'shape mismatches {wrong[:10]} ({len(wrong)})')
 
 
+def _layouts_differ(stored: Any, abstract: Any) -> bool:
+  """Whether a stored params tree and the model's hold their layers in different
+  layouts (one with `model.scan_layers`, one without; `layers.layers_like`)."""
+  return (abstract is not None
+          and layers.has_scanned_stack(stored) != layers.has_scanned_stack(abstract))
+
+
+def _to_layout(what: str, host: Any, abstract: Any) -> Any:
+  """Host arrays of a stored tree -> global arrays in the layout, dtypes and
+  shardings of `abstract` (the model's, with the other layer layout)."""
+  host = layers.layers_like(host, abstract)
+  _check_fits(what, host, abstract)
+  return jax.tree.map(
+      lambda x, a: jax.make_array_from_callback(
+          x.shape, a.sharding, lambda index: np.asarray(x[index], a.dtype)), host, abstract)
+
+
 def restore_params(directory: str | os.PathLike, abstract_params: Any,
                    subtree: str | None = None) -> Any:
   """Reads a params pytree saved with orbax (e.g. by `vlpjax.convert`).
@@ -489,6 +507,9 @@ def restore_params(directory: str | os.PathLike, abstract_params: Any,
     subtree: read only the stored tree under this top-level key (e.g.
       'backbone'), leaving the rest of the save unread.
 
+  A save whose layers are in the other layout (`model.scan_layers`) is read
+  and converted (`layers.layers_like`).
+
   Raises:
     FileNotFoundError: `directory` does not exist.
     ValueError: `directory` is not such a save (with a hint if it is a vlpjax
@@ -497,6 +518,16 @@ def restore_params(directory: str | os.PathLike, abstract_params: Any,
   """
   with ocp.StandardCheckpointer() as checkpointer:
     path, stored = _stored_tree(checkpointer, directory)
+  stored = dict(stored)  # orbax's tree metadata: its top level is not a dict
+  if _layouts_differ(stored if subtree is None else stored[subtree], abstract_params):
+    item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
+                        stored if subtree is None else {subtree: stored[subtree]})
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      host = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+          item=item, partial_restore=subtree is not None,
+          restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)))
+    return _to_layout(f'{path}' + ('' if subtree is None else f' ({subtree})'),
+                      host if subtree is None else host[subtree], abstract_params)
   _check_fits(f'{path}' + ('' if subtree is None else f' ({subtree})'),
               stored if subtree is None else stored[subtree], abstract_params)
   if subtree is None:
@@ -564,7 +595,8 @@ def restore_workdir_params(workdir: str | os.PathLike, abstract_params: Any = No
     step: the checkpoint; None: the newest.
 
   Returns:
-    (the params, the checkpoint's step).
+    (the params, the checkpoint's step). Layers stored in the other layout
+    than `abstract_params`' (`model.scan_layers`) are converted to it.
 
   Raises:
     FileNotFoundError: the workdir has no train checkpoint (of `step`).
@@ -579,7 +611,8 @@ def restore_workdir_params(workdir: str | os.PathLike, abstract_params: Any = No
         raise ValueError(f'{path}: no {"/".join(keys[:depth + 1])} (keys there: '
                          f'{sorted(stored)})')
       stored = stored[key]
-    if abstract_params is None:
+    other_layout = _layouts_differ(stored, abstract_params)
+    if abstract_params is None or other_layout:
       item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored)
       restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     else:
@@ -592,6 +625,8 @@ def restore_workdir_params(workdir: str | os.PathLike, abstract_params: Any = No
         item=item, restore_args=restore_args, partial_restore=True))
   for key in keys:
     restored = restored[key]
+  if other_layout:
+    restored = _to_layout(f'{path} ({"/".join(keys)})', restored, abstract_params)
   logging.info('read %s of %s (step %d)', '/'.join(keys), workdir, step)
   return restored, step
 

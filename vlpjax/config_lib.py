@@ -45,6 +45,9 @@ def model_defaults() -> ml_collections.ConfigDict:
       dropout_rate=0.1,
       attention_dropout_rate=0.1,  # >0 in training takes the explicit attention path
       remat=False,                # nn.remat per layer
+      # Each stack of repeated layers as one nn.scan: compiled once, params
+      # stacked on a leading 'layers' axis (layers.stack_layer_params converts).
+      scan_layers=False,
       # The MLM / LM head's logits over the vocabulary in float32 whatever the
       # compute dtype (its matmul accumulates and returns float32), as MaxText's
       # logits_dot_in_fp32: bf16 logits of a 30k vocabulary round to ~0.03.

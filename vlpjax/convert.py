@@ -101,7 +101,11 @@ def example_inputs(model_config: ml_collections.ConfigDict, pretraining: bool
 
 def _init(model_config: ml_collections.ConfigDict, pretraining: bool, rng: jax.Array
           ) -> Params:
-  model = get_model(model_config, pretraining=pretraining)
+  # Converted checkpoints keep one entry per layer whatever `model.scan_layers`
+  # says: a scanned model reads them (`checkpointing`), and the rules name layers.
+  per_layer = model_config.copy_and_resolve_references()
+  per_layer.scan_layers = False
+  model = get_model(per_layer, pretraining=pretraining)
   return nn.meta.unbox(model.init(rng, **example_inputs(model_config, pretraining)))['params']
 
 

@@ -47,6 +47,7 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ('loc', None),
     ('positions', None),
     ('types', None),
+    ('layers', None),  # the stacked axis of scanned layers (model.scan_layers)
 )
 
 

@@ -20,6 +20,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from vlpjax import checkpointing, sharding
+from vlpjax.models import layers
 
 
 @flax.struct.dataclass
@@ -153,9 +154,11 @@ def init_from(source: str, model_config: ml_collections.ConfigDict, state: Train
       params = checkpointing.restore_params(directory, abstract.params)
   else:
     from vlpjax.checkpoints import hf  # pylint: disable=g-import-not-at-top
-    host = to_host(params['backbone'])
-    params['backbone'] = from_host(hf.import_bert(model_config, directory, host),
-                                    jax.tree.map(lambda a: a.sharding,
-                                                 abstract.params['backbone']))
+    # The BERT rules name layers one by one: a scanned stack is filled unstacked.
+    host = layers.unstacked_layers(to_host(params['backbone']))
+    imported = layers.layers_like(hf.import_bert(model_config, directory, host),
+                                  abstract.params['backbone'])
+    params['backbone'] = from_host(imported, jax.tree.map(lambda a: a.sharding,
+                                                          abstract.params['backbone']))
   logging.info('init: params from %s', source)
   return state.replace(params=params)

@@ -476,25 +476,140 @@ class TransformerLayer(nn.Module):
     return constrain(x, ('batch', 'length', 'embed')), probs
 
 
+class _StackStep(nn.Module):
+  """One step of a scanned stack: a `layer_cls(**layer_kwargs)` layer (submodule
+  'layer') on the carry. See `layer_stack`."""
+  layer_cls: Any
+  layer_kwargs: Any
+  deterministic: bool
+  return_probs: bool
+  remat: bool
+  after_each: Callable[[Any], Any] | None
+
+  @nn.compact
+  def __call__(self, carry: Any, masks: Any, rest: tuple[Any, ...]) -> tuple[Any, Any]:
+    layer = maybe_remat(self.layer_cls, self.remat)(**self.layer_kwargs, name='layer')
+    carry, probs = layer(carry, masks, self.deterministic, self.return_probs, *rest)
+    return (carry if self.after_each is None else self.after_each(carry)), probs
+
+
+def layer_stack(layer_cls: type[nn.Module], layer_kwargs: dict[str, Any], count: int,
+                name: str, carry: Any, masks: Any, rest: tuple[Any, ...], *,
+                deterministic: bool, return_probs: bool, remat: bool, scan: bool,
+                after_each: Callable[[Any], Any] | None = None, first: int = 0
+                ) -> tuple[Any, list[Any]]:
+  """`count` layers of one kind run in turn, in the calling module's compact method.
+
+  Each layer is `layer_cls(**layer_kwargs)` called as `layer(carry, masks,
+  deterministic, return_probs, *rest) -> (carry, probs)`, carry and probs any
+  pytrees (a stream, a pair of streams; probs [B, N, Q, K] arrays, dicts or None).
+
+  scan=False: submodules `{name}_{i}` (i = first .. first+count-1). scan=True (from
+  layer 0 only, so that both layouts name the same layers): one
+  `nn.scan` submodule `{name}s` whose params (and decoding cache) are those of
+  the layers stacked on a leading axis, logical name 'layers' (`layers_like`
+  converts between the two layouts): XLA compiles the layer once, not `count`
+  times. remat: each layer under `nn.remat`. after_each: applied to the carry
+  after each layer (a sharding constraint). Returns (carry, [probs of each
+  layer]).
+  """
+  if not scan:
+    layer_cls = maybe_remat(layer_cls, remat)
+    all_probs = []
+    for i in range(first, first + count):
+      carry, probs = layer_cls(**layer_kwargs, name=f'{name}_{i}')(
+          carry, masks, deterministic, return_probs, *rest)
+      carry = carry if after_each is None else after_each(carry)
+      all_probs.append(probs)
+    return carry, all_probs
+  if first:
+    raise ValueError(f'{name}: a scanned stack starts at layer 0, not {first}')
+  stack = nn.scan(_StackStep, variable_axes={'params': 0, 'cache': 0},
+                  split_rngs={'params': True, 'dropout': True},
+                  in_axes=(nn.broadcast, nn.broadcast), length=count,
+                  metadata_params={nn.PARTITION_NAME: 'layers'})
+  carry, stacked = stack(layer_cls, layer_kwargs, deterministic, return_probs, remat,
+                         after_each, name=f'{name}s')(carry, masks, rest)
+  return carry, [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(count)]
+
+
+def _is_stack(name: str, subtree: Any) -> bool:
+  return name.endswith('s') and isinstance(subtree, dict) and set(subtree) == {'layer'}
+
+
+def has_scanned_stack(params: Any) -> bool:
+  """Whether a params tree (or its metadata) holds a scanned stack (`layer_stack`)."""
+  return isinstance(params, dict) and any(
+      _is_stack(k, v) or has_scanned_stack(v) for k, v in params.items())
+
+
+def unstacked_layers(params: Any) -> Any:
+  """`params` (any nesting of dicts) in the per-layer layout: every scanned
+  stack `{name}s: {'layer': [L, ...] arrays}` becomes `{name}_0` ..
+  `{name}_{L-1}`. Other entries are kept."""
+  if not isinstance(params, dict):
+    return params
+  out = {}
+  for key, value in params.items():
+    if _is_stack(key, value):
+      count = jax.tree.leaves(value)[0].shape[0]
+      out.update({f'{key[:-1]}_{i}': jax.tree.map(lambda a, i=i: a[i], value['layer'])
+                  for i in range(count)})
+    else:
+      out[key] = unstacked_layers(value)
+  return out
+
+
+def layers_like(params: Any, like: Any) -> Any:
+  """`params` (per-layer or scanned layout) in the layout of `like` (a tree of
+  the same model, e.g. its abstract params): the per-layer entries
+  `{name}_{i}` of every stack that `like` holds scanned, as `{name}s`, are
+  stacked on a leading axis (`layer_stack`); the others stay per layer. A
+  checkpoint of either layout thus loads into a model of either."""
+  params = unstacked_layers(params)
+
+  def restack(tree: Any, template: Any) -> Any:
+    if not isinstance(tree, dict) or not isinstance(template, dict):
+      return tree
+    out = {}
+    for key, value in template.items():
+      if _is_stack(key, value):
+        count = jax.tree.leaves(value)[0].shape[0]
+        names = [f'{key[:-1]}_{i}' for i in range(count)]
+        if all(n in tree for n in names):
+          out[key] = {'layer': jax.tree.map(lambda *a: np.stack(a),
+                                            *(restack(tree[n], value['layer']) for n in names))}
+      elif key in tree:
+        out[key] = restack(tree[key], value)
+    stacked = {f'{k[:-1]}_{i}' for k, v in template.items() if _is_stack(k, v) and k in out
+               for i in range(jax.tree.leaves(v)[0].shape[0])}
+    out.update({k: v for k, v in tree.items() if k not in out and k not in stacked})
+    return out
+
+  return restack(params, like)
+
+
 def joint_layers(owner: nn.Module, x: jax.Array, mask: jax.Array, deterministic: bool,
                  return_attention: bool, attention_mask: jax.Array | None,
                  decoding: Decoding | None) -> tuple[jax.Array, dict[str, jax.Array | None]]:
   """A single-stream design's stack, called in `owner`'s compact method (its
-  submodules `layer_{i}`, from owner's num_layers, num_heads, intermediate_size,
-  dropout_rate, attention_dropout_rate, attention_impl, dtype, param_dtype and
-  remat): x [B, S, H] (a decoding step's: the new tokens), mask [B, S'] the
-  keys -> ([B, S, H], {'joint/layer_i': probs or None}).
+  submodules `layer_{i}`, or `layers` scanned; `layer_stack`), from owner's
+  num_layers, num_heads, intermediate_size, dropout_rate, attention_dropout_rate,
+  attention_impl, dtype, param_dtype, remat and scan_layers: x [B, S, H] (a
+  decoding step's: the new tokens), mask [B, S'] the keys -> ([B, S, H],
+  {'joint/layer_i': probs or None}).
   """
+  layer_kwargs = dict(
+      num_heads=owner.num_heads, intermediate_size=owner.intermediate_size,
+      dropout_rate=owner.dropout_rate, attention_dropout_rate=owner.attention_dropout_rate,
+      attention_impl=owner.attention_impl, dtype=jnp.dtype(owner.dtype),
+      param_dtype=jnp.dtype(owner.param_dtype))
   # The cache is written inside the layers: no remat around them when decoding.
-  layer_cls = maybe_remat(TransformerLayer, owner.remat and decoding is None)
-  attention = {}
-  for i in range(owner.num_layers):
-    x, attention[attention_key('joint', i)] = layer_cls(
-        owner.num_heads, owner.intermediate_size, owner.dropout_rate,
-        owner.attention_dropout_rate, owner.attention_impl, dtype=jnp.dtype(owner.dtype),
-        param_dtype=jnp.dtype(owner.param_dtype), name=f'layer_{i}')(
-            x, mask, deterministic, return_attention, attention_mask, decoding)
-  return x, attention
+  x, probs = layer_stack(TransformerLayer, layer_kwargs, owner.num_layers, 'layer', x, mask,
+                         (attention_mask, decoding), deterministic=deterministic,
+                         return_probs=return_attention,
+                         remat=owner.remat and decoding is None, scan=owner.scan_layers)
+  return x, {attention_key('joint', i): p for i, p in enumerate(probs)}
 
 
 class TextEmbeddings(nn.Module):

@@ -154,6 +154,7 @@ class Lxmert(nn.Module):
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
   remat: bool = False
+  scan_layers: bool = False  # each stack of repeated layers as one nn.scan (layers.layer_stack)
   float32_logits: bool = False  # the MLM head's logits in float32 (heads only)
 
   def check_inputs(self, input_ids: jax.Array, region_feats: jax.Array,
@@ -217,32 +218,29 @@ class Lxmert(nn.Module):
 
     attention = {}
     # The cache is written inside the layers: no remat around them when decoding.
-    remat = self.remat and decoding is None
-    single_layer = layers.maybe_remat(layers.TransformerLayer, remat)
-    for i in range(self.num_language_layers):
-      text, attention[layers.attention_key('text', i)] = single_layer(
-          self.num_heads, self.intermediate_size, **common, name=f'text_layer_{i}')(
-              text, text_mask, deterministic, return_attention, blocks['text'], decoding)
+    stack = functools.partial(layers.layer_stack, deterministic=deterministic,
+                              return_probs=return_attention,
+                              remat=self.remat and decoding is None, scan=self.scan_layers)
+    single = dict(num_heads=self.num_heads, intermediate_size=self.intermediate_size, **common)
+    text, probs = stack(layers.TransformerLayer, single, self.num_language_layers, 'text_layer',
+                        text, text_mask, (blocks['text'], decoding))
+    attention.update({layers.attention_key('text', i): p for i, p in enumerate(probs)})
     vision = None  # a decoding step leaves the (final) vision stream out
     if not step:
       vision = RegionEmbeddings(self.hidden_size, self.dropout_rate, dtype=dtype,
                                 param_dtype=param_dtype, name='region_embeddings')(
           region_feats, region_loc, deterministic)
-      for i in range(self.num_relation_layers):
-        vision, attention[layers.attention_key('vision', i)] = single_layer(
-            self.num_heads, self.intermediate_size, **common, name=f'vision_layer_{i}')(
-                vision, region_mask, deterministic, return_attention, blocks['vision'])
-        vision = layers.constrain(vision, VISION_AXES)
-    cross_layer = layers.maybe_remat(CrossLayer, remat)
+      vision, probs = stack(layers.TransformerLayer, single, self.num_relation_layers,
+                            'vision_layer', vision, region_mask, (blocks['vision'],),
+                            after_each=lambda v: layers.constrain(v, VISION_AXES))
+      attention.update({layers.attention_key('vision', i): p for i, p in enumerate(probs)})
+    (text, vision), probs = stack(CrossLayer, single, self.num_cross_layers, 'cross_layer',
+                                  (text, vision), (text_mask, region_mask), (blocks, decoding))
     # Self-attentions inside cross layer k are layer num_*_layers + k of their stream.
     offsets = dict(text=self.num_language_layers, vision=self.num_relation_layers,
                    text_to_vision=0, vision_to_text=0)
-    for k in range(self.num_cross_layers):
-      (text, vision), probs = cross_layer(
-          self.num_heads, self.intermediate_size, **common, name=f'cross_layer_{k}')(
-              (text, vision), (text_mask, region_mask), deterministic, return_attention,
-              blocks, decoding)
-      for stream, value in (probs or {}).items():
+    for k, layer_probs in enumerate(probs):
+      for stream, value in (layer_probs or {}).items():
         attention[layers.attention_key(stream, offsets[stream] + k)] = value
     if step:
       return dict(text=text, word_embeddings=word_table)

@@ -125,6 +125,9 @@ class CoAttentionLayer(nn.Module):
             dict(text_to_vision=text_to_vision, vision_to_text=vision_to_text))
 
 
+VISION_AXES = ('batch', 'regions', 'embed')
+
+
 def layer_schedule(num_layers: int, v_num_layers: int, v_biattention_id: Sequence[int],
                    t_biattention_id: Sequence[int]) -> list[tuple[str, int]]:
   """The order the original runs layers in: [('text'|'vision'|'co', index), ...],
@@ -146,6 +149,18 @@ def layer_schedule(num_layers: int, v_num_layers: int, v_biattention_id: Sequenc
   schedule += [('vision', i) for i in range(v_start, v_num_layers)]
   schedule += [('text', i) for i in range(t_start, num_layers)]
   return schedule
+
+
+def layer_runs(schedule: Sequence[tuple[str, int]]) -> list[tuple[str, int, int]]:
+  """`layer_schedule` as runs of consecutive layers of one kind: [(kind, first
+  index, count), ...]."""
+  runs = []
+  for kind, index in schedule:
+    if runs and runs[-1][0] == kind and runs[-1][1] + runs[-1][2] == index:
+      runs[-1] = (kind, runs[-1][1], runs[-1][2] + 1)
+    else:
+      runs.append((kind, index, 1))
+  return runs
 
 
 class VilbertFields(nn.Module):
@@ -174,6 +189,7 @@ class VilbertFields(nn.Module):
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
   remat: bool = False
+  scan_layers: bool = False  # each stack of repeated layers as one nn.scan (layers.layer_stack)
   float32_logits: bool = False  # the MLM head's logits in float32 (heads only)
 
 
@@ -248,30 +264,38 @@ class Vilbert(VilbertFields):
                   attention_impl=self.attention_impl, dtype=dtype, param_dtype=param_dtype)
     # The cache is written inside the layers: no remat around them when decoding.
     remat = self.remat and decoding is None
-    transformer = layers.maybe_remat(layers.TransformerLayer, remat)
     co_layer = layers.maybe_remat(CoAttentionLayer, remat)
+    layer_kwargs = dict(
+        text=dict(num_heads=self.num_heads, intermediate_size=self.intermediate_size, **common),
+        vision=dict(num_heads=self.v_num_heads, intermediate_size=self.v_intermediate_size,
+                    **common))
     attention = {}
-    for kind, i in layer_schedule(self.num_layers, self.v_num_layers, self.v_biattention_id,
-                                  self.t_biattention_id):
-      # Text and vision layers run in index order, so i counts their stream's layers.
-      name = f'{kind}_layer_{i}'
-      if kind == 'text':
-        text, attention[layers.attention_key('text', i)] = transformer(
-            self.num_heads, self.intermediate_size, **common, name=name)(
-                text, text_mask, deterministic, return_attention, blocks['text'], decoding)
-      elif kind == 'vision' and not step:
-        vision, attention[layers.attention_key('vision', i)] = transformer(
-            self.v_num_heads, self.v_intermediate_size, **common, name=name)(
-                vision, region_mask, deterministic, return_attention, blocks['vision'])
-        vision = layers.constrain(vision, ('batch', 'regions', 'embed'))
-      elif kind == 'co':
+    for kind, first, count in layer_runs(layer_schedule(
+        self.num_layers, self.v_num_layers, self.v_biattention_id, self.t_biattention_id)):
+      # Text and vision layers run in index order, so `first` counts their stream's layers.
+      if kind == 'co':
         (text, vision), probs = co_layer(
             self.bi_hidden_size, self.bi_num_heads, self.intermediate_size,
-            self.v_intermediate_size, **common, name=name)(
+            self.v_intermediate_size, **common, name=f'co_layer_{first}')(
                 (text, vision), (text_mask, region_mask), deterministic, return_attention,
                 blocks, decoding)
         for stream, value in probs.items():
-          attention[layers.attention_key(stream, i)] = value
+          attention[layers.attention_key(stream, first)] = value
+        continue
+      if kind == 'vision' and step:
+        continue
+      # Only a run from layer 0 scans (as `{kind}_layers`): the layers after a
+      # Co-TRM alternate with the other stream's, one at a time.
+      stack = functools.partial(
+          layers.layer_stack, layers.TransformerLayer, layer_kwargs[kind], count,
+          f'{kind}_layer', deterministic=deterministic, return_probs=return_attention,
+          remat=remat, scan=self.scan_layers and first == 0 and count > 1, first=first)
+      if kind == 'text':
+        text, probs = stack(text, text_mask, (blocks['text'], decoding))
+      else:
+        vision, probs = stack(vision, region_mask, (blocks['vision'],),
+                              after_each=lambda v: layers.constrain(v, VISION_AXES))
+      attention.update({layers.attention_key(kind, first + i): p for i, p in enumerate(probs)})
     if step:
       return dict(text=text, word_embeddings=word_table)
 

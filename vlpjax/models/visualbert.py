@@ -120,6 +120,7 @@ class VisualBert(nn.Module):
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
   remat: bool = False
+  scan_layers: bool = False  # each stack of repeated layers as one nn.scan (layers.layer_stack)
   float32_logits: bool = False  # the MLM head's logits in float32 (heads only)
 
 
