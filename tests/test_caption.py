@@ -25,10 +25,11 @@ LOC_DIM = dict(visualbert=4, vilbert=5, lxmert=4, uniter=7)
 B, T, R = 2, 10, 5
 
 
-def model_and_params(design, seed=0, scan_layers=False):
-  """A tiny CaptionModel (dropout off), random params, random regions [B, R]."""
+def model_and_params(design, seed=0, **fields):
+  """A tiny CaptionModel (dropout off, model config `fields`), random params,
+  random regions [B, R]."""
   config = importlib.import_module(f'configs.{design}').model_config('tiny')
-  config.update(dropout_rate=0.0, attention_dropout_rate=0.0, scan_layers=scan_layers)
+  config.update(dropout_rate=0.0, attention_dropout_rate=0.0, **fields)
   model = caption.build_model(config)
   keys = jax.random.split(jax.random.key(seed), 3)
   region_mask = (np.arange(R)[None] < np.array([[R], [R - 2]])).astype(np.int32)
@@ -61,13 +62,20 @@ def test_seq2seq_mask():
   np.testing.assert_array_equal(mask, expected)
 
 
-@pytest.mark.parametrize('scan_layers', [False, True])
-@pytest.mark.parametrize('design', DESIGNS)
-def test_prefill_then_steps_give_the_full_forward(design, scan_layers):
+# ViLBERT with two repeats of its [text, vision, Co-TRM] segment, which
+# `scan_layers` scans (tiny has none).
+VILBERT_SEGMENTS = dict(num_layers=5, v_num_layers=3, v_biattention_id=[0, 1, 2],
+                        t_biattention_id=[2, 3, 4])
+
+
+@pytest.mark.parametrize('design,fields', [
+    *((d, {}) for d in DESIGNS), *((d, dict(scan_layers=True)) for d in DESIGNS),
+    ('vilbert', dict(VILBERT_SEGMENTS, scan_layers=True))])
+def test_prefill_then_steps_give_the_full_forward(design, fields):
   """Slot t's hidden state from the cache (prefill of [CLS], then one token a
   step) equals that of the whole sequence under the seq2seq mask; with
   scanned layers too (their caches stacked)."""
-  config, model, params, regions, ids = model_and_params(design, scan_layers=scan_layers)
+  config, model, params, regions, ids = model_and_params(design, **fields)
   full_mask = jnp.asarray(caption.seq2seq_mask(T, R))
   ones = jnp.ones((B, T), jnp.int32)
   everywhere = jnp.broadcast_to(jnp.arange(T), (B, T))

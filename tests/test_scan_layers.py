@@ -20,10 +20,21 @@ from vlpjax.models import get_model, layers
 
 pytestmark = pytest.mark.usefixtures('compile_cache')
 
-# The scanned stacks of each design's tiny config (ViLBERT scans its text
-# layers up to the first Co-TRM; its other layers alternate one by one).
+# The scanned stacks of each design's tiny config. ViLBERT scans its text layers
+# up to the first Co-TRM and each run of repeated [text, vision, Co-TRM]
+# segments: tiny has none, the variant two (base five).
 STACKS = dict(visualbert={'layers'}, uniter={'layers'},
-              lxmert={'text_layers', 'vision_layers', 'cross_layers'}, vilbert={'text_layers'})
+              lxmert={'text_layers', 'vision_layers', 'cross_layers'}, vilbert={'text_layers'},
+              vilbert_segments={'text_layers', 'co_layer_1_blocks'})
+VARIANTS = dict(vilbert_segments=('vilbert', dict(
+    num_layers=5, v_num_layers=3, v_biattention_id=[0, 1, 2], t_biattention_id=[2, 3, 4])))
+
+
+def variant_config(case):
+  design, fields = VARIANTS.get(case, (case, {}))
+  config = tiny_model_config(design)
+  config.update(fields)
+  return design, config
 
 
 def scanned(config):
@@ -44,13 +55,13 @@ def leaves(tree):
           for k, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-@pytest.mark.parametrize('design', DESIGNS)
-def test_scanned_layers_compute_what_per_layer_modules_do(design):
-  config = tiny_model_config(design)
+@pytest.mark.parametrize('case', [*DESIGNS, *VARIANTS])
+def test_scanned_layers_compute_what_per_layer_modules_do(case):
+  design, config = variant_config(case)
   args, params = init_params(config, design)
   _, scanned_init = init_params(scanned(config), design)
   assert {k for k, v in scanned_init['backbone'].items() if layers.has_scanned_stack({k: v})} \
-      == STACKS[design]
+      == STACKS[case]
   stacked = layers.layers_like(params, scanned_init)
   assert jax.tree.structure(stacked) == jax.tree.structure(scanned_init)
   for key, value in leaves(stacked).items():

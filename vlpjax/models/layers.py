@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Any, Callable, Sequence
 
 from flax import struct
@@ -478,9 +479,10 @@ class TransformerLayer(nn.Module):
 
 class _StackStep(nn.Module):
   """One step of a scanned stack: a `layer_cls(**layer_kwargs)` layer (submodule
-  'layer') on the carry. See `layer_stack`."""
+  `layer_name`, its first layer's name) on the carry. See `layer_stack`."""
   layer_cls: Any
   layer_kwargs: Any
+  layer_name: str
   deterministic: bool
   return_probs: bool
   remat: bool
@@ -488,7 +490,7 @@ class _StackStep(nn.Module):
 
   @nn.compact
   def __call__(self, carry: Any, masks: Any, rest: tuple[Any, ...]) -> tuple[Any, Any]:
-    layer = maybe_remat(self.layer_cls, self.remat)(**self.layer_kwargs, name='layer')
+    layer = maybe_remat(self.layer_cls, self.remat)(**self.layer_kwargs, name=self.layer_name)
     carry, probs = layer(carry, masks, self.deterministic, self.return_probs, *rest)
     return (carry if self.after_each is None else self.after_each(carry)), probs
 
@@ -505,11 +507,11 @@ def layer_stack(layer_cls: type[nn.Module], layer_kwargs: dict[str, Any], count:
   pytrees (a stream, a pair of streams; probs [B, N, Q, K] arrays, dicts or None).
 
   scan=False: submodules `{name}_{i}` (i = first .. first+count-1). scan=True (from
-  layer 0 only, so that both layouts name the same layers): one
-  `nn.scan` submodule `{name}s` whose params (and decoding cache) are those of
-  the layers stacked on a leading axis, logical name 'layers' (`layers_like`
-  converts between the two layouts): XLA compiles the layer once, not `count`
-  times. remat: each layer under `nn.remat`. after_each: applied to the carry
+  layer 0 only, so that both layouts name the same layers): one `nn.scan`
+  submodule `{name}s` holding `{name}_0`, whose params (and decoding cache) are
+  those of the layers stacked on a leading axis, logical name 'layers'
+  (`layers_like` converts between the layouts): XLA compiles the layer once,
+  not `count` times. remat: each layer under `nn.remat`. after_each: applied to the carry
   after each layer (a sharding constraint). Returns (carry, [probs of each
   layer]).
   """
@@ -528,13 +530,31 @@ def layer_stack(layer_cls: type[nn.Module], layer_kwargs: dict[str, Any], count:
                   split_rngs={'params': True, 'dropout': True},
                   in_axes=(nn.broadcast, nn.broadcast), length=count,
                   metadata_params={nn.PARTITION_NAME: 'layers'})
-  carry, stacked = stack(layer_cls, layer_kwargs, deterministic, return_probs, remat,
-                         after_each, name=f'{name}s')(carry, masks, rest)
+  carry, stacked = stack(layer_cls, layer_kwargs, f'{name}_0', deterministic, return_probs,
+                         remat, after_each, name=f'{name}s')(carry, masks, rest)
   return carry, [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(count)]
 
 
+_LAYER_NAME = re.compile(r'^(.+)_(\d+)$')
+
+
 def _is_stack(name: str, subtree: Any) -> bool:
-  return name.endswith('s') and isinstance(subtree, dict) and set(subtree) == {'layer'}
+  """A scanned stack: `{...}s` holding only entries `{prefix}_{first}`."""
+  return (name.endswith('s') and isinstance(subtree, dict) and bool(subtree)
+          and all(_LAYER_NAME.match(k) and isinstance(v, dict) for k, v in subtree.items()))
+
+
+def _stack_members(stack: dict[str, Any]) -> dict[str, list[str]]:
+  """Each entry `{prefix}_{first}` of a scanned stack -> the per-layer names its
+  rows hold: row i is layer `first + i * stride`, stride being the number of the
+  stack's entries of that prefix (a repeated block of several layers of one kind)."""
+  prefixes = [_LAYER_NAME.match(k).group(1) for k in stack]
+  members = {}
+  for key, value in stack.items():
+    prefix, first = _LAYER_NAME.match(key).groups()
+    rows = jax.tree.leaves(value)[0].shape[0]
+    members[key] = [f'{prefix}_{int(first) + i * prefixes.count(prefix)}' for i in range(rows)]
+  return members
 
 
 def has_scanned_stack(params: Any) -> bool:
@@ -545,45 +565,46 @@ def has_scanned_stack(params: Any) -> bool:
 
 def unstacked_layers(params: Any) -> Any:
   """`params` (any nesting of dicts) in the per-layer layout: every scanned
-  stack `{name}s: {'layer': [L, ...] arrays}` becomes `{name}_0` ..
-  `{name}_{L-1}`. Other entries are kept."""
+  stack (`{name}s` of stacked `{prefix}_{first}` entries, `_stack_members`)
+  becomes its per-layer entries. Other entries are kept."""
   if not isinstance(params, dict):
     return params
   out = {}
   for key, value in params.items():
-    if _is_stack(key, value):
-      count = jax.tree.leaves(value)[0].shape[0]
-      out.update({f'{key[:-1]}_{i}': jax.tree.map(lambda a, i=i: a[i], value['layer'])
-                  for i in range(count)})
-    else:
+    if not _is_stack(key, value):
       out[key] = unstacked_layers(value)
+      continue
+    for member, names in _stack_members(value).items():
+      out.update({name: jax.tree.map(lambda a, i=i: a[i], value[member])
+                  for i, name in enumerate(names)})
   return out
 
 
 def layers_like(params: Any, like: Any) -> Any:
   """`params` (per-layer or scanned layout) in the layout of `like` (a tree of
-  the same model, e.g. its abstract params): the per-layer entries
-  `{name}_{i}` of every stack that `like` holds scanned, as `{name}s`, are
-  stacked on a leading axis (`layer_stack`); the others stay per layer. A
-  checkpoint of either layout thus loads into a model of either."""
+  the same model, e.g. its abstract params): the per-layer entries of every
+  stack that `like` holds scanned are stacked on a leading axis (`layer_stack`);
+  the others stay per layer. A checkpoint of either layout thus loads into a
+  model of either."""
   params = unstacked_layers(params)
 
   def restack(tree: Any, template: Any) -> Any:
     if not isinstance(tree, dict) or not isinstance(template, dict):
       return tree
-    out = {}
+    out, taken = {}, set()
     for key, value in template.items():
       if _is_stack(key, value):
-        count = jax.tree.leaves(value)[0].shape[0]
-        names = [f'{key[:-1]}_{i}' for i in range(count)]
-        if all(n in tree for n in names):
-          out[key] = {'layer': jax.tree.map(lambda *a: np.stack(a),
-                                            *(restack(tree[n], value['layer']) for n in names))}
+        stack = {}
+        for member, names in _stack_members(value).items():
+          if all(n in tree for n in names):
+            stack[member] = jax.tree.map(lambda *a: np.stack(a), *(
+                restack(tree[n], value[member]) for n in names))
+            taken.update(names)
+        if stack:
+          out[key] = stack
       elif key in tree:
         out[key] = restack(tree[key], value)
-    stacked = {f'{k[:-1]}_{i}' for k, v in template.items() if _is_stack(k, v) and k in out
-               for i in range(jax.tree.leaves(v)[0].shape[0])}
-    out.update({k: v for k, v in tree.items() if k not in out and k not in stacked})
+    out.update({k: v for k, v in tree.items() if k not in out and k not in taken})
     return out
 
   return restack(params, like)

@@ -24,7 +24,7 @@ unused `q_dense` weights of the original checkpoints do not exist here.
 from __future__ import annotations
 
 import functools
-from typing import Collection, Sequence
+from typing import Any, Collection, Sequence
 
 import flax.linen as nn
 import jax
@@ -163,6 +163,100 @@ def layer_runs(schedule: Sequence[tuple[str, int]]) -> list[tuple[str, int, int]
   return runs
 
 
+Segment = tuple[tuple[str, int, int], ...]  # layer runs (kind, first, count)
+
+
+def repeated_segments(runs: Sequence[tuple[str, int, int]]) -> list[tuple[Segment, int]]:
+  """The runs cut after each Co-TRM into segments, consecutive segments of the
+  same shape (the same kinds and counts) grouped: [(first segment, repeats)].
+  ViLBERT-base: ([text 0-5, co 0], 1), ([text 6, vision 0, co 1], 5),
+  ([vision 5, text 11], 1)."""
+  segments, current = [], []
+  for run in runs:
+    current.append(run)
+    if run[0] == 'co':
+      segments.append(tuple(current))
+      current = []
+  if current:
+    segments.append(tuple(current))
+  shape = lambda segment: tuple((kind, count) for kind, _, count in segment)
+  grouped = []
+  for segment in segments:
+    if grouped and shape(grouped[-1][0]) == shape(segment) and _shifted(
+        grouped[-1][0], grouped[-1][1]) == segment:
+      grouped[-1] = (grouped[-1][0], grouped[-1][1] + 1)
+    else:
+      grouped.append((segment, 1))
+  return grouped
+
+
+def _stride(segment: Segment, stream: str) -> int:
+  """How far a stream's layer indices move from one repeat of `segment` to the
+  next: its layers in the segment (a Co-TRM's attentions count Co-TRMs)."""
+  kind = 'co' if stream in ('text_to_vision', 'vision_to_text') else stream
+  return sum(count for k, _, count in segment if k == kind)
+
+
+def _shifted(segment: Segment, repeats: int) -> Segment:
+  """`segment` `repeats` repeats later: each run's first layer moved on by its kind's count."""
+  return tuple((kind, first + repeats * _stride(segment, kind), count)
+               for kind, first, count in segment)
+
+
+def run_segment(segment: Segment, streams: tuple[jax.Array, jax.Array | None],
+                masks: tuple[jax.Array, jax.Array], rest: tuple[Any, Any], *,
+                layer_kwargs: dict[str, dict[str, Any]], deterministic: bool,
+                return_probs: bool, remat: bool, step: bool, scan_first: bool = False
+                ) -> tuple[tuple[jax.Array, jax.Array | None], dict[tuple[str, int], Any]]:
+  """Runs a segment's layers (submodules `{kind}_layer_{i}`, called in a compact
+  method) on (text, vision): ((text, vision), {(stream, layer index): probs}).
+
+  scan_first: a run from layer 0 of a stream is one scanned `{kind}_layers`
+  (`layers.layer_stack`). In a decoding step the vision layers are skipped.
+  """
+  (text, vision), (text_mask, region_mask), (blocks, decoding) = streams, masks, rest
+  attention = {}
+  for kind, first, count in segment:
+    if kind == 'co':
+      (text, vision), probs = layers.maybe_remat(CoAttentionLayer, remat)(
+          **layer_kwargs['co'], name=f'co_layer_{first}')(
+              (text, vision), (text_mask, region_mask), deterministic, return_probs,
+              blocks, decoding)
+      attention.update({(stream, first): value for stream, value in probs.items()})
+      continue
+    if kind == 'vision' and step:
+      continue
+    stack = functools.partial(
+        layers.layer_stack, layers.TransformerLayer, layer_kwargs[kind], count, f'{kind}_layer',
+        deterministic=deterministic, return_probs=return_probs, remat=remat,
+        scan=scan_first and first == 0 and count > 1, first=first)
+    if kind == 'text':
+      text, probs = stack(text, text_mask, (blocks['text'], decoding))
+    else:
+      vision, probs = stack(vision, region_mask, (blocks['vision'],),
+                            after_each=lambda v: layers.constrain(v, VISION_AXES))
+    attention.update({(kind, first + i): p for i, p in enumerate(probs)})
+  return (text, vision), attention
+
+
+class SegmentStep(nn.Module):
+  """One repeat of a segment under `nn.scan` (`model.scan_layers`): its layers
+  are the first repeat's submodules, their params stacked over the repeats
+  (`layers.layers_like` reads the stride from the names)."""
+  segment: Segment
+  layer_kwargs: Any
+  deterministic: bool
+  return_probs: bool
+  remat: bool
+  step: bool
+
+  @nn.compact
+  def __call__(self, streams: Any, masks: Any, rest: Any) -> tuple[Any, Any]:
+    return run_segment(self.segment, streams, masks, rest, layer_kwargs=self.layer_kwargs,
+                       deterministic=self.deterministic, return_probs=self.return_probs,
+                       remat=self.remat, step=self.step)
+
+
 class VilbertFields(nn.Module):
   """The fields of `configs/vilbert.py:model_config` (less `name`), shared by the
   backbone and the pretraining model."""
@@ -262,40 +356,36 @@ class Vilbert(VilbertFields):
     common = dict(dropout_rate=self.dropout_rate,
                   attention_dropout_rate=self.attention_dropout_rate,
                   attention_impl=self.attention_impl, dtype=dtype, param_dtype=param_dtype)
-    # The cache is written inside the layers: no remat around them when decoding.
-    remat = self.remat and decoding is None
-    co_layer = layers.maybe_remat(CoAttentionLayer, remat)
     layer_kwargs = dict(
         text=dict(num_heads=self.num_heads, intermediate_size=self.intermediate_size, **common),
         vision=dict(num_heads=self.v_num_heads, intermediate_size=self.v_intermediate_size,
-                    **common))
+                    **common),
+        co=dict(bi_hidden_size=self.bi_hidden_size, bi_num_heads=self.bi_num_heads,
+                intermediate_size=self.intermediate_size,
+                v_intermediate_size=self.v_intermediate_size, **common))
+    # The cache is written inside the layers: no remat around them when decoding.
+    run = dict(layer_kwargs=layer_kwargs, deterministic=deterministic,
+               return_probs=return_attention, remat=self.remat and decoding is None, step=step)
+    streams, masks, rest = (text, vision), (text_mask, region_mask), (blocks, decoding)
     attention = {}
-    for kind, first, count in layer_runs(layer_schedule(
-        self.num_layers, self.v_num_layers, self.v_biattention_id, self.t_biattention_id)):
-      # Text and vision layers run in index order, so `first` counts their stream's layers.
-      if kind == 'co':
-        (text, vision), probs = co_layer(
-            self.bi_hidden_size, self.bi_num_heads, self.intermediate_size,
-            self.v_intermediate_size, **common, name=f'co_layer_{first}')(
-                (text, vision), (text_mask, region_mask), deterministic, return_attention,
-                blocks, decoding)
-        for stream, value in probs.items():
-          attention[layers.attention_key(stream, first)] = value
+    for segment, repeats in repeated_segments(layer_runs(layer_schedule(
+        self.num_layers, self.v_num_layers, self.v_biattention_id, self.t_biattention_id))):
+      if self.scan_layers and repeats > 1:
+        streams, probs = nn.scan(
+            SegmentStep, variable_axes={'params': 0, 'cache': 0},
+            split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast, nn.broadcast),
+            length=repeats, metadata_params={nn.PARTITION_NAME: 'layers'})(
+                segment, **run, name=f'co_layer_{segment[-1][1]}_blocks')(streams, masks, rest)
+        for (stream, index), value in probs.items():
+          for i in range(repeats):  # repeat i runs the segment's layers i strides on
+            attention[layers.attention_key(stream, index + i * _stride(segment, stream))] = (
+                None if value is None else value[i])
         continue
-      if kind == 'vision' and step:
-        continue
-      # Only a run from layer 0 scans (as `{kind}_layers`): the layers after a
-      # Co-TRM alternate with the other stream's, one at a time.
-      stack = functools.partial(
-          layers.layer_stack, layers.TransformerLayer, layer_kwargs[kind], count,
-          f'{kind}_layer', deterministic=deterministic, return_probs=return_attention,
-          remat=remat, scan=self.scan_layers and first == 0 and count > 1, first=first)
-      if kind == 'text':
-        text, probs = stack(text, text_mask, (blocks['text'], decoding))
-      else:
-        vision, probs = stack(vision, region_mask, (blocks['vision'],),
-                              after_each=lambda v: layers.constrain(v, VISION_AXES))
-      attention.update({layers.attention_key(kind, first + i): p for i, p in enumerate(probs)})
+      for i in range(repeats):
+        streams, probs = run_segment(_shifted(segment, i), streams, masks, rest, **run,
+                                     scan_first=self.scan_layers)
+        attention.update({layers.attention_key(*key): v for key, v in probs.items()})
+    text, vision = streams
     if step:
       return dict(text=text, word_embeddings=word_table)
 
