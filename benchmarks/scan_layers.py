@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 
 from benchmarks import train_step
 
@@ -53,14 +51,11 @@ def main() -> None:
   results = []
   for design in args.designs.split(','):
     for scan in ('layers', 'scan'):
-      proc = subprocess.run(
-          [sys.executable, '-m', 'benchmarks.scan_layers', f'--one={design}:{scan}',
-           f'--size={args.size}', f'--batch={args.batch}', f'--steps={args.steps}'],
-          capture_output=True, text=True, check=False, env=env)
-      lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
-      if proc.returncode or not lines:
-        raise RuntimeError(f'{design} {scan}: exit {proc.returncode}\n{proc.stderr[-3000:]}')
-      result = json.loads(lines[-1][len('RESULT '):])
+      result, errors = train_step.run_child('benchmarks.scan_layers', [
+          f'--one={design}:{scan}', f'--size={args.size}', f'--batch={args.batch}',
+          f'--steps={args.steps}'], env)
+      if result is None:
+        raise RuntimeError(f'{design} {scan}: {errors}')
       results.append(result)
       timed = f", {result['step_s']:.3f} s/step" if 'step_s' in result else ''
       print(f"{design:>10} {args.size} scan_layers={result['scan_layers']!s:5} "

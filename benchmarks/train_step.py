@@ -241,17 +241,25 @@ def machine() -> dict:
               load_average=os.getloadavg())
 
 
-def run_case(case: str, args: argparse.Namespace, env: dict[str, str]) -> dict | None:
-  """One case in a child process; its result dict, or None (reported) if it failed."""
-  proc = subprocess.run(
-      [sys.executable, '-m', 'benchmarks.train_step', f'--one={case}',
-       f'--batch={args.batch}', f'--steps={args.steps}', f'--dtype={args.dtype}'],
-      capture_output=True, text=True, check=False, env=env)
+def run_child(module: str, flags: list[str], env: dict[str, str]) -> tuple[dict | None, str]:
+  """`python -m module flags` in a child process: (the dict of its last
+  'RESULT {json}' line, or None if it failed; the tail of its stderr)."""
+  proc = subprocess.run([sys.executable, '-m', module, *flags], capture_output=True,
+                        text=True, check=False, env=env)
   lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
   if proc.returncode or not lines:
-    print(f'{case}: failed\n{proc.stderr[-3000:]}', file=sys.stderr)
-    return None
-  return json.loads(lines[-1][len('RESULT '):])
+    return None, f'exit {proc.returncode}\n{proc.stderr[-3000:]}'
+  return json.loads(lines[-1][len('RESULT '):]), proc.stderr[-3000:]
+
+
+def run_case(case: str, args: argparse.Namespace, env: dict[str, str]) -> dict | None:
+  """One case in a child process; its result dict, or None (reported) if it failed."""
+  result, errors = run_child('benchmarks.train_step', [
+      f'--one={case}', f'--batch={args.batch}', f'--steps={args.steps}',
+      f'--dtype={args.dtype}'], env)
+  if result is None:
+    print(f'{case}: failed {errors}', file=sys.stderr)
+  return result
 
 
 def combine_rounds(rounds: list[dict]) -> dict:
