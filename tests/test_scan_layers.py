@@ -163,7 +163,7 @@ def test_scanned_step_is_sharded_and_matches_one_device(mesh_name):
   for name, value in want_metrics.items():
     np.testing.assert_allclose(metrics[name], value, rtol=2e-5, atol=1e-6, err_msg=name)
   test_sharding.assert_trees_close(state.params, want.params, rtol=1e-4, atol=2e-6)
-  query = state.params['backbone']['text_layers']['layer']['attention']['query']['kernel']
+  query = state.params['backbone']['text_layers']['text_layer_0']['attention']['query']['kernel']
   assert query.shape[0] == config.model.num_language_layers
   # [layers, embed, heads, kv]: a layer's placement (test_sharding), the stack axis whole.
   assert query.sharding.spec == PartitionSpec(None, 'fsdp', 'tensor', None)
