@@ -86,7 +86,7 @@ def test_scanned_layers_compute_what_per_layer_modules_do(case):
     np.testing.assert_allclose(got[key], want[key], atol=1e-6, rtol=1e-6, err_msg=key)
 
 
-@pytest.mark.parametrize('design', ['lxmert', 'uniter'])
+@pytest.mark.parametrize('design', ['lxmert', pytest.param('uniter', marks=pytest.mark.slow)])
 def test_scanned_training_equals_per_layer_training(design, data_dir, tmp_path):
   """Three steps of pretraining (dropout off; UNITER's steps cycle through its
   tasks) from the same per-layer params (`init.source=orbax:`, converted for the
