@@ -21,7 +21,7 @@ from configs import visualbert
 from vlpjax import checkpointing, config_lib, flops, metrics as metrics_lib, optim, sharding
 from vlpjax import state as state_lib, step as step_lib, train
 from vlpjax.data import input_pipeline, tables, tokenizer
-from vlpjax.models import get_design, get_model
+from vlpjax.models import get_design, get_model, layers
 from vlpjax.tasks import pretrain as pretrain_task
 
 # Runs stop after NUM_STEPS of a 1000-step schedule: test_main and the SIGTERM test
@@ -361,11 +361,13 @@ def test_design_optimizer_defaults():
   assert config_lib.train_config('visualbert').learning_rate == 5e-5
 
 
-@pytest.fixture(scope='module')
-def fresh_state(data_dir):
-  """A VisualBERT tiny state over fsdp 4 x tensor 2 and what built it."""
+@pytest.fixture(scope='module', params=[False, True], ids=['per_layer', 'scan_layers'])
+def fresh_state(data_dir, request):
+  """A VisualBERT tiny state over data 2 x fsdp 2 x tensor 2 and what built it,
+  its layers one module each or scanned (`model.scan_layers`)."""
   config = run_config(data_dir)
   config.mesh.shape = (2, 2, 2)
+  config.model.scan_layers = request.param
   mesh = sharding.make_mesh(config)
   rules = sharding.logical_axis_rules(config)
   model = get_model(config.model)
@@ -413,6 +415,12 @@ def test_init_from_bert(fresh_state, tmp_path):
                              bert.embeddings.word_embeddings.weight.detach().numpy(), rtol=1e-6)
   assert table.sharding == state.params['backbone']['embeddings']['word_embeddings'][
       'embedding'].sharding
+  # The layers too, a scanned stack filled through the per-layer layout.
+  query = layers.unstacked_layers(jax.device_get(new.params['backbone']))['layer_0'][
+      'attention']['query']['kernel']
+  np.testing.assert_allclose(
+      query.reshape(model.hidden_size, -1),
+      bert.encoder.layer[0].attention.self.query.weight.detach().numpy().T, rtol=1e-6)
 
 
 def test_every_objective_is_compiled_before_step_1(data_dir, tmp_path, monkeypatch):

@@ -46,7 +46,7 @@ def model_defaults() -> ml_collections.ConfigDict:
       attention_dropout_rate=0.1,  # >0 in training takes the explicit attention path
       remat=False,                # nn.remat per layer
       # Each stack of repeated layers as one nn.scan: compiled once, params
-      # stacked on a leading 'layers' axis (layers.stack_layer_params converts).
+      # stacked on a leading 'layers' axis (layers.layers_like converts).
       scan_layers=False,
       # The MLM / LM head's logits over the vocabulary in float32 whatever the
       # compute dtype (its matmul accumulates and returns float32), as MaxText's

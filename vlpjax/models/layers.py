@@ -495,6 +495,17 @@ class _StackStep(nn.Module):
     return (carry if self.after_each is None else self.after_each(carry)), probs
 
 
+def scanned(step_cls: type[nn.Module], count: int) -> type[nn.Module]:
+  """`step_cls` (called as (carry, masks, rest) -> (carry, outputs)) run `count`
+  times by `nn.scan`: its params and decoding cache stacked on a leading axis
+  of logical name 'layers', dropout and init RNGs split per repeat, masks and
+  rest the same for every repeat."""
+  return nn.scan(step_cls, variable_axes={'params': 0, 'cache': 0},
+                 split_rngs={'params': True, 'dropout': True},
+                 in_axes=(nn.broadcast, nn.broadcast), length=count,
+                 metadata_params={nn.PARTITION_NAME: 'layers'})
+
+
 def layer_stack(layer_cls: type[nn.Module], layer_kwargs: dict[str, Any], count: int,
                 name: str, carry: Any, masks: Any, rest: tuple[Any, ...], *,
                 deterministic: bool, return_probs: bool, remat: bool, scan: bool,
@@ -526,12 +537,9 @@ def layer_stack(layer_cls: type[nn.Module], layer_kwargs: dict[str, Any], count:
     return carry, all_probs
   if first:
     raise ValueError(f'{name}: a scanned stack starts at layer 0, not {first}')
-  stack = nn.scan(_StackStep, variable_axes={'params': 0, 'cache': 0},
-                  split_rngs={'params': True, 'dropout': True},
-                  in_axes=(nn.broadcast, nn.broadcast), length=count,
-                  metadata_params={nn.PARTITION_NAME: 'layers'})
-  carry, stacked = stack(layer_cls, layer_kwargs, f'{name}_0', deterministic, return_probs,
-                         remat, after_each, name=f'{name}s')(carry, masks, rest)
+  carry, stacked = scanned(_StackStep, count)(
+      layer_cls, layer_kwargs, f'{name}_0', deterministic, return_probs, remat, after_each,
+      name=f'{name}s')(carry, masks, rest)
   return carry, [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(count)]
 
 

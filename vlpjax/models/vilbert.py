@@ -371,11 +371,8 @@ class Vilbert(VilbertFields):
     for segment, repeats in repeated_segments(layer_runs(layer_schedule(
         self.num_layers, self.v_num_layers, self.v_biattention_id, self.t_biattention_id))):
       if self.scan_layers and repeats > 1:
-        streams, probs = nn.scan(
-            SegmentStep, variable_axes={'params': 0, 'cache': 0},
-            split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast, nn.broadcast),
-            length=repeats, metadata_params={nn.PARTITION_NAME: 'layers'})(
-                segment, **run, name=f'co_layer_{segment[-1][1]}_blocks')(streams, masks, rest)
+        streams, probs = layers.scanned(SegmentStep, repeats)(
+            segment, **run, name=f'co_layer_{segment[-1][1]}_blocks')(streams, masks, rest)
         for (stream, index), value in probs.items():
           for i in range(repeats):  # repeat i runs the segment's layers i strides on
             attention[layers.attention_key(stream, index + i * _stride(segment, stream))] = (
