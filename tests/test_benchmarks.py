@@ -9,6 +9,7 @@ from benchmarks import mfu
 pytestmark = pytest.mark.usefixtures('compile_cache')
 
 
+@pytest.mark.slow  # 61 s on 2 cores
 def test_mfu_script_searches_the_batch_and_times_each_variant(tmp_path, monkeypatch):
   monkeypatch.setattr(mfu, 'memory_limit', lambda: 2**30)
   out = tmp_path / 'mfu.json'

@@ -245,6 +245,7 @@ def test_load_answers_like_the_evaluator(data_dir, finetuned):
     model.answer(['?'], np.zeros((2, 3)), np.zeros((2, 4)), (1, 1))
 
 
+@pytest.mark.slow  # 111 s on 2 cores: four LXMERT programs
 def test_lxmert_vqa_head_starts_from_its_pretraining_qa_head(data_dir, tmp_path):
   pretrain = tiny_config('lxmert', data_dir)
   assert pretrain.data.qa  # LXMERT's image-QA objective

@@ -414,6 +414,13 @@ def test_sum_mix_first_stage_sums_only_its_tasks():
   with pytest.raises(ValueError, match='first_stage_ratios'):
     pretraining.tasks_for('lxmert', _config('lxmert', first_stage_steps=3,
                                             first_stage_ratios=(0, 1)))
+  assert not any(pretraining.captions_only(config, s) for s in range(5))
+  config.pretrain.first_stage_sentences = 'captions'
+  assert [pretraining.captions_only(config, s) for s in range(5)] == [True] * 3 + [False] * 2
+  config.pretrain.first_stage_sentences = 'questions'
+  with pytest.raises(ValueError, match=r"first_stage_sentences must be one of \('all', "
+                     r"'captions'\), got 'questions'"):
+    pretraining.tasks_for('lxmert', config)
 
 
 def test_tasks_for_and_config_errors():

@@ -546,6 +546,45 @@ def test_qa_targets(data_config):
   assert questions > 0
 
 
+def test_captions_only_batches(data_config):
+  """A captions-only batch keeps the default stream's matched caption pairs,
+  shows captions only (negatives too), and resumes exactly; later batches are
+  the default ones. Without `data.qa` the option is refused."""
+  config = data_config.copy_and_resolve_references()
+  config.qa = True
+  tokenizer = BertTokenizer(config.vocab_file, config.max_text_len)
+  default = _take(_iterator(config, 'lxmert', batch_size=16), 4)
+  first_two = lambda b: b < 2
+  iterator = _iterator(config, 'lxmert', batch_size=16, captions_only_at=first_two)
+  assert iterator.get_state()['pipeline']['captions_only'] == 'by step'
+  got = _take(iterator, 1)
+  state = iterator.get_state()
+  got += _take(iterator, 3)
+  replaced = 0
+  for number, (want, batch) in enumerate(zip(default, got)):
+    if number >= 2:
+      for key in want:
+        np.testing.assert_array_equal(batch[key], want[key], err_msg=key)
+      continue
+    # A matched caption is the same pair; a negative is now drawn among captions.
+    kept = (want['shows_question'] == 0) & (want['match_label'] == MATCHED['lxmert'])
+    texts = [tokenizer.decode(ids) for ids in batch['input_ids']]
+    assert not any(t.startswith('question') for t in texts)
+    np.testing.assert_array_equal(batch['shows_question'], 0)
+    np.testing.assert_array_equal(batch['qa_valid'], 0)
+    for key in want:
+      np.testing.assert_array_equal(batch[key][kept], want[key][kept], err_msg=key)
+    replaced += (want['shows_question'] == 1).sum()
+  assert replaced > 0
+  restored = _iterator(config, 'lxmert', batch_size=16, captions_only_at=first_two)
+  restored.set_state(state)
+  for want, batch in zip(got[1:], _take(restored, 3)):
+    for key in want:
+      np.testing.assert_array_equal(batch[key], want[key], err_msg=key)
+  with pytest.raises(ValueError, match='needs data.qa=True'):
+    _iterator(data_config, 'lxmert', captions_only_at=first_two)
+
+
 def test_clear_errors(data_config):
   config = data_config.copy_and_resolve_references()
   config.images_dataset = 'pipeline_test_images/no_class_probs'

@@ -72,7 +72,7 @@ def _draw_index(u: np.ndarray, n: int | np.ndarray) -> np.ndarray:
 
 
 # Streams of `hashed_uniform`: one per independent choice.
-_MISMATCH, _NEGATIVE, _PARTNER = 0, 1, 2
+_MISMATCH, _NEGATIVE, _PARTNER, _CAPTION = 0, 1, 2, 3
 
 
 # ----------------------------------------------------------------------------
@@ -152,6 +152,10 @@ class BatchAssembler:
   row j is sentence `sentence_indices[j]` as drawn in epoch `epochs[j]` (an int:
   the same epoch for all). With `draw_negatives=False` every row is its matched
   pair (a batch of a step whose losses see positives only, e.g. UNITER's MLM).
+  With `captions_only=True` a row whose sentence is not a caption (a VQA
+  question) shows a caption drawn uniformly instead, a hash of (seed, epoch,
+  index) as every other choice, and negatives are captions too (a first stage
+  without questions, e.g. LXMERT's before image QA joins).
   """
   design: design_lib.Design
   tokenizer: BertTokenizer
@@ -181,9 +185,11 @@ class BatchAssembler:
     return tables.as_text(record['text'] if 'text' in record else record['question'])
 
   def _negative_sentences(self, anchor: np.ndarray, anchor_image: np.ndarray,
-                          epoch: np.ndarray) -> list[dict[str, Any]]:
-    """For each anchor, the record of a random sentence about another image."""
-    n = self.num_sentences
+                          epoch: np.ndarray, captions_only: bool = False
+                          ) -> list[dict[str, Any]]:
+    """For each anchor, the record of a random sentence (caption, with
+    `captions_only`) about another image."""
+    n = int(self._offsets[1]) if captions_only else self.num_sentences
     if n < 2:
       raise ValueError(f'{n} sentence(s): pairs need sentences about two images')
     records = [None] * len(anchor)
@@ -215,16 +221,20 @@ class BatchAssembler:
     return image
 
   def __call__(self, epochs: np.ndarray | int, anchor: np.ndarray,
-               draw_negatives: bool = True) -> dict[str, np.ndarray]:
+               draw_negatives: bool = True, captions_only: bool = False
+               ) -> dict[str, np.ndarray]:
     anchor = np.asarray(anchor, np.int64)
     b = len(anchor)
     epoch = np.broadcast_to(np.asarray(epochs, np.int64), (b,))
+    if captions_only:
+      anchor = self._as_captions(anchor, epoch)
     records = self.read_sentences(anchor)
     anchor_image = self._image_index(anchor, records)
     mismatched = hashed_uniform(self.seed, epoch, anchor, _MISMATCH) < self.mismatch_prob
     mismatched &= draw_negatives
     swap = np.flatnonzero(mismatched)
-    negatives = self._negative_sentences(anchor[swap], anchor_image[swap], epoch[swap])
+    negatives = self._negative_sentences(anchor[swap], anchor_image[swap], epoch[swap],
+                                         captions_only)
     texts = [self._sentence_text(r) for r in records]
     pairs = None
     image_index = anchor_image.copy()
@@ -252,6 +262,12 @@ class BatchAssembler:
     if self.num_answers is not None:
       batch.update(self._qa_targets(records, shown, mismatched))
     return batch
+
+  def _as_captions(self, anchor: np.ndarray, epoch: np.ndarray) -> np.ndarray:
+    """`anchor` [B] with each index past the caption table replaced by a random caption."""
+    num_captions = int(self._offsets[1])
+    drawn = _draw_index(hashed_uniform(self.seed, epoch, anchor, _CAPTION), num_captions)
+    return np.where(anchor < num_captions, anchor, drawn)
 
   def _partner_captions(self, anchor: np.ndarray, anchor_image: np.ndarray,
                         epoch: np.ndarray) -> list[str]:

@@ -222,16 +222,24 @@ def endless_batches(data_config: ml_collections.ConfigDict, num_examples: int,
       prefetch_buffer_size=data_config.prefetch_batches))
 
 
-def _negatives_kwargs(negatives_at: Callable[[int], bool], batch_number: int
-                      ) -> dict[str, bool]:
-  return dict(draw_negatives=bool(negatives_at(batch_number)))
+def _batch_options(negatives_at: Callable[[int], bool] | None,
+                   captions_only_at: Callable[[int], bool] | None, batch_number: int
+                   ) -> dict[str, bool]:
+  """The assembler's options for batch `batch_number` (picklable for the workers)."""
+  options = {}
+  if negatives_at is not None:
+    options['draw_negatives'] = bool(negatives_at(batch_number))
+  if captions_only_at is not None:
+    options['captions_only'] = bool(captions_only_at(batch_number))
+  return options
 
 
 def make_pretraining_iterator(data_config: ml_collections.ConfigDict, model_name: str, *,
                               global_batch_size: int, seed: int, mesh: Mesh | None = None,
                               data_axes: Sequence[str] = ('data', 'fsdp'),
                               split: str = 'train',
-                              negatives_at: Callable[[int], bool] | None = None
+                              negatives_at: Callable[[int], bool] | None = None,
+                              captions_only_at: Callable[[int], bool] | None = None
                               ) -> PretrainingIterator:
   """Endless, resumable pretraining batches for design `model_name`.
 
@@ -246,6 +254,9 @@ def make_pretraining_iterator(data_config: ml_collections.ConfigDict, model_name
       `data.mismatch_prob`; a batch without is all matched pairs. None: every
       batch. A step whose losses see matched pairs only (UNITER's MLM and
       region tasks) then pays for no pair it throws away.
+    captions_only_at: whether batch b draws its sentences from the captions
+      alone (`examples.BatchAssembler`, `captions_only`), e.g. a first stage
+      before image QA; needs `data.qa`. None: from all of the sentence pool.
 
   Returns:
     An iterator of dicts (see the data contract): input_ids, text_mask,
@@ -262,6 +273,9 @@ def make_pretraining_iterator(data_config: ml_collections.ConfigDict, model_name
                      'has no QA objective')
   if not 0.0 <= data_config.mismatch_prob <= 1.0:
     raise ValueError(f'data.mismatch_prob must be in [0, 1], got {data_config.mismatch_prob}')
+  if captions_only_at is not None and not data_config.qa:
+    raise ValueError('captions_only_at (config.pretrain.first_stage_sentences=\'captions\') '
+                     'needs data.qa=True: without questions every sentence is a caption')
   rows, seed, sharding = batch_layout(data_config, global_batch_size, seed, mesh, data_axes)
   assembler = examples.make_batch_assembler(data_config, design, split=split, seed=seed)
   num_sentences, images = assembler.num_sentences, assembler.images
@@ -269,7 +283,8 @@ def make_pretraining_iterator(data_config: ml_collections.ConfigDict, model_name
 
   stream = endless_batches(
       data_config, num_sentences, global_batch_size, rows, seed, assembler,
-      None if negatives_at is None else functools.partial(_negatives_kwargs, negatives_at))
+      None if negatives_at is None and captions_only_at is None
+      else functools.partial(_batch_options, negatives_at, captions_only_at))
   # The process count is not part of it: the global order does not depend on it.
   fingerprint = dict(
       design=model_name, seed=seed, global_batch_size=global_batch_size,
@@ -281,6 +296,8 @@ def make_pretraining_iterator(data_config: ml_collections.ConfigDict, model_name
       mismatch_prob=data_config.mismatch_prob, worker_count=data_config.worker_count)
   if negatives_at is not None:  # absent otherwise: earlier states still restore
     fingerprint['negatives'] = 'by step'
+  if captions_only_at is not None:
+    fingerprint['captions_only'] = 'by step'
   # cache_images and widen_features change no value in the batches (widening is
   # exact), so they are not part of the fingerprint.
   return PretrainingIterator(iter(stream), fingerprint, sharding)

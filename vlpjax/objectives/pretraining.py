@@ -12,7 +12,9 @@ task drawn by `sample_task(seed, step, task_ratios(config, step))`, with
 `mix = 'sum'` (LXMERT, ViLBERT, VisualBERT) every step runs the task 'all', the
 sum of the losses in `config.pretrain.tasks`. A first stage
 (`first_stage_steps`) draws by `first_stage_ratios` ('sample'), or sums only
-the losses those ratios do not zero, as the task 'first_stage' ('sum').
+the losses those ratios do not zero, as the task 'first_stage' ('sum'); with
+`first_stage_sentences='captions'` its batches show captions only
+(`captions_only`, read by the input pipeline).
 
 Each design's recipe (`Design.recipe`, in `vlpjax/models/<design>.py`) names its
 loss components (the names of `config.pretrain.tasks` and of the returned
@@ -49,6 +51,7 @@ MATCHING_LOGITS = {'sentence_image': 'sentence_image_logits', 'alignment': 'alig
                    'matched': 'matched_logits', 'itm': 'itm_logits'}
 REGION_COMPONENTS = ('region_kl', 'obj', 'attr', 'feat', 'mrfr', 'mrc', 'mrckl')
 MIXES = ('sample', 'sum')
+FIRST_STAGE_SENTENCES = ('all', 'captions')
 ALL = 'all'
 FIRST_STAGE = 'first_stage'
 
@@ -70,6 +73,9 @@ def default_pretrain_config(design: DesignOrName) -> ml_collections.ConfigDict:
       # alone until it has left chance before the masked objectives join.
       first_stage_steps=0,
       first_stage_ratios=(),
+      # The first stage's sentences: 'all' of the pool, or 'captions' (with
+      # `data.qa`: the questions join with image QA, as LXMERT's first epochs).
+      first_stage_sentences='all',
       mask_prob=0.15,
       region_mask_prob=0.15,
       max_predictions=0,  # MLM slots per example; 0: masking.default_max_predictions(T)
@@ -103,6 +109,9 @@ def tasks_for(design: DesignOrName, config: ml_collections.ConfigDict) -> list[s
                      'modality per batch (conditional masking)')
   if pre.first_stage_steps > 0:
     task_ratios(config, 0)  # validates the first stage's ratios
+  if pre.first_stage_sentences not in FIRST_STAGE_SENTENCES:
+    raise ValueError(f'config.pretrain.first_stage_sentences must be one of '
+                     f'{FIRST_STAGE_SENTENCES}, got {pre.first_stage_sentences!r}')
   if pre.mix == 'sum':
     return [FIRST_STAGE, ALL] if pre.first_stage_steps > 0 else [ALL]
   task_ratios(config, pre.first_stage_steps)
@@ -122,6 +131,13 @@ def task_for_step(design: DesignOrName, config: ml_collections.ConfigDict, step:
   if config.pretrain.mix == 'sum':
     return FIRST_STAGE if step < config.pretrain.first_stage_steps else ALL
   return sample_task(config.seed, step, task_ratios(config, step))
+
+
+def captions_only(config: ml_collections.ConfigDict, step: int) -> bool:
+  """Whether train step `step`'s batch draws its sentences from the captions
+  alone: in the first stage with `first_stage_sentences='captions'`."""
+  pre = config.pretrain
+  return pre.first_stage_sentences == 'captions' and step < pre.first_stage_steps
 
 
 def draws_negatives(design: DesignOrName, config: ml_collections.ConfigDict,

@@ -122,14 +122,17 @@ def make_train_iterator(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
                         ) -> input_pipeline.PretrainingIterator:
   """Endless, resumable global batches of image-text pairs. Where only matching
   sees negatives (UNITER), batch b has them only if step b's task does
-  (`pretraining.draws_negatives`)."""
-  negatives_at = None
+  (`pretraining.draws_negatives`); with `pretrain.first_stage_sentences='captions'`
+  the first stage's batches show captions only (`pretraining.captions_only`)."""
+  negatives_at = captions_only_at = None
   if get_design(config.model.name).recipe.positives_only:
     negatives_at = functools.partial(pretraining.draws_negatives, config.model.name, config)
+  if config.pretrain.first_stage_sentences == 'captions':
+    captions_only_at = functools.partial(pretraining.captions_only, config)
   return input_pipeline.make_pretraining_iterator(
       config.data, config.model.name, global_batch_size=config.train.global_batch_size,
       seed=config.seed, mesh=mesh, data_axes=tuple(config.mesh.data_axes),
-      negatives_at=negatives_at)
+      negatives_at=negatives_at, captions_only_at=captions_only_at)
 
 
 def objectives(config: ml_collections.ConfigDict) -> list[str]:
