@@ -24,6 +24,7 @@ from jax.sharding import AxisType, Mesh
 
 from vlpjax import sharding
 from vlpjax.data import examples
+from vlpjax.data import features_builder
 from vlpjax.data import input_pipeline
 from vlpjax.data import tables
 from vlpjax.data import vlp_world
@@ -81,7 +82,7 @@ class PipelineTestImages(tfds.core.GeneratorBasedBuilder):
 
   def _info(self):
     with_probs = self.builder_config.name != 'no_class_probs'
-    return tfds.core.DatasetInfo(
+    return features_builder.LocalDatasetInfo(
         builder=self, features=images_features(FEATURE_DIM, NUM_CLASSES if with_probs else None),
         disable_shuffling=True)
 
@@ -116,7 +117,7 @@ class PipelineTestCaptions(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self,
+    return features_builder.LocalDatasetInfo(builder=self,
                                  features=vlp_world.table_features('captions', FEATURE_DIM))
 
   def _split_generators(self, dl_manager):
@@ -131,7 +132,7 @@ class PipelineTestVqa(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(dict(
+    return features_builder.LocalDatasetInfo(builder=self, features=tfds.features.FeaturesDict(dict(
         question_id=np.int64, question=tfds.features.Text(), image_index=np.int64,
         image_id=tfds.features.Text(), answers=tfds.features.Sequence(tfds.features.Text()),
         answer_labels=tfds.features.Sequence(np.int32),

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -15,6 +16,7 @@ from vlpjax.data import annotations_builder as ab
 from vlpjax.data import features_builder as fb
 from vlpjax.data import formats
 from vlpjax.data import input_pipeline
+from vlpjax.data import vlp_world
 
 # COCO ids -> their feature-file names, as in LXMERT's mscoco TSVs.
 COCO = {9: 'train2014', 25: 'train2014', 30: 'train2014', 42: 'val2014', 73: 'val2014'}
@@ -458,3 +460,16 @@ def test_ingest_report_when_every_row_is_bad(tmp_path):
   report = json.loads((tmp_path / 'data' / 'coco_captions' / 'orphans' /
                        fb.REPORT_FILE).read_text())
   assert report['by_reason'] == {'missing image': 2}
+
+
+def test_unprepared_builders_leave_no_temporary_directory(tmp_path, monkeypatch):
+  """TFDS makes a temporary directory to look up an unprepared dataset's info
+  on its bucket, and keeps it; these tables are local, so none is made."""
+  made = []
+  real_mkdtemp = tempfile.mkdtemp
+  monkeypatch.setattr(tempfile, 'mkdtemp', lambda *a, **k: made.append(a) or real_mkdtemp(*a, **k))
+  builders = (fb.LxmertTsv(data_dir=str(tmp_path)), ab.CocoCaptions(data_dir=str(tmp_path)),
+              vlp_world.VlpWorld(config='tiny_images', data_dir=str(tmp_path)))
+  assert not any(b.is_prepared() for b in builders)
+  assert [type(b.info) for b in builders] == [fb.LocalDatasetInfo] * 3
+  assert made == []

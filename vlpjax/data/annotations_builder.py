@@ -231,9 +231,10 @@ class TextTableBuilder(features_builder.SideFilesBuilder, abc.ABC):
 names, or name them in the config's `files`; build the images table first."""
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
-                                 features=tfds.features.FeaturesDict(self.FEATURES),
-                                 metadata=tfds.core.MetadataDict(), disable_shuffling=True)
+    return features_builder.LocalDatasetInfo(
+        builder=self, description=self.__doc__,
+        features=tfds.features.FeaturesDict(self.FEATURES),
+        metadata=tfds.core.MetadataDict(), disable_shuffling=True)
 
   def build_settings(self) -> dict[str, Any]:
     return features_builder.config_settings(self.builder_config, ('examples_per_shard',))

@@ -164,6 +164,15 @@ class TableExistsError(FileExistsError):
   """A table is already built under the name asked for, from other settings."""
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+  """The DatasetInfo of a table that exists only where it is built: TFDS looks
+  up the info of an unprepared dataset on its GCS bucket, in a fresh temporary
+  directory it never removes (one per builder made); these tables are not there."""
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 class SideFilesBuilder(tfds.core.ShardBasedBuilder):
   """A ShardBasedBuilder that writes extra files (reports, vocabularies) next to
   the generated dataset, from `self.side_files` filled during generation, and
@@ -260,7 +269,7 @@ class ImagesTableBuilder(SideFilesBuilder, abc.ABC):
     return self.builder_config.num_classes
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
+    return LocalDatasetInfo(
         builder=self, description=self.__doc__,
         features=images_features(self.builder_config.feature_dim, self.num_classes),
         metadata=tfds.core.MetadataDict(), disable_shuffling=True)

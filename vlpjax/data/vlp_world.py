@@ -149,7 +149,7 @@ class VlpWorld(features_builder.SideFilesBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     config = self.builder_config
-    return tfds.core.DatasetInfo(
+    return features_builder.LocalDatasetInfo(
         builder=self, description=__doc__,
         features=table_features(config.table, config.world.feature_dim),
         metadata=tfds.core.MetadataDict(
