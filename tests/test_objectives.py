@@ -540,8 +540,13 @@ def test_lxmert_matched_loss_on_captions_only():
   per_pair = np.asarray(_ce(np.asarray(outputs['matched_logits']), batch['match_label']))
   np.testing.assert_allclose(losses[True]['matched'], per_pair.mean(), rtol=1e-6)
   np.testing.assert_allclose(losses[False]['matched'], per_pair[[1, 2]].mean(), rtol=1e-6)
-  for size in ('small', 'base'):  # the original's rule unless asked
-    assert importlib.import_module('configs.lxmert').get_config(size).pretrain.match_questions
+  configs = importlib.import_module('configs.lxmert')
+  assert configs.get_config('base').pretrain.match_questions  # the original's rule
+  # The world's recipe: its templated questions fit almost any image.
+  world = configs.get_config('small').pretrain
+  assert not world.match_questions
+  assert world.first_stage_sentences == 'captions' and world.first_stage_steps > 0
+  assert configs.get_config('base').pretrain.first_stage_sentences == 'all'
 
 def test_loss_weights_apply_and_unknown_names_fail():
   design = 'visualbert'
