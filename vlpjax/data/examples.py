@@ -169,6 +169,7 @@ class BatchAssembler:
   def __post_init__(self):
     self._offsets = np.cumsum([0] + [len(s) for s in self.sentences])
     self.num_sentences = int(self._offsets[-1])
+    self.num_captions = int(self._offsets[1])  # the captions table comes first
 
   def read_sentences(self, indices: np.ndarray) -> list[dict[str, Any]]:
     """Records of sentence `indices` from whichever table holds each."""
@@ -189,7 +190,7 @@ class BatchAssembler:
                           ) -> list[dict[str, Any]]:
     """For each anchor, the record of a random sentence (caption, with
     `captions_only`) about another image."""
-    n = int(self._offsets[1]) if captions_only else self.num_sentences
+    n = self.num_captions if captions_only else self.num_sentences
     if n < 2:
       raise ValueError(f'{n} sentence(s): pairs need sentences about two images')
     records = [None] * len(anchor)
@@ -265,9 +266,8 @@ class BatchAssembler:
 
   def _as_captions(self, anchor: np.ndarray, epoch: np.ndarray) -> np.ndarray:
     """`anchor` [B] with each index past the caption table replaced by a random caption."""
-    num_captions = int(self._offsets[1])
-    drawn = _draw_index(hashed_uniform(self.seed, epoch, anchor, _CAPTION), num_captions)
-    return np.where(anchor < num_captions, anchor, drawn)
+    drawn = _draw_index(hashed_uniform(self.seed, epoch, anchor, _CAPTION), self.num_captions)
+    return np.where(anchor < self.num_captions, anchor, drawn)
 
   def _partner_captions(self, anchor: np.ndarray, anchor_image: np.ndarray,
                         epoch: np.ndarray) -> list[str]:
