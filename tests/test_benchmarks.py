@@ -1,10 +1,13 @@
 """The accelerator MFU script runs end to end on the CPU at tiny sizes (its
-figures are not checked: a test never asserts a timing)."""
+figures are not checked: a test never asserts a timing); the VQA prior report's
+statistics."""
 import json
 
+import numpy as np
 import pytest
 
-from benchmarks import mfu
+from benchmarks import mfu, vqa_prior
+from vlpjax.tasks import vqa
 
 pytestmark = pytest.mark.usefixtures('compile_cache')
 
@@ -42,3 +45,21 @@ def test_step_profile_groups_every_op_of_the_step():
   assert step_profile.group_of('add', False, 'jit(train_step)/optimizer/add') == 'optimizer'
   assert step_profile.group_of('add', False, 'jit(f)/M/backbone/layer_0/ffn/output_norm/add'
                                ) == 'layer norms'
+
+
+def test_vqa_prior_auc_and_constant_answers():
+  """The yes/no AUC against hand cases, and each type's constant: the most common
+  majority answer after normalisation."""
+  yes = np.array([True, True, False, False])
+  assert vqa_prior.roc_auc(yes, np.array([3., 2., 1., 0.])) == 1.0
+  assert vqa_prior.roc_auc(yes, np.array([0., 1., 2., 3.])) == 0.0
+  assert vqa_prior.roc_auc(yes, np.zeros(4)) == 0.5  # ties count half
+  assert vqa_prior.roc_auc(yes, np.array([3., 0., 1., 2.])) == 0.5
+  assert np.isnan(vqa_prior.roc_auc(np.ones(3, bool), np.arange(3.)))
+  truth = {1: vqa.GroundTruth(('Yes',) * 6 + ('no',) * 4, 'yes/no'),
+           2: vqa.GroundTruth(('yes',) * 3 + ('no',) * 7, 'yes/no'),
+           3: vqa.GroundTruth(('no',) * 10, 'yes/no'),
+           4: vqa.GroundTruth(('two',) * 10, 'number'),
+           5: vqa.GroundTruth((), None)}  # no answers (a test split): skipped
+  assert vqa_prior.constant_answers(truth) == {'yes/no': 'no', 'number': '2'}
+  assert vqa_prior.majority_answer(['Yes', 'yes.', 'no']) == 'yes'

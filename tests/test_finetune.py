@@ -17,10 +17,11 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
+from benchmarks import vqa_prior
 import vlpjax
 from vlpjax import checkpointing, config_lib, evaluate, train
 from vlpjax.data import input_pipeline, tables
-from vlpjax.tasks import vqa
+from vlpjax.tasks import vqa, vqa_accuracy
 
 pytestmark = pytest.mark.usefixtures('compile_cache')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -269,3 +270,34 @@ def test_lxmert_vqa_head_starts_from_its_pretraining_qa_head(data_dir, tmp_path)
   train.train_and_evaluate(config, str(tmp_path / 'fresh'))
   fresh, _ = checkpointing.restore_workdir_params(tmp_path / 'fresh', subtree='answer_head')
   assert not np.array_equal(fresh['output']['kernel'], head['output']['kernel'])
+
+
+def test_vqa_prior_report_agrees_with_the_evaluator(data_dir, finetuned, tmp_path):
+  """`benchmarks.vqa_prior` on the fine-tuned run: its accuracy is the test
+  evaluator's of the same checkpoint, every answered question is counted once,
+  and the prior is the official accuracy of the training split's constant."""
+  workdir, config, _ = finetuned
+  last = {k: v for r in read_metrics(workdir) if r['step'] == 4 for k, v in r.items()}
+  out = tmp_path / 'prior.json'
+  run, = vqa_prior.main([f'--workdirs={workdir}', '--batch_size=24', f'--out={out}'])['runs']
+  figures = run['figures']
+  assert figures['all']['accuracy'] == pytest.approx(last['vqa_test/accuracy'], abs=1e-9)
+  assert figures['all']['count'] == last['vqa_test/count'] == len(split_questions(data_dir,
+                                                                                  'test'))
+  answer_types = [k.split('/', 1)[1] for k in figures if k.startswith('answer_type/')]
+  assert 'yes/no' in answer_types and set(answer_types) <= set(run['constant_answers'])
+  for answer_type in answer_types:
+    mine, key = figures[f'answer_type/{answer_type}'], answer_type.replace('/', '_')
+    assert mine['count'] == last[f'vqa_test/count_{key}']
+    assert mine['accuracy'] == pytest.approx(last[f'vqa_test/accuracy_{key}'], abs=1e-9)
+    assert 0 <= mine['prior'] <= 1 and 0 <= mine['gives_prior'] <= 1
+  truth = vqa.read_ground_truth(vqa.open_questions(config.data, 'test',
+                                                   with_ground_truth=True))
+  yes_no = [gt.answers for gt in truth.values() if gt.answer_type == 'yes/no']
+  assert figures['answer_type/yes/no']['prior'] == pytest.approx(np.mean(
+      [vqa_accuracy.question_accuracy(run['constant_answers']['yes/no'], a) for a in yes_no]))
+  assert 0 <= figures['answer_type/yes/no']['yes_no_auc'] <= 1
+  assert figures['question_type/exist']['yes_no_auc'] is None  # all 'no' on the tiny split
+  assert sum(f['count'] for k, f in figures.items() if k.startswith('question_type/')) == (
+      figures['all']['count'])
+  assert json.loads(out.read_text())[0]['figures'] == figures

@@ -1325,11 +1325,16 @@ class VqaPredictor:
     batch = encode_questions(self.tokenizer, list(questions), self.head == 'mask_slot')
     return dict(batch, **regions)
 
+  def logits(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Answer logits [B, A] of a batch with the model's inputs (`inputs`, or
+    `VqaExamples` batches of the run's tables; other keys are ignored)."""
+    return np.asarray(self._logits(self.params, model_inputs(batch)))
+
   def answer(self, questions: Sequence[str], features: np.ndarray, boxes: np.ndarray,
              image_size: tuple[float, float]) -> list[str]:
     """The predicted answer to each question about one image (see `inputs`)."""
-    logits = self._logits(self.params, self.inputs(questions, features, boxes, image_size))
-    return answer_strings(np.asarray(predict(logits)), self.answers)
+    logits = self.logits(self.inputs(questions, features, boxes, image_size))
+    return answer_strings(predict(logits), self.answers)
 
 
 def predictor(config: ml_collections.ConfigDict, workdir: str, step: int | None
