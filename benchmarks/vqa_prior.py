@@ -2,8 +2,9 @@ r"""Does a VQA run beat the answer prior? Per answer type (and per question type
 where the table stores one) on a split of the run's tables:
 
 - the run's official accuracy;
-- the prior: the official accuracy of the type's constant answer, the answer
-  most often given by the annotators' majority on the training split;
+- the prior: the official accuracy of the constant answer of each question's
+  answer type, the answer most often given by the annotators' majority on the
+  training split;
 - how often the run answers that constant;
 - for yes/no questions, the ROC AUC of logit(yes) - logit(no) against the
   annotators' majority: 0.5 means the run cannot tell them apart, whatever its
